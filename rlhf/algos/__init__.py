@@ -1,0 +1,76 @@
+"""Pure torch RLHF algorithms: tensors, masks and scalars in, tensors out.
+
+No Ray, DeepSpeed or vLLM here; every function is unit-tested on CPU (tests/unit).
+"""
+
+from rlhf.algos.advantages import (
+    broadcast_sequence_advantages,
+    compute_gae_advantages,
+    compute_grpo_advantages,
+    compute_reinforce_plus_plus_advantages,
+    compute_reinforce_plus_plus_baseline_scores,
+    compute_reinforce_plus_plus_returns,
+    compute_rloo_advantages,
+    compute_token_rewards,
+)
+from rlhf.algos.aggregation import (
+    AGG_MODES,
+    aggregate_loss,
+    compute_loss_normalizer,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+)
+from rlhf.algos.importance import compute_truncated_is_weights
+from rlhf.algos.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    apply_kl_penalty,
+    compute_kl,
+    kl_loss,
+)
+from rlhf.algos.losses import (
+    bradley_terry_loss,
+    compute_entropy,
+    compute_entropy_from_logprobs,
+    compute_policy_loss,
+    compute_token_logprobs,
+    compute_value_loss,
+    dpo_loss,
+    reward_model_loss,
+    sft_loss,
+)
+
+__all__ = [
+    "AGG_MODES",
+    "KL_ESTIMATORS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "aggregate_loss",
+    "apply_kl_penalty",
+    "bradley_terry_loss",
+    "broadcast_sequence_advantages",
+    "compute_entropy",
+    "compute_entropy_from_logprobs",
+    "compute_gae_advantages",
+    "compute_grpo_advantages",
+    "compute_kl",
+    "compute_loss_normalizer",
+    "compute_policy_loss",
+    "compute_reinforce_plus_plus_advantages",
+    "compute_reinforce_plus_plus_baseline_scores",
+    "compute_reinforce_plus_plus_returns",
+    "compute_rloo_advantages",
+    "compute_token_logprobs",
+    "compute_token_rewards",
+    "compute_truncated_is_weights",
+    "compute_value_loss",
+    "dpo_loss",
+    "kl_loss",
+    "masked_mean",
+    "masked_sum",
+    "masked_whiten",
+    "reward_model_loss",
+    "sft_loss",
+]

@@ -1,0 +1,115 @@
+"""KL divergence to the reference policy: per-token estimators, the penalty, and controllers.
+
+We want KL(pi || pi_ref) = E_{y ~ pi}[log pi(y) - log pi_ref(y)] from the sampled tokens only.
+With r = pi_ref(y) / pi(y) (so log r = ref_logprobs - logprobs), Schulman's estimators
+(http://joschu.net/blog/kl-approx.html) are
+    k1 = -log r                unbiased, high variance, can be negative per token
+    k2 = 0.5 * (log r)^2       biased, low variance, >= 0
+    k3 = (r - 1) - log r       unbiased, low variance, >= 0 (since x - 1 >= log x)
+So k1 = logprobs - ref_logprobs: positive when the policy puts *more* mass on its sample than
+the reference, which is the direction the penalty pushes against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.algos.aggregation import aggregate_loss
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def compute_kl(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    estimator: str = "k1",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs, (B, T).
+
+    logprobs, ref_logprobs: (B, T) log-probs of the sampled tokens under the policy and the
+    reference. Differentiable in `logprobs` (for KL-as-loss). With a mask, masked positions are 0.
+    """
+    log_r = ref_logprobs - logprobs  # (B, T)
+    if mask is not None:
+        log_r = torch.where(mask.bool(), log_r, torch.zeros_like(log_r))
+    if estimator == "k1":
+        kl = -log_r
+    elif estimator == "k2":
+        kl = 0.5 * log_r**2
+    elif estimator == "k3":
+        # Clamp before exp: one token with a huge ratio would otherwise overflow to inf.
+        log_r = log_r.clamp(-20.0, 20.0)
+        kl = torch.exp(log_r) - 1.0 - log_r
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+    return kl
+
+
+def apply_kl_penalty(
+    token_rewards: torch.Tensor, kl: torch.Tensor, coef: float, mask: torch.Tensor
+) -> torch.Tensor:
+    """KL-in-reward (InstructGPT/PPO): r_t - coef * kl_t on valid tokens, 0 elsewhere. (B, T).
+
+    The KL is treated as part of the environment's reward, so it is detached.
+    """
+    penalised = token_rewards - coef * kl.detach()
+    return torch.where(mask.bool(), penalised, torch.zeros_like(penalised))
+
+
+def kl_loss(
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    agg_mode: str = "token_mean",
+    global_normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL-as-loss (GRPO): aggregate the per-token KL (B, T) like any other token loss -> scalar.
+
+    Add `coef * kl_loss(...)` to the policy loss; use k3 (unbiased, >= 0) as GRPO does.
+    """
+    return aggregate_loss(kl, mask, agg_mode, global_normalizer=global_normalizer)
+
+
+class FixedKLController:
+    """A constant KL coefficient; `update` does nothing. Same interface as the adaptive one."""
+
+    def __init__(self, coef: float):
+        self.value = float(coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient of Ziegler et al. 2019 ("Fine-Tuning LMs from Human Preferences").
+
+    A proportional controller that steers the observed KL toward `target`:
+        error = clip(current_kl / target - 1, -0.2, 0.2)
+        coef *= 1 + error * n_steps / horizon
+    The clip keeps one noisy KL estimate from moving the coefficient by more than 20% per horizon.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError("AdaptiveKLController needs target > 0 and horizon > 0")
+        self.value = float(init_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+        self.target = float(state["target"])
+        self.horizon = float(state["horizon"])

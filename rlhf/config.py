@@ -1,0 +1,374 @@
+"""One pydantic config tree for a run: the single source of truth.
+
+Load a YAML file and apply dotted overrides from the command line:
+
+    cfg = load_config("recipes/configs/rlvr.yaml", ["algorithm.kl.coef=0.02", "rollout.temperature=0.8"])
+
+Every model forbids unknown keys, so a typo fails loudly. Validation lives next to the field it
+checks; checks that span sections live on `RunConfig`. Errors are raised as `ConfigError`, whose
+message names each bad field (dotted path), the value given and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Role = Literal["policy", "reference", "reward", "critic", "rollout"]
+ROLES: tuple[str, ...] = ("policy", "reference", "reward", "critic", "rollout")
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- models
+class ModelSpec(Section):
+    path: str = Field(description="HF folder, or a built-in name: 'smollm2-135m-instruct'")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    tokenizer: Optional[str] = Field(None, description="tokenizer folder; default: the model's")
+
+
+class ModelsConfig(Section):
+    policy: ModelSpec
+    reference: Optional[ModelSpec] = Field(None, description="default: a frozen copy of policy")
+    reward: Optional[ModelSpec] = Field(None, description="sequence-classification reward model")
+    critic: Optional[ModelSpec] = Field(None, description="value model (PPO with GAE)")
+
+
+# ----------------------------------------------------------------------------------------- data
+class DataConfig(Section):
+    source: str = Field(
+        description="'reasoning_gym:<task>', 'imdb', a .jsonl/.parquet file, or a `datasets` name"
+    )
+    split: str = "train"
+    eval_source: Optional[str] = Field(None, description="held-out source; default: same source, other seed")
+    task_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the task generator")
+    train_size: int = Field(1000, gt=0)
+    eval_size: int = Field(100, ge=0)
+    seed: int = 0
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    response_field: str = "response"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    chat_template: Literal["tokenizer", "none"] = Field(
+        "tokenizer", description="'tokenizer': wrap prompts with the tokenizer's chat template"
+    )
+    prompt_suffix: str = ""
+    max_prompt_len: int = Field(256, gt=0)
+    max_response_len: int = Field(64, gt=0)
+    on_bad_row: Literal["strict", "skip"] = Field(
+        "strict", description="'strict': stop before training; 'skip': drop and count bad rows"
+    )
+
+
+# -------------------------------------------------------------------------------------- rollout
+class RolloutConfig(Section):
+    num_engines: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    prompts_per_step: int = Field(16, ge=1)
+    samples_per_prompt: int = Field(8, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(64, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int = 0
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    async_rollouts: bool = Field(False, description="generate step t+1 while training step t")
+
+
+# ------------------------------------------------------------------------------------ algorithm
+class KLConfig(Section):
+    coef: float = Field(0.0, ge=0.0)
+    estimator: Literal["k1", "k2", "k3"] = "k3"
+    mode: Literal["reward", "loss"] = Field("loss", description="KL as a reward penalty or a loss term")
+    adaptive: bool = False
+    target: float = Field(6.0, gt=0.0, description="adaptive controller's target KL")
+    horizon: int = Field(10000, gt=0, description="adaptive controller's horizon (samples)")
+
+
+class ImportanceSamplingConfig(Section):
+    """Truncated importance sampling against rollout-engine vs trainer log-prob mismatch."""
+
+    enabled: bool = False
+    cap: float = Field(2.0, gt=1.0)
+    level: Literal["token", "sequence"] = "token"
+
+
+class DPOConfig(Section):
+    beta: float = Field(0.1, gt=0.0)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO; 0 = plain DPO")
+
+
+class AlgorithmConfig(Section):
+    name: Literal["ppo", "grpo", "rlvr", "dpo", "sft", "reward_model"]
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"] = "grpo"
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    clip_low: float = Field(0.2, gt=0.0, lt=1.0)
+    clip_high: float = Field(0.2, gt=0.0, description="> clip_low is 'clip-higher' (DAPO)")
+    dual_clip: Optional[float] = Field(None, gt=1.0, description="dual-clip bound c > 1, or null")
+    value_clip: Optional[float] = Field(0.2, gt=0.0)
+    value_coef: float = Field(0.5, ge=0.0)
+    entropy_coef: float = Field(0.0, ge=0.0)
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = "token_mean"
+    dynamic_sampling: bool = Field(False, description="drop prompt groups whose rewards are all equal")
+    kl: KLConfig = Field(default_factory=KLConfig)
+    importance_sampling: ImportanceSamplingConfig = Field(default_factory=ImportanceSamplingConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    reward_lm_coef: float = Field(0.0, ge=0.0, description="reward-model training: LM loss on chosen")
+
+
+class RewardSpec(Section):
+    """One reward function; a run's reward is the weighted sum of its rewards."""
+
+    kind: Literal["reasoning_gym", "math", "format", "python", "model", "http"]
+    weight: float = 1.0
+    function: Optional[str] = Field(None, description="'path/to/file.py:function' for kind=python")
+    url: Optional[str] = Field(None, description="endpoint for kind=http")
+    timeout_s: float = Field(30.0, gt=0.0)
+    fallback: float = Field(0.0, description="reward given when the function fails or times out")
+
+    @model_validator(mode="after")
+    def _needs_target(self) -> "RewardSpec":
+        if self.kind == "python" and (not self.function or ":" not in self.function):
+            raise ValueError(f"rewards: kind=python needs function='path/to/file.py:function', got {self.function!r}")
+        if self.kind == "http" and not self.url:
+            raise ValueError("rewards: kind=http needs url='http://host:port/path'")
+        return self
+
+
+# -------------------------------------------------------------------------------------- trainer
+class TrainerConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload: bool = Field(False, description="ZeRO CPU offload of optimizer (and params at stage 3)")
+    lr: float = Field(1e-6, gt=0.0)
+    critic_lr: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    global_batch_size: int = Field(16, ge=1, description="samples per optimizer step, all ranks")
+    micro_batch_size: int = Field(4, ge=1, description="samples per forward/backward on one rank")
+    grad_clip: float = Field(1.0, gt=0.0)
+    epochs_per_rollout: int = Field(1, ge=1)
+    total_steps: int = Field(10, ge=1)
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------ resources
+class RoleResources(Section):
+    num_actors: int = Field(1, ge=1, description="ranks (trainers) or engines' actors (rollout)")
+    cpus_per_actor: float = Field(1.0, ge=0.0)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+
+
+class ResourcesConfig(Section):
+    policy: RoleResources = Field(default_factory=RoleResources)
+    reference: RoleResources = Field(default_factory=RoleResources)
+    reward: RoleResources = Field(default_factory=RoleResources)
+    critic: RoleResources = Field(default_factory=RoleResources)
+    rollout: RoleResources = Field(default_factory=RoleResources)
+    colocate: list[list[Role]] = Field(
+        default_factory=list, description="groups of roles that share one placement group"
+    )
+
+    @field_validator("colocate")
+    @classmethod
+    def _each_role_once(cls, groups: list[list[str]]) -> list[list[str]]:
+        seen: set[str] = set()
+        for group in groups:
+            for role in group:
+                if role in seen:
+                    raise ValueError(f"role {role!r} appears in more than one colocate group: {groups}")
+                seen.add(role)
+        return groups
+
+
+# ---------------------------------------------------------------------------- checkpoint, logging
+class CheckpointConfig(Section):
+    dir: str = "runs/checkpoints"
+    every_n_steps: int = Field(0, ge=0, description="0 = only at the end")
+    keep_last: int = Field(2, ge=1)
+    resume: bool = False
+
+
+class LoggingConfig(Section):
+    run_name: str = "run"
+    dir: str = "runs"
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    ray_metrics: bool = True
+    log_every: int = Field(1, ge=1)
+
+
+# ------------------------------------------------------------------------------------------ run
+class RunConfig(Section):
+    models: ModelsConfig
+    data: DataConfig
+    algorithm: AlgorithmConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @property
+    def is_rl(self) -> bool:
+        return self.algorithm.name in ("ppo", "grpo", "rlvr")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        t, algo, ro, res = self.trainer, self.algorithm, self.rollout, self.resources
+        ranks = res.policy.num_actors
+        if t.global_batch_size % (t.micro_batch_size * ranks):
+            raise ValueError(
+                f"trainer.global_batch_size={t.global_batch_size} must be divisible by "
+                f"trainer.micro_batch_size ({t.micro_batch_size}) x resources.policy.num_actors ({ranks})"
+            )
+        if self.is_rl:
+            per_step = ro.prompts_per_step * ro.samples_per_prompt
+            if per_step % t.global_batch_size:
+                raise ValueError(
+                    f"rollout.prompts_per_step x rollout.samples_per_prompt = {per_step} samples per step "
+                    f"must be divisible by trainer.global_batch_size={t.global_batch_size}"
+                )
+            group_based = algo.advantage in ("grpo", "dr_grpo", "rloo", "reinforce++_baseline")
+            if group_based and ro.samples_per_prompt < 2:
+                raise ValueError(
+                    f"algorithm.advantage={algo.advantage!r} compares samples of one prompt: "
+                    f"rollout.samples_per_prompt must be >= 2, got {ro.samples_per_prompt}"
+                )
+            if algo.advantage == "gae" and self.models.critic is None:
+                raise ValueError("algorithm.advantage='gae' needs a value model: set models.critic.path")
+            if not self.rewards and self.models.reward is None:
+                raise ValueError("an RL run needs a reward: add an entry to `rewards` or set models.reward")
+        if algo.clip_high < algo.clip_low:
+            raise ValueError(
+                f"algorithm.clip_high={algo.clip_high} is below clip_low={algo.clip_low}; "
+                "clip-higher means clip_high >= clip_low"
+            )
+        if any(r.kind == "model" for r in self.rewards) and self.models.reward is None:
+            raise ValueError("rewards has kind=model but models.reward is not set")
+        if ro.num_engines % res.rollout.num_actors and res.rollout.num_actors % ro.num_engines:
+            raise ValueError(
+                f"rollout.num_engines={ro.num_engines} and resources.rollout.num_actors="
+                f"{res.rollout.num_actors} must match (one engine per rollout actor)"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------- load / errors
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem found, one per line."""
+
+
+def _describe(error: dict, root: type[BaseModel]) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "<root>"
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(root, error["loc"][:-1])
+        return f"{where}: unknown key (value {value!r}); allowed keys here: {', '.join(allowed)}"
+    msg = error["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict):  # a whole section failed a cross-field check: the message names fields
+        return f"{where}: {msg}"
+    return f"{where} = {value!r}: {msg}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Walk the model tree along `loc` to list the keys valid at that level."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def _model_of(annotation: Any) -> Optional[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def validate_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err, RunConfig) for err in e.errors()]
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (1e-6, true, [a, b])."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
+    parts = key.strip().split(".")
+    node: Any = raw
+    for part in parts[:-1]:
+        if isinstance(node, list):  # rewards.0.weight=2 indexes a list
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {override!r}: no item {part!r} in a list of {len(node)}")
+            node = node[int(part)]
+            continue
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"override {override!r}: {part!r} is a value ({child!r}), not a section")
+        node = child
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(node, list):
+        if not parts[-1].isdigit() or int(parts[-1]) >= len(node):
+            raise ConfigError(f"override {override!r}: no item {parts[-1]!r} in a list of {len(node)}")
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] = (), base: Optional[dict] = None) -> RunConfig:
+    """Read YAML (if given) on top of `base`, apply overrides, validate. Raises ConfigError."""
+    raw: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        raw = _deep_merge(raw, loaded)
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_config(raw, source=str(path) if path else "config")
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """YAML text that `load_config` reads back to an equal config."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

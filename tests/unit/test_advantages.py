@@ -1,0 +1,184 @@
+"""rlhf.algos.advantages against Python-loop references and closed forms."""
+
+import pytest
+import torch
+
+from rlhf.algos.advantages import (
+    broadcast_sequence_advantages,
+    compute_gae_advantages,
+    compute_grpo_advantages,
+    compute_reinforce_plus_plus_advantages,
+    compute_reinforce_plus_plus_baseline_scores,
+    compute_reinforce_plus_plus_returns,
+    compute_rloo_advantages,
+    compute_token_rewards,
+)
+
+
+def holey_mask(B, T, seed):
+    """Random 0/1 masks: left padding, holes in the middle, right padding, an empty row."""
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(B, T, generator=g) > 0.3).float()
+    mask[:, 0] = 0  # left pad / prompt
+    mask[-1] = 0  # an empty row
+    return mask
+
+
+def loop_gae(rewards, values, mask, gamma, lam):
+    """Per row: compress to the valid tokens, run textbook GAE, scatter back."""
+    B, T = rewards.shape
+    adv = torch.zeros(B, T)
+    for b in range(B):
+        idx = [t for t in range(T) if mask[b, t] > 0]
+        r = [rewards[b, t].item() for t in idx]
+        v = [values[b, t].item() for t in idx] + [0.0]
+        a = 0.0
+        for i in reversed(range(len(idx))):
+            a = r[i] + gamma * v[i + 1] - v[i] + gamma * lam * a
+            adv[b, idx[i]] = a
+    return adv
+
+
+def loop_reward_to_go(rewards, mask, gamma):
+    B, T = rewards.shape
+    out = torch.zeros(B, T)
+    for b in range(B):
+        g = 0.0
+        for t in reversed(range(T)):
+            if mask[b, t] > 0:
+                g = rewards[b, t].item() + gamma * g
+                out[b, t] = g
+    return out
+
+
+def rand(B, T, seed):
+    return torch.randn(B, T, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.95), (0.5, 0.0), (1.0, 0.7)])
+def test_gae_matches_loop(gamma, lam):
+    rewards, values, mask = rand(5, 9, 0), rand(5, 9, 1), holey_mask(5, 9, 2)
+    adv, ret = compute_gae_advantages(rewards, values, mask, gamma, lam)
+    expected = loop_gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ret, torch.where(mask.bool(), expected + values, 0.0))
+
+
+def test_gae_hand_example_discounting():
+    # rewards [0, 0, 1], zero values, gamma 0.5, lam 1 -> [0.25, 0.5, 1]; a shifted exponent
+    # (off-by-one) would give [0.5, 1, 1] or [0.125, 0.25, 0.5].
+    adv, _ = compute_gae_advantages(
+        torch.tensor([[0.0, 0.0, 1.0]]), torch.zeros(1, 3), torch.ones(1, 3), 0.5, 1.0
+    )
+    torch.testing.assert_close(adv, torch.tensor([[0.25, 0.5, 1.0]]))
+
+
+def test_gae_gamma_lam_one_is_reward_to_go_minus_value():
+    rewards, values, mask = rand(4, 8, 3), rand(4, 8, 4), holey_mask(4, 8, 5)
+    adv, _ = compute_gae_advantages(rewards, values, mask, 1.0, 1.0)
+    expected = loop_reward_to_go(rewards, mask, 1.0) - values
+    torch.testing.assert_close(adv, torch.where(mask.bool(), expected, 0.0), rtol=1e-5, atol=1e-5)
+
+
+def test_gae_lambda_zero_is_one_step_td_error():
+    rewards, values = rand(2, 5, 6), rand(2, 5, 7)
+    mask = torch.tensor([[0.0, 1, 1, 1, 0], [1, 1, 0, 1, 1]])
+    adv, _ = compute_gae_advantages(rewards, values, mask, 0.9, 0.0)
+    for b, idx in enumerate([[1, 2, 3], [0, 1, 3, 4]]):
+        nxt = [values[b, t].item() for t in idx[1:]] + [0.0]  # next *valid* value, 0 at end
+        for t, v_next in zip(idx, nxt):
+            td = rewards[b, t].item() + 0.9 * v_next - values[b, t].item()
+            assert adv[b, t].item() == pytest.approx(td, abs=1e-5)
+
+
+def test_gae_masked_positions_change_nothing():
+    rewards, values, mask = rand(4, 7, 8), rand(4, 7, 9), holey_mask(4, 7, 10)
+    junk = torch.full_like(rewards, 1e6)
+    a1, r1 = compute_gae_advantages(rewards, values, mask, 0.99, 0.95)
+    a2, r2 = compute_gae_advantages(
+        torch.where(mask.bool(), rewards, junk), torch.where(mask.bool(), values, -junk),
+        mask, 0.99, 0.95,
+    )
+    torch.testing.assert_close(a1, a2)
+    torch.testing.assert_close(r1, r2)
+    assert torch.all(a1[~mask.bool()] == 0) and torch.all(r1[~mask.bool()] == 0)
+
+
+def test_advantages_carry_no_gradient():
+    values = rand(2, 4, 11).requires_grad_(True)
+    adv, ret = compute_gae_advantages(rand(2, 4, 12), values, torch.ones(2, 4), 1.0, 0.9)
+    assert not adv.requires_grad and not ret.requires_grad
+
+
+def test_grpo_matches_loop():
+    scores, G = torch.randn(12, generator=torch.Generator().manual_seed(13)), 4
+    adv = compute_grpo_advantages(scores, G)
+    adv_dr = compute_grpo_advantages(scores, G, normalize_std=False)
+    for start in range(0, 12, G):
+        grp = [scores[i].item() for i in range(start, start + G)]
+        mean = sum(grp) / G
+        std = (sum((s - mean) ** 2 for s in grp) / (G - 1)) ** 0.5
+        for i, s in enumerate(grp):
+            assert adv[start + i].item() == pytest.approx((s - mean) / (std + 1e-6), rel=1e-5)
+            assert adv_dr[start + i].item() == pytest.approx(s - mean, abs=1e-6)
+
+
+def test_grpo_identical_scores_give_zero():
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.5])
+    adv = compute_grpo_advantages(scores, 3)
+    torch.testing.assert_close(adv[:6], torch.zeros(6))
+    assert adv[6] > 0 and adv[7] < 0  # the better sample is pushed up, the worse down
+
+
+def test_grpo_rejects_ragged_groups():
+    with pytest.raises(ValueError):
+        compute_grpo_advantages(torch.zeros(7), 4)
+
+
+def test_rloo_baseline_is_mean_of_others():
+    scores, G = torch.randn(9, generator=torch.Generator().manual_seed(14)), 3
+    adv = compute_rloo_advantages(scores, G)
+    for i in range(9):
+        start = i - i % G
+        others = [scores[j].item() for j in range(start, start + G) if j != i]
+        expected = scores[i].item() - sum(others) / len(others)
+        assert adv[i].item() == pytest.approx(expected, abs=1e-6)
+    torch.testing.assert_close(adv.view(3, 3).sum(1), torch.zeros(3), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError):
+        compute_rloo_advantages(scores, 1)
+
+
+def test_reinforce_plus_plus_returns_match_loop():
+    rewards, mask = rand(5, 8, 15), holey_mask(5, 8, 16)
+    for gamma in (1.0, 0.9):
+        got = compute_reinforce_plus_plus_returns(rewards, mask, gamma)
+        expected = loop_reward_to_go(rewards, mask, gamma)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reinforce_plus_plus_advantages_whitened_over_batch():
+    rewards, mask = rand(5, 8, 17), holey_mask(5, 8, 18)
+    adv, ret = compute_reinforce_plus_plus_advantages(rewards, mask, 0.95)
+    vals = [ret[b, t].item() for b in range(5) for t in range(8) if mask[b, t]]
+    mean = sum(vals) / len(vals)
+    std = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
+    expected = torch.where(mask.bool(), (ret - mean) / std, 0.0)
+    torch.testing.assert_close(adv, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reinforce_plus_plus_baseline_subtracts_group_mean():
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 3.0])
+    got = compute_reinforce_plus_plus_baseline_scores(scores, 3)
+    torch.testing.assert_close(got, torch.tensor([2 / 3, -1 / 3, -1 / 3, -1.0, 0.0, 1.0]))
+
+
+def test_token_rewards_on_last_valid_token():
+    mask = torch.tensor([[0.0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    got = compute_token_rewards(torch.tensor([2.0, -1.0, 5.0]), mask)
+    torch.testing.assert_close(got, torch.tensor([[0.0, 0, 2, 0], [0, 0, 0, -1], [0, 0, 0, 0]]))
+
+
+def test_broadcast_sequence_advantages():
+    mask = torch.tensor([[0.0, 1, 1], [1, 1, 0]])
+    got = broadcast_sequence_advantages(torch.tensor([3.0, -2.0]), mask)
+    torch.testing.assert_close(got, torch.tensor([[0.0, 3, 3], [-2, -2, 0]]))
