@@ -78,7 +78,7 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(64, ge=1)
     stop: list[str] = Field(default_factory=list)
     seed: int = 0
-    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
     async_rollouts: bool = Field(False, description="generate step t+1 while training step t")
 

@@ -4,6 +4,8 @@ No Ray, DeepSpeed or vLLM here; every function is unit-tested on CPU (tests/unit
 """
 
 from rlhf.algos.advantages import (
+    ESTIMATORS,
+    compute_advantages,
     broadcast_sequence_advantages,
     compute_gae_advantages,
     compute_grpo_advantages,
@@ -43,6 +45,8 @@ from rlhf.algos.losses import (
 )
 
 __all__ = [
+    "ESTIMATORS",
+    "compute_advantages",
     "AGG_MODES",
     "KL_ESTIMATORS",
     "AdaptiveKLController",

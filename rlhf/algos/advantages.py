@@ -164,3 +164,48 @@ def _group(scores: torch.Tensor, group_size: int) -> torch.Tensor:
             f"batch of {scores.numel()} scores is not a whole number of groups of {group_size}"
         )
     return scores.float().reshape(-1, group_size)
+
+
+ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline")
+
+
+@torch.no_grad()
+def compute_advantages(
+    estimator: str,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int = 1,
+    kl_penalty: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One entry point for every estimator: (advantages (B, T), returns (B, T) or None).
+
+    scores (B,): the outcome reward of each sample; samples of a prompt are contiguous groups of
+    `group_size`. kl_penalty (B, T), optional: coef * KL per token, already scaled, for "KL in
+    the reward" (token estimators subtract it per token; group estimators subtract its sum
+    from the score). values (B, T): the critic's, needed by "gae", whose advantages are then
+    whitened over the batch (the usual PPO practice). `returns` is the critic's target (gae only).
+    """
+    m = mask.bool()
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {ESTIMATORS}")
+    penalty = _zero_masked(kl_penalty, m) if kl_penalty is not None else torch.zeros(m.shape)
+    if estimator in ("grpo", "dr_grpo", "rloo"):
+        seq_scores = scores.float() - penalty.sum(-1)  # (B,)
+        if estimator == "rloo":
+            adv = compute_rloo_advantages(seq_scores, group_size)
+        else:
+            adv = compute_grpo_advantages(seq_scores, group_size, normalize_std=estimator == "grpo")
+        return broadcast_sequence_advantages(adv, m), None
+    if estimator == "reinforce++_baseline":
+        scores = compute_reinforce_plus_plus_baseline_scores(scores, group_size)
+    token_rewards = compute_token_rewards(scores, m) - penalty  # (B, T)
+    if estimator == "gae":
+        if values is None:
+            raise ValueError("the 'gae' estimator needs critic values (B, T)")
+        adv, returns = compute_gae_advantages(token_rewards, values, m, gamma, lam)
+        return masked_whiten(adv, m), returns
+    adv, _ = compute_reinforce_plus_plus_advantages(token_rewards, m, gamma)
+    return adv, None

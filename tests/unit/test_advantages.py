@@ -182,3 +182,49 @@ def test_broadcast_sequence_advantages():
     mask = torch.tensor([[0.0, 1, 1], [1, 1, 0]])
     got = broadcast_sequence_advantages(torch.tensor([3.0, -2.0]), mask)
     torch.testing.assert_close(got, torch.tensor([[0.0, 3, 3], [-2, -2, 0]]))
+
+
+# ---------------------------------------------------------------- the single entry point
+from rlhf.algos.advantages import ESTIMATORS, compute_advantages  # noqa: E402
+
+
+def _entry_batch():
+    g = torch.Generator().manual_seed(3)
+    mask = torch.zeros(6, 7)
+    for i, (a, b) in enumerate([(1, 4), (2, 7), (0, 3), (3, 6), (1, 2), (2, 5)]):
+        mask[i, a:b] = 1
+    return torch.randn(6, generator=g), mask, torch.randn(6, 7, generator=g)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_compute_advantages_is_zero_off_mask_and_finite(estimator):
+    scores, mask, values = _entry_batch()
+    adv, returns = compute_advantages(estimator, scores, mask, group_size=3, values=values)
+    assert adv.shape == mask.shape and torch.isfinite(adv).all()
+    assert (adv[mask == 0] == 0).all()
+    assert (returns is not None) == (estimator == "gae")
+
+
+def test_compute_advantages_group_estimators_match_their_functions():
+    scores, mask, _ = _entry_batch()
+    adv, _ = compute_advantages("grpo", scores, mask, group_size=3)
+    expected = compute_grpo_advantages(scores, 3)
+    for i in range(6):
+        assert torch.allclose(adv[i][mask[i].bool()], expected[i].expand(int(mask[i].sum())))
+    adv, _ = compute_advantages("dr_grpo", scores, mask, group_size=3)
+    assert torch.allclose(adv[0, 1], scores[0] - scores[:3].mean())
+
+
+def test_kl_in_reward_lowers_group_advantage_of_the_divergent_sample():
+    scores, mask, _ = _entry_batch()
+    penalty = torch.zeros_like(mask)
+    penalty[0, 1] = 5.0  # sample 0 drifted far from the reference
+    base, _ = compute_advantages("rloo", scores, mask, group_size=3)
+    pen, _ = compute_advantages("rloo", scores, mask, group_size=3, kl_penalty=penalty)
+    assert pen[0, 1] < base[0, 1] and pen[1, 2] > base[1, 2]
+
+
+def test_gae_entry_needs_values():
+    scores, mask, _ = _entry_batch()
+    with pytest.raises(ValueError, match="critic values"):
+        compute_advantages("gae", scores, mask)

@@ -1,0 +1,54 @@
+"""CriticActor: one rank of the value model (PPO with GAE): values per token and the value-loss update."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForTokenClassification
+
+from actors.trainer import DTYPES, DeepSpeedRole
+from rlhf.algos import compute_value_loss
+from rlhf.batch import Batch
+from rlhf.config import AlgorithmConfig
+
+
+class CriticActor(DeepSpeedRole):
+    trainable = True
+
+    def __init__(self, *args, algorithm: dict, **kwargs):
+        self.algo = AlgorithmConfig(**algorithm)
+        super().__init__(*args, **kwargs)
+
+    def load_model(self, path: str) -> torch.nn.Module:
+        # A causal LM body with a fresh scalar head per token (the head is the only new weight).
+        return AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[self.spec.dtype])
+
+    def _values(self, micro: Batch) -> torch.Tensor:
+        out = self.engine(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits[..., 0]  # (b, t)
+        # Align like log-probs: values[:, t] = V(state before token t), read from position t - 1.
+        return F.pad(out[:, :-1].float(), (1, 0))
+
+    @torch.no_grad()
+    def compute_values(self, batch: Batch) -> torch.Tensor:
+        self.engine.eval()
+        width = batch["input_ids"].shape[1]
+        out = [F.pad(self._values(m).cpu(), (0, width - m["input_ids"].shape[1])) for m in self.micro_batches(batch)]
+        return torch.cat(out) if out else torch.zeros(0, width)
+
+    def train_step(self, batch: Batch, normalizer: float) -> dict[str, float]:
+        """One optimizer step of the clipped value loss; batch carries old_values and returns (B, T)."""
+        self.engine.train()
+
+        stats = []
+
+        def losses():
+            for micro in self.micro_batches(batch):
+                loss, metrics = compute_value_loss(
+                    self._values(micro), micro["old_values"], micro["returns"], micro["response_mask"],
+                    clip_range=self.algo.value_clip, agg_mode=self.algo.loss_agg, global_normalizer=normalizer,
+                )
+                stats.append({k: float(v) for k, v in metrics.items()})
+                yield self.algo.value_coef * loss
+
+        step = self.optimizer_step(losses())
+        out = {"value_loss": step["loss"], "critic_grad_norm": step["grad_norm"]}
+        return out | {f"critic_{k}": sum(s[k] for s in stats) / len(stats) for k in stats[0]}

