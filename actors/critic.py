@@ -20,7 +20,7 @@ class CriticActor(DeepSpeedRole):
 
     def load_model(self, path: str) -> torch.nn.Module:
         # A causal LM body with a fresh scalar head per token (the head is the only new weight).
-        return AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[self.spec.dtype])
+        return AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[self.dtype])
 
     def _values(self, micro: Batch) -> torch.Tensor:
         out = self.engine(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits[..., 0]  # (b, t)

@@ -20,7 +20,7 @@ class RewardActor(DeepSpeedRole):
         self.tokenizer = AutoTokenizer.from_pretrained(self.spec.tokenizer or path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[self.spec.dtype])
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[self.dtype])
         model.config.pad_token_id = self.tokenizer.pad_token_id  # HF pools at the last non-pad token
         return model
 

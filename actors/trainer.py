@@ -21,7 +21,7 @@ import torch
 from rlhf.algos import compute_token_logprobs
 from rlhf.batch import Batch
 from rlhf.config import ModelSpec, TrainerConfig
-from rlhf.models import resolve_model_path
+from rlhf.models import preferred_dtype, resolve_model_path
 from rlhf.schedule import lr_lambda
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -63,14 +63,19 @@ class DeepSpeedRole:
 
         self.rank, self.world_size = rank, world_size
         self.spec, self.cfg = ModelSpec(**model), TrainerConfig(**trainer)
+        self.dtype = preferred_dtype() if self.spec.dtype == "auto" else self.spec.dtype
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    timeout=__import__("datetime").timedelta(minutes=10))
+        if self.device.type == "cpu":
+            # Ray pins OMP_NUM_THREADS to the actor's CPU share (1 for fractions), but the phases
+            # of a step run one after another, so each may use every core of its node.
+            torch.set_num_threads(int(os.environ.get("RAYLHF_CPU_THREADS", os.cpu_count() or 1)))
         torch.manual_seed(seed)
         module = self.load_model(resolve_model_path(self.spec.path))
         micro = self.cfg.micro_batch_size
         grad_accum = max(1, self.cfg.global_batch_size // (micro * world_size))
-        ds_cfg = deepspeed_config(self.cfg, self.spec.dtype, micro, grad_accum, self.trainable)
+        ds_cfg = deepspeed_config(self.cfg, self.dtype, micro, grad_accum, self.trainable)
         if self.trainable:
             lr = lr if lr is not None else self.cfg.lr
             params = [p for p in module.parameters() if p.requires_grad]
@@ -161,7 +166,7 @@ class CausalLMRole(DeepSpeedRole):
     def load_model(self, path: str) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.spec.dtype])
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.dtype])
 
     @torch.no_grad()
     def compute_logprobs(self, batch: Batch) -> torch.Tensor:

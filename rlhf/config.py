@@ -29,7 +29,9 @@ class Section(BaseModel):
 # --------------------------------------------------------------------------------------- models
 class ModelSpec(Section):
     path: str = Field(description="HF folder, or a built-in name: 'smollm2-135m-instruct'")
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="'auto': bf16 on GPUs and AMX CPUs, else float32 (bf16 is emulated, ~8x slower)"
+    )
     tokenizer: Optional[str] = Field(None, description="tokenizer folder; default: the model's")
 
 

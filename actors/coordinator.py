@@ -1,0 +1,233 @@
+"""The RL loop's driver side: PPO, GRPO and RLVR, one step at a time.
+
+    generate -> score -> reference log-probs (+ critic values) -> advantages -> train -> sync -> metrics
+
+`RLCoordinator.step` reads top to bottom; every Ray call is visible here (ObjectRefs come from
+`async_*` methods and are resolved with `ray.get` in the step itself). The math is in rlhf/algos.
+"""
+from __future__ import annotations
+
+import logging
+
+import ray
+import torch
+from transformers import AutoTokenizer
+
+from actors.critic import CriticActor
+from actors.group import ActorGroup, PlacementPlan
+from actors.policy import PolicyActor
+from actors.reference import ReferenceActor
+from actors.reward import RewardActor
+from actors.rollout import RolloutGroup
+from rlhf.algos import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_advantages,
+    compute_kl,
+    compute_loss_normalizer,
+    compute_truncated_is_weights,
+    masked_mean,
+)
+from rlhf.batch import Batch, collate_samples
+from rlhf.config import RunConfig
+from rlhf.data.chat import apply_chat_template
+from rlhf.models import resolve_model_path
+from rlhf.rewards.registry import build_reward_functions, combine_rewards, run_reward_function
+from rlhf.run_log import PhaseTimer
+
+log = logging.getLogger(__name__)
+
+
+class RLCoordinator:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        a, models = cfg.algorithm, cfg.models
+        self.policy_path = resolve_model_path(models.policy.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(models.policy.tokenizer or self.policy_path)
+        roles = ["policy", "rollout"]
+        roles += ["reference"] if a.kl.coef > 0 else []
+        roles += ["critic"] if a.advantage == "gae" else []
+        roles += ["reward"] if models.reward else []
+        self.plan = PlacementPlan.create(cfg.resources, roles)
+        common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
+        algo = a.model_dump()
+        self.policy = ActorGroup(PolicyActor, "policy", self.plan, model=models.policy.model_dump(), algorithm=algo, **common)
+        reference = models.reference or models.policy
+        self.reference = ActorGroup(ReferenceActor, "reference", self.plan, model=reference.model_dump(), **common) if "reference" in roles else None
+        critic = models.critic.model_dump() if models.critic else None
+        self.critic = ActorGroup(CriticActor, "critic", self.plan, model=critic, algorithm=algo, lr=cfg.trainer.critic_lr, **common) if critic else None
+        self.reward_model = ActorGroup(RewardActor, "reward", self.plan, model=models.reward.model_dump(), **common) if models.reward else None
+        max_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+        dtype = None if models.policy.dtype == "auto" else models.policy.dtype  # None: the worker's node decides
+        self.rollout = RolloutGroup(self.plan, self.policy_path, dtype, cfg.rollout, max_model_len=max_len)
+        task = cfg.data.source.removeprefix("reasoning_gym:") if cfg.data.source.startswith("reasoning_gym:") else None
+        self.rewards = build_reward_functions(cfg.rewards, task)
+        self.kl_ctl = (AdaptiveKLController(a.kl.coef, a.kl.target, a.kl.horizon) if a.kl.adaptive
+                       else FixedKLController(a.kl.coef))
+
+    # ------------------------------------------------------------------------------ one step
+    def step(self, prompts: list[dict]) -> dict[str, float]:
+        cfg, a, n = self.cfg, self.cfg.algorithm, self.cfg.rollout.samples_per_prompt
+        timer, metrics = PhaseTimer(), {}
+
+        with timer("generate"):
+            texts = [self.format_prompt(p) for p in prompts]
+            refs = self.rollout.async_generate(texts, self.sampling())
+            samples = self.rollout.merge_samples(ray.get(refs), len(texts))
+
+        with timer("score"):
+            scores, reward_metrics = self.score(prompts, samples)  # (B,)
+            metrics.update(reward_metrics)
+        if a.dynamic_sampling:  # keep prompt groups whose samples disagree: the others carry no signal
+            samples, scores, metrics["dynamic_sampling/kept_fraction"] = keep_informative_groups(samples, scores, n)
+        samples, scores = trim_to_multiple(samples, scores, n, cfg.trainer.global_batch_size)
+        if not samples:
+            log.warning("step skipped: no prompt group had differing rewards")
+            return metrics | {"skipped": 1.0}
+        batch = self.collate(samples)
+        mask = batch["response_mask"]  # (B, T)
+
+        with timer("reference"):
+            parts = batch.chunk(self.policy.world_size)
+            old_refs = self.policy.async_scatter("compute_logprobs", parts)
+            ref_refs = self.reference.async_run("compute_logprobs", batch)[:1] if self.reference else []
+            value_refs = self.critic.async_run("compute_values", batch)[:1] if self.critic else []
+            batch["old_logprobs"] = torch.cat(ray.get(old_refs))
+            if self.reference:
+                batch["ref_logprobs"] = ray.get(ref_refs)[0]
+            if self.critic:
+                batch["old_values"] = ray.get(value_refs)[0]
+
+        # advantages: pure functions on the driver
+        kl = compute_kl(batch["old_logprobs"], batch["ref_logprobs"], a.kl.estimator) if self.reference else torch.zeros_like(mask)
+        penalty = self.kl_ctl.value * kl if a.kl.mode == "reward" and self.reference else None
+        batch["advantages"], returns = compute_advantages(
+            a.advantage, scores, mask, group_size=n, kl_penalty=penalty,
+            values=batch.get("old_values"), gamma=a.gamma, lam=a.lam,
+        )
+        if returns is not None:
+            batch["returns"] = returns
+        is_weights, mismatch = compute_truncated_is_weights(
+            batch["old_logprobs"], batch["rollout_logprobs"], mask, cap=a.importance_sampling.cap,
+            level=a.importance_sampling.level,
+        )
+        if a.importance_sampling.enabled:
+            batch["is_weights"] = is_weights
+
+        with timer("train"):
+            train_metrics = self.train(batch)
+
+        with timer("sync"):
+            blobs = self.policy.async_run("weights_blob")  # every rank joins the ZeRO-3 gather
+            ray.get(self.rollout.async_load_weights(blobs[0]) + blobs[1:])
+
+        kl_mean = float(masked_mean(kl, mask))
+        self.kl_ctl.update(kl_mean, len(samples))
+        lengths = mask.sum(-1)
+        metrics.update(train_metrics)
+        metrics.update({
+            "reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+            "kl": kl_mean, "kl_coef": self.kl_ctl.value, "response_length/mean": float(lengths.float().mean()),
+            "mismatch/mean_abs_logprob_diff": float(mismatch["mean_abs_logprob_diff"]),
+            "mismatch/kl": float(mismatch["kl_k3"]), "samples": float(len(samples)),
+        })
+        metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
+        tokens = float(lengths.sum())
+        metrics["throughput/generate_tokens_per_s"] = tokens / max(timer.seconds["generate"], 1e-9)
+        metrics["time/step"] = sum(timer.seconds.values())
+        return metrics
+
+    # ------------------------------------------------------------------------------ pieces
+    def train(self, batch: Batch) -> dict[str, float]:
+        """epochs_per_rollout passes over the batch in global-batch optimizer steps."""
+        cfg, a = self.cfg, self.cfg.algorithm
+        order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(cfg.trainer.seed + len(batch)))
+        constant = cfg.rollout.max_new_tokens * cfg.trainer.global_batch_size  # Dr.GRPO's fixed normaliser
+        sums: dict[str, list[float]] = {}
+        for _ in range(cfg.trainer.epochs_per_rollout):
+            for mini in batch.select(order).split(cfg.trainer.global_batch_size):
+                norm = float(compute_loss_normalizer(mini["response_mask"], a.loss_agg, constant))
+                refs = self.policy.async_scatter("train_step", mini.chunk(self.policy.world_size), normalizer=norm)
+                if self.critic:
+                    refs += self.critic.async_scatter("train_step", mini.chunk(self.critic.world_size), normalizer=norm)
+                for ranks_metrics in ray.get(refs):
+                    for k, v in ranks_metrics.items():
+                        sums.setdefault(k, []).append(v)
+        # losses are per-rank shares of one total: sum over ranks, mean over steps; others: mean
+        steps = cfg.trainer.epochs_per_rollout * (len(batch) // cfg.trainer.global_batch_size)
+        return {k: (sum(v) / steps if k.endswith("loss") else sum(v) / len(v)) for k, v in sums.items()}
+
+    def sampling(self, greedy: bool = False) -> dict:
+        r = self.cfg.rollout
+        if greedy:
+            return {"n": 1, "temperature": 0.0, "max_tokens": r.max_new_tokens, "stop": r.stop or None}
+        return {"n": r.samples_per_prompt, "temperature": r.temperature, "top_p": r.top_p,
+                "max_tokens": r.max_new_tokens, "stop": r.stop or None}
+
+    def format_prompt(self, row: dict) -> str:
+        if self.cfg.data.chat_template == "tokenizer":
+            return apply_chat_template(self.tokenizer, row["prompt"])
+        return row["prompt"]
+
+    def collate(self, samples: list[dict]) -> Batch:
+        return collate_samples(
+            [s["prompt_token_ids"] for s in samples], [s["response_token_ids"] for s in samples],
+            self.tokenizer.pad_token_id, {"rollout_logprobs": [s["logprobs"] for s in samples]},
+        )
+
+    def score(self, prompts: list[dict], samples: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted sum of every reward function (and the reward model) per sample: (B,)."""
+        completions = [s["text"] for s in samples]
+        rows = [prompts[s["prompt_index"]] for s in samples]
+        model_ref = None
+        if self.reward_model:  # start the reward model first; the functions run meanwhile
+            model_ref = self.reward_model.async_run("score", [r["prompt"] for r in rows], completions)[0]
+        per_function, metrics = {}, {}
+        for reward in self.rewards:
+            if reward.remote:
+                continue
+            values, errors, first_error = run_reward_function(reward, completions, rows)
+            if first_error:
+                log.warning("reward %s: %d failures this step; first: %s", reward.name, errors, first_error)
+            per_function[reward.name] = values
+            metrics[f"reward/{reward.name}"] = sum(values) / max(len(values), 1)
+            metrics[f"reward_errors/{reward.name}"] = float(errors)
+        if model_ref is not None:
+            per_function["model"] = ray.get(model_ref).tolist()
+            metrics["reward/model"] = sum(per_function["model"]) / len(per_function["model"])
+        weights = {r.name: r.weight for r in self.rewards} | ({"model": 1.0} if "model" not in {r.name for r in self.rewards} else {})
+        return torch.tensor(combine_rewards(per_function, weights), dtype=torch.float32), metrics
+
+    def evaluate(self, prompts: list[dict]) -> dict[str, float]:
+        """Greedy answers to held-out prompts, scored by the same rewards: the held-out metric."""
+        texts = [self.format_prompt(p) for p in prompts]
+        refs = self.rollout.async_generate(texts, self.sampling(greedy=True))
+        samples = self.rollout.merge_samples(ray.get(refs), len(texts))
+        scores, per_fn = self.score(prompts, samples)
+        out = {f"eval/{k}": v for k, v in per_fn.items() if k.startswith("reward/")}
+        out["eval/reward_mean"] = float(scores.mean())
+        out["eval/response_length"] = sum(len(s["response_token_ids"]) for s in samples) / len(samples)
+        return out
+
+    def shutdown(self) -> None:
+        for group in (self.policy, self.reference, self.critic, self.reward_model, self.rollout):
+            if group is not None:
+                group.kill()
+        self.plan.shutdown()
+
+
+def keep_informative_groups(samples: list[dict], scores: torch.Tensor, n: int):
+    """DAPO's dynamic sampling: drop prompt groups (n contiguous samples) whose scores are all equal."""
+    groups = scores.view(-1, n)  # (P, n)
+    keep = (groups.max(-1).values - groups.min(-1).values) > 1e-6  # (P,)
+    rows = keep.repeat_interleave(n).nonzero().flatten().tolist()
+    return [samples[i] for i in rows], scores[rows], float(keep.float().mean())
+
+
+def trim_to_multiple(samples: list[dict], scores: torch.Tensor, n: int, global_batch: int):
+    """Drop whole prompt groups from the end until the sample count is a multiple of the global batch."""
+    keep = len(samples) - len(samples) % global_batch
+    while keep % n:
+        keep -= global_batch
+    keep = max(keep, 0)
+    return samples[:keep], scores[:keep]

@@ -1,0 +1,7 @@
+"""RLVR: `python -m recipes.rlvr [--config recipes/configs/rlvr.yaml] [dotted.key=value ...]`."""
+from pathlib import Path
+
+from actors.launch import main
+
+if __name__ == "__main__":  # vLLM spawns processes that re-import this module
+    main(str(Path(__file__).with_name("configs") / "rlvr.yaml"))

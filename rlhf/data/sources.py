@@ -1,0 +1,294 @@
+"""Load prompts, preference pairs and SFT pairs from whatever `data.source` names.
+
+Sources (`DataConfig.source`):
+- `reasoning_gym:<task>`: generated problems with verifiable answers (rlhf.data.reasoning_gym);
+- `imdb`: built-in movie reviews (rlhf.data.imdb);
+- a local `.jsonl`, `.json` or `.parquet` file, or any `datasets` name (hub id or folder), read
+  with the configured field names (`prompt_field`, `answer_field`, ...).
+
+Every returned row has normalised keys: prompts -> `prompt` (+ `answer` and every other field
+kept as metadata); preference -> `prompt`, `chosen`, `rejected`; SFT -> `prompt`, `response`.
+`data.prompt_suffix` is appended to every prompt.
+
+Rows from files are validated before anything trains: a bad row (malformed JSON, a missing
+field, a wrong type, an empty text, a text too long) either stops the run with a list of
+problems (`on_bad_row: strict`) or is dropped and counted (`on_bad_row: skip`).
+
+Splits: `split="train"` or `"eval"`. Eval comes from `data.eval_source` when set (the whole of
+it for files; its held-out part for built-ins). Without it, eval is held out of `data.source`:
+- reasoning_gym: another seed, minus questions seen in train (see rlhf.data.reasoning_gym);
+- imdb: the fixed hash split of review texts (see rlhf.data.imdb);
+- files: the rows are shuffled with `data.seed`; the first `eval_size` distinct prompts go to
+  eval with every row that has one of those prompts, and train gets all other rows. Splitting by
+  prompt keeps several pairs of one prompt on one side, so the two sets share no prompt.
+`train_size` caps the train rows of a file (a seeded sample; a warning says how many were left
+out); built-in sources draw exactly `train_size` / `eval_size` examples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from rlhf.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+MAX_PROBLEMS_SHOWN = 20
+# Lengths are checked in characters, before any tokenizer exists. No English text averages more
+# than ~6 characters per token, so a text over 8 x the token budget cannot fit it.
+CHARS_PER_TOKEN_CEILING = 8
+
+Kind = Literal["prompts", "preference", "sft"]
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message names the file, the rows and the fields."""
+
+
+@dataclass(frozen=True)
+class UnreadableRow:
+    """A JSONL line that is not a JSON object; kept in place so row numbers stay line numbers."""
+
+    error: str
+
+
+@dataclass
+class RowReport:
+    """What validation found: `len(good) + bad_rows == total_rows`."""
+
+    total_rows: int
+    bad_rows: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------- reading
+def load_rows(source: str, split: str = "train") -> list[dict | UnreadableRow]:
+    """Rows of a local .jsonl/.json/.parquet file or a `datasets` name (`split` is for the latter).
+
+    JSONL is read line by line so a malformed line becomes an `UnreadableRow` at its place
+    (row n = line n; blank lines at the end of the file are not rows). .json and .parquet go
+    through `datasets`, which fills a field missing from a row with None.
+    """
+    path = Path(source)
+    is_file = path.suffix in FILE_SUFFIXES
+    if is_file and not path.is_file():
+        raise DataError(f"{source}: no such file")
+    if path.is_file() and not is_file:
+        raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    import datasets  # deferred: it is slow to import and only file/hub sources need it
+
+    try:
+        if is_file:
+            builder = "parquet" if path.suffix == ".parquet" else "json"
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        else:
+            dataset = datasets.load_dataset(source, split=split)
+    except Exception as e:
+        hint = (
+            "For a row-by-row error report, convert the file to JSON Lines (.jsonl)."
+            if is_file
+            else "Is the name (or folder) right, the split in it (data.split), and the hub reachable?"
+        )
+        raise DataError(f"{source}: could not load with `datasets` (split {split!r}): {type(e).__name__}: {e}. {hint}") from e
+    return dataset.to_list()
+
+
+def _read_jsonl(path: Path) -> list[dict | UnreadableRow]:
+    lines = path.read_text(encoding="utf-8").rstrip().splitlines()
+    rows: list[dict | UnreadableRow] = []
+    for line in lines:
+        if not line.strip():
+            rows.append(UnreadableRow("blank line (JSON Lines holds one object per line)"))
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            rows.append(UnreadableRow(f"invalid JSON: {e}"))
+            continue
+        rows.append(row if isinstance(row, dict) else UnreadableRow(f"expected a JSON object, got {type(row).__name__}"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------- validation
+def row_problems(row: dict | UnreadableRow, required: dict[str, type | tuple], max_chars: dict[str, int]) -> list[str]:
+    """Problems of one row as `field 'x': what is wrong` (empty if the row is good)."""
+    if isinstance(row, UnreadableRow):
+        return [row.error]
+    problems = []
+    for name, expected in required.items():
+        value = row.get(name)
+        if value is None:
+            problems.append(f"field {name!r}: missing" + (" (null)" if name in row else ""))
+        elif not isinstance(value, expected) or isinstance(value, bool) and expected is not bool:
+            want = " or ".join(t.__name__ for t in expected) if isinstance(expected, tuple) else expected.__name__
+            problems.append(f"field {name!r}: expected {want}, got {type(value).__name__} {_short(value)}")
+        elif isinstance(value, str) and not value.strip():
+            problems.append(f"field {name!r}: empty string")
+        elif name in max_chars and len(value) > max_chars[name]:
+            problems.append(f"field {name!r}: too long ({len(value)} characters, limit {max_chars[name]})")
+    return problems
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def validate_rows(
+    rows: list[dict | UnreadableRow],
+    required: dict[str, type | tuple],
+    source: str,
+    max_chars: dict[str, int] | None = None,
+    on_bad_row: Literal["strict", "skip"] = "strict",
+) -> tuple[list[dict], RowReport]:
+    """Keep rows whose `required` fields exist, have the type, are non-empty and fit `max_chars`.
+
+    Each problem reads `"{source}: row {n}: field 'x': ..."` (n is 1-based; the line for JSONL).
+    strict: raise DataError listing the first MAX_PROBLEMS_SHOWN problems and the totals.
+    skip: return the good rows and the report (and log a warning with the count).
+    """
+    if on_bad_row not in ("strict", "skip"):
+        raise ValueError(f"on_bad_row must be 'strict' or 'skip', got {on_bad_row!r}")
+    good, report = [], RowReport(total_rows=len(rows))
+    for n, row in enumerate(rows, start=1):
+        problems = row_problems(row, required, max_chars or {})
+        if problems:
+            report.bad_rows += 1
+            report.problems += [f"{source}: row {n}: {p}" for p in problems]
+        else:
+            good.append(row)
+    if report.bad_rows:
+        summary = f"{source}: {report.bad_rows} of {report.total_rows} rows are bad ({len(report.problems)} problems)"
+        shown = "\n  ".join(report.problems[:MAX_PROBLEMS_SHOWN])
+        more = len(report.problems) - MAX_PROBLEMS_SHOWN
+        shown += f"\n  ... and {more} more" if more > 0 else ""
+        if on_bad_row == "strict" or not good:
+            hint = "fix them, or set data.on_bad_row=skip to drop them" if good else "no good rows are left"
+            raise DataError(f"{summary}; {hint}:\n  {shown}")
+        log.warning("%s; skipping them (data.on_bad_row=skip):\n  %s", summary, shown)
+    return good, report
+
+
+# ------------------------------------------------------------------------------------ dispatch
+def load_prompts(data_cfg: DataConfig, split: str = "train") -> list[dict]:
+    """Prompts for generation: `prompt`, and `answer` plus any metadata the source has."""
+    return _load("prompts", data_cfg, split)
+
+
+def load_preference_pairs(data_cfg: DataConfig, split: str = "train") -> list[dict]:
+    """Preference pairs: `prompt`, `chosen`, `rejected` (plus any other fields of the source)."""
+    return _load("preference", data_cfg, split)
+
+
+def load_sft_pairs(data_cfg: DataConfig, split: str = "train") -> list[dict]:
+    """Supervised pairs: `prompt`, `response` (plus any other fields of the source)."""
+    return _load("sft", data_cfg, split)
+
+
+def _load(kind: Kind, cfg: DataConfig, split: str) -> list[dict]:
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if split == "eval" and cfg.eval_size == 0 and not cfg.eval_source:
+        return []
+    source = cfg.eval_source if split == "eval" and cfg.eval_source else cfg.source
+    if source.startswith("reasoning_gym:") or source == "imdb":
+        rows = _builtin_rows(kind, source, cfg, split)
+    else:
+        # part: "whole" for a separate eval source, else this side of the held-out split
+        part = "whole" if source != cfg.source else split
+        rows = _file_rows(kind, source, cfg, part)
+    return [{**row, "prompt": row["prompt"] + cfg.prompt_suffix} for row in rows]
+
+
+def _builtin_rows(kind: Kind, source: str, cfg: DataConfig, split: str) -> list[dict]:
+    size = cfg.train_size if split == "train" else cfg.eval_size
+    if source == "imdb":
+        from rlhf.data import imdb
+
+        build = {"prompts": imdb.imdb_prompts, "preference": imdb.imdb_preference_pairs, "sft": imdb.imdb_sft_pairs}
+        try:
+            return build[kind](size, seed=cfg.seed, split=split, **cfg.task_kwargs)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"data.source=imdb ({kind}, data.task_kwargs={cfg.task_kwargs}): {e}") from e
+    task = source.removeprefix("reasoning_gym:")
+    if kind != "prompts":
+        raise DataError(f"data.source={source!r} makes prompts with answers, not {kind} pairs; use a file or 'imdb'")
+    from rlhf.data.reasoning_gym import reasoning_gym_prompts, train_heldout_split
+
+    if split == "train":
+        return reasoning_gym_prompts(task, size, cfg.seed, cfg.task_kwargs, suffix="")
+    return train_heldout_split(task, cfg.train_size, size, cfg.seed, cfg.task_kwargs, suffix="")[1]
+
+
+# Normalised key -> the configured field it comes from, per kind (all are required strings).
+def _fields(kind: Kind, cfg: DataConfig) -> dict[str, str]:
+    return {
+        "prompts": {"prompt": cfg.prompt_field},
+        "preference": {"prompt": cfg.prompt_field, "chosen": cfg.chosen_field, "rejected": cfg.rejected_field},
+        "sft": {"prompt": cfg.prompt_field, "response": cfg.response_field},
+    }[kind]
+
+
+def _file_rows(kind: Kind, source: str, cfg: DataConfig, part: str) -> list[dict]:
+    if cfg.task_kwargs:
+        raise DataError(f"data.task_kwargs={cfg.task_kwargs} only applies to reasoning_gym:<task> and imdb, not {source!r}")
+    fields = _fields(kind, cfg)
+    response_chars = cfg.max_response_len * CHARS_PER_TOKEN_CEILING
+    max_chars = {f: response_chars for f in fields.values()} | {cfg.prompt_field: cfg.max_prompt_len * CHARS_PER_TOKEN_CEILING}
+    rows, _ = validate_rows(load_rows(source, cfg.split), dict.fromkeys(fields.values(), str), source, max_chars, cfg.on_bad_row)
+    if kind == "prompts":
+        fields = fields | {"answer": cfg.answer_field}  # optional: kept when present
+    rows = [_rename(row, fields) for row in rows]
+    if part == "whole":
+        return rows
+    train, heldout = hold_out_by_prompt(rows, cfg.eval_size, cfg.seed, source)
+    if part == "eval":
+        return heldout
+    if len(train) > cfg.train_size:
+        log.warning("%s: using %d of %d train rows (data.train_size)", source, cfg.train_size, len(train))
+        train = train[: cfg.train_size]
+    return train
+
+
+def _rename(row: dict, fields: dict[str, str]) -> dict:
+    """Row with configured field names replaced by normalised keys; nothing is lost.
+
+    A column that already has a normalised name but is not the configured field (say a
+    `prompt` column while prompt_field='question') is kept as `source_prompt`.
+    """
+    out = dict(row)
+    values = {key: out.pop(name) for key, name in fields.items() if name in out}
+    for key in values:
+        if key in out:
+            out[f"source_{key}"] = out.pop(key)
+    return out | values
+
+
+def hold_out_by_prompt(rows: list[dict], eval_size: int, seed: int, source: str) -> tuple[list[dict], list[dict]]:
+    """(train, heldout): `eval_size` distinct prompts, drawn with `seed`, and all their rows go to heldout.
+
+    Train comes back in the same seeded order, so taking its first k rows is a random sample.
+    """
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    heldout_prompts: set[str] = set()
+    for i in order:
+        if len(heldout_prompts) == eval_size:
+            break
+        heldout_prompts.add(rows[i]["prompt"])
+    if len(heldout_prompts) < eval_size:
+        raise DataError(f"{source}: data.eval_size={eval_size} but the file has only {len(heldout_prompts)} distinct prompts")
+    train = [rows[i] for i in order if rows[i]["prompt"] not in heldout_prompts]
+    heldout = [rows[i] for i in order if rows[i]["prompt"] in heldout_prompts]
+    if not train:
+        raise DataError(f"{source}: holding out data.eval_size={eval_size} prompts leaves no train rows; lower it")
+    return train, heldout
