@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import ray
 import torch
@@ -26,7 +27,9 @@ from rlhf.algos import (
     compute_kl,
     compute_loss_normalizer,
     compute_truncated_is_weights,
+    informative_group_rows,
     masked_mean,
+    whole_group_count,
 )
 from rlhf.batch import Batch, collate_samples
 from rlhf.config import RunConfig
@@ -66,21 +69,12 @@ class RLCoordinator:
                        else FixedKLController(a.kl.coef))
 
     # ------------------------------------------------------------------------------ one step
-    def step(self, prompts: list[dict]) -> dict[str, float]:
+    def step(self, next_prompts: Callable[[int], list[dict]]) -> dict[str, float]:
+        """One RL step on prompts drawn from `next_prompts(k)` (k more prompts each call)."""
         cfg, a, n = self.cfg, self.cfg.algorithm, self.cfg.rollout.samples_per_prompt
         timer, metrics = PhaseTimer(), {}
 
-        with timer("generate"):
-            texts = [self.format_prompt(p) for p in prompts]
-            refs = self.rollout.async_generate(texts, self.sampling())
-            samples = self.rollout.merge_samples(ray.get(refs), len(texts))
-
-        with timer("score"):
-            scores, reward_metrics = self.score(prompts, samples)  # (B,)
-            metrics.update(reward_metrics)
-        if a.dynamic_sampling:  # keep prompt groups whose samples disagree: the others carry no signal
-            samples, scores, metrics["dynamic_sampling/kept_fraction"] = keep_informative_groups(samples, scores, n)
-        samples, scores = trim_to_multiple(samples, scores, n, cfg.trainer.global_batch_size)
+        samples, scores = self.generate_and_score(next_prompts, timer, metrics)  # (B,) scores
         if not samples:
             log.warning("step skipped: no prompt group had differing rewards")
             return metrics | {"skipped": 1.0}
@@ -138,6 +132,39 @@ class RLCoordinator:
         return metrics
 
     # ------------------------------------------------------------------------------ pieces
+    def generate_and_score(self, next_prompts, timer: PhaseTimer, metrics: dict) -> tuple[list[dict], torch.Tensor]:
+        """Sample n completions per prompt and score them. With dynamic sampling, groups whose
+        samples all score the same are dropped and more prompts are drawn, up to `max_refills`
+        extra rounds, until the step has prompts_per_step informative groups (DAPO)."""
+        cfg, a, n = self.cfg, self.cfg.algorithm, self.cfg.rollout.samples_per_prompt
+        target = cfg.rollout.prompts_per_step * n
+        samples, scores, drawn = [], [], 0
+        for _ in range(1 + (a.max_refills if a.dynamic_sampling else 0)):
+            prompts = next_prompts(cfg.rollout.prompts_per_step if not samples else (target - len(samples)) // n)
+            drawn += len(prompts)
+            with timer("generate"):
+                refs = self.rollout.async_generate([self.format_prompt(p) for p in prompts], self.sampling())
+                batch_samples = self.rollout.merge_samples(ray.get(refs), len(prompts))
+            with timer("score"):
+                batch_scores, reward_metrics = self.score(prompts, batch_samples)
+            for k, v in reward_metrics.items():  # weighted by samples so refills average correctly
+                metrics[k] = metrics.get(k, 0.0) + v * len(batch_samples)
+            if a.dynamic_sampling:
+                rows = informative_group_rows(batch_scores, n)
+                batch_samples, batch_scores = [batch_samples[i] for i in rows], batch_scores[rows]
+            samples += batch_samples
+            scores.append(batch_scores)
+            if len(samples) >= target:
+                break
+        total = drawn * n
+        for k in reward_metrics:
+            metrics[k] /= total
+        if a.dynamic_sampling:
+            metrics["dynamic_sampling/kept_fraction"] = len(samples) / total
+            metrics["dynamic_sampling/prompts_drawn"] = float(drawn)
+        keep = whole_group_count(min(len(samples), target), n, cfg.trainer.global_batch_size)
+        return samples[:keep], torch.cat(scores)[:keep]
+
     def train(self, batch: Batch) -> dict[str, float]:
         """epochs_per_rollout passes over the batch in global-batch optimizer steps."""
         cfg, a = self.cfg, self.cfg.algorithm
@@ -214,20 +241,3 @@ class RLCoordinator:
             if group is not None:
                 group.kill()
         self.plan.shutdown()
-
-
-def keep_informative_groups(samples: list[dict], scores: torch.Tensor, n: int):
-    """DAPO's dynamic sampling: drop prompt groups (n contiguous samples) whose scores are all equal."""
-    groups = scores.view(-1, n)  # (P, n)
-    keep = (groups.max(-1).values - groups.min(-1).values) > 1e-6  # (P,)
-    rows = keep.repeat_interleave(n).nonzero().flatten().tolist()
-    return [samples[i] for i in rows], scores[rows], float(keep.float().mean())
-
-
-def trim_to_multiple(samples: list[dict], scores: torch.Tensor, n: int, global_batch: int):
-    """Drop whole prompt groups from the end until the sample count is a multiple of the global batch."""
-    keep = len(samples) - len(samples) % global_batch
-    while keep % n:
-        keep -= global_batch
-    keep = max(keep, 0)
-    return samples[:keep], scores[:keep]

@@ -17,6 +17,7 @@ import torch
 
 from rlhf.config import ConfigError, RunConfig, dump_config, load_config
 from rlhf.data.sources import DataError, load_prompts
+from rlhf.data.stream import PromptStream
 from rlhf.run_log import RunLogger
 
 log = logging.getLogger("raylhf")
@@ -62,8 +63,18 @@ def run(cfg: RunConfig) -> dict:
     ensure_ray()
     if cfg.is_rl:
         result = run_rl(cfg, run_dir)
+    elif cfg.algorithm.name == "sft":
+        from actors.supervised import run_sft
+
+        result = run_sft(cfg, run_dir)
+    elif cfg.algorithm.name == "reward_model":
+        from actors.preference import run_reward_model
+
+        result = run_reward_model(cfg, run_dir)
     else:
-        raise NotImplementedError(f"algorithm.name={cfg.algorithm.name!r} has no loop yet")
+        from actors.preference import run_dpo
+
+        result = run_dpo(cfg, run_dir)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -79,12 +90,10 @@ def run_rl(cfg: RunConfig, run_dir: Path) -> dict:
         before = coordinator.evaluate(heldout) if heldout else {}
         log.info("held-out before training: %s", _fmt(before))
         logger.log(0, before)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.data.seed)).tolist()
-        per_step = cfg.rollout.prompts_per_step
+        logger.restart_clock()
+        stream = PromptStream(train, cfg.data.seed)
         for step in range(1, cfg.trainer.total_steps + 1):
-            start = (step - 1) * per_step
-            prompts = [train[order[(start + i) % len(train)]] for i in range(per_step)]
-            metrics = coordinator.step(prompts)
+            metrics = coordinator.step(stream.next)
             logger.log(step, metrics)
             if step % cfg.logging.log_every == 0:
                 log.info(logger.progress(step, metrics, ("reward/mean", "kl", "policy_loss", "time/generate", "time/train")))

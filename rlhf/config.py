@@ -36,7 +36,7 @@ class ModelSpec(Section):
 
 
 class ModelsConfig(Section):
-    policy: ModelSpec
+    policy: Optional[ModelSpec] = Field(None, description="the model trained; every algorithm but reward_model needs it")
     reference: Optional[ModelSpec] = Field(None, description="default: a frozen copy of policy")
     reward: Optional[ModelSpec] = Field(None, description="sequence-classification reward model")
     critic: Optional[ModelSpec] = Field(None, description="value model (PPO with GAE)")
@@ -121,7 +121,8 @@ class AlgorithmConfig(Section):
     value_coef: float = Field(0.5, ge=0.0)
     entropy_coef: float = Field(0.0, ge=0.0)
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = "token_mean"
-    dynamic_sampling: bool = Field(False, description="drop prompt groups whose rewards are all equal")
+    dynamic_sampling: bool = Field(False, description="drop prompt groups whose rewards are all equal, draw more")
+    max_refills: int = Field(3, ge=0, description="dynamic sampling: extra generation rounds per step, at most")
     kl: KLConfig = Field(default_factory=KLConfig)
     importance_sampling: ImportanceSamplingConfig = Field(default_factory=ImportanceSamplingConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
@@ -230,6 +231,11 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
         t, algo, ro, res = self.trainer, self.algorithm, self.rollout, self.resources
+        if self.models.policy is None and algo.name != "reward_model":
+            raise ValueError(f"algorithm.name={algo.name!r} trains a policy: set models.policy.path")
+        if algo.name == "reward_model" and self.models.reward is None:
+            raise ValueError("algorithm.name='reward_model' trains models.reward: set models.reward.path "
+                             "(a folder, or the built-in 'all-minilm-l6-v2')")
         ranks = res.policy.num_actors
         if t.global_batch_size % (t.micro_batch_size * ranks):
             raise ValueError(

@@ -24,6 +24,10 @@ class RunLogger:
 
             self.tb = SummaryWriter(str(self.dir / "tensorboard"))
 
+    def restart_clock(self) -> None:
+        """Time steps from now (e.g. after the held-out evaluation before training)."""
+        self.started = time.perf_counter()
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
         if self.jsonl:

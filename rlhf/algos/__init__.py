@@ -23,6 +23,7 @@ from rlhf.algos.aggregation import (
     masked_sum,
     masked_whiten,
 )
+from rlhf.algos.dynamic_sampling import informative_group_rows, whole_group_count
 from rlhf.algos.importance import compute_truncated_is_weights
 from rlhf.algos.kl import (
     KL_ESTIMATORS,
@@ -45,6 +46,8 @@ from rlhf.algos.losses import (
 )
 
 __all__ = [
+    "informative_group_rows",
+    "whole_group_count",
     "ESTIMATORS",
     "compute_advantages",
     "AGG_MODES",

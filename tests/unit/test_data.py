@@ -31,3 +31,16 @@ def test_chat_template_wraps_the_prompt_for_generation():
     text = apply_chat_template(tokenizer, "What is 2 + 3?")
     assert text == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
     assert apply_chat_template(tokenizer, "q", system="Be brief.").startswith("<|im_start|>system\nBe brief.")
+
+
+def test_prompt_stream_visits_every_row_once_per_epoch_and_resumes():
+    from rlhf.data.stream import PromptStream
+
+    rows = [{"prompt": str(i)} for i in range(5)]
+    stream = PromptStream(rows, seed=1)
+    first_epoch = stream.next(5)
+    assert sorted(r["prompt"] for r in first_epoch) == [str(i) for i in range(5)]
+    second = stream.next(3)
+    resumed = PromptStream(rows, seed=1, position=5).next(3)
+    assert second == resumed and stream.position == 8
+    assert PromptStream(rows, seed=2).next(5) != first_epoch  # the seed decides the order
