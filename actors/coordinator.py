@@ -26,7 +26,6 @@ from rlhf.algos import (
     compute_advantages,
     compute_kl,
     compute_loss_normalizer,
-    compute_truncated_is_weights,
     informative_group_rows,
     masked_mean,
     whole_group_count,
@@ -81,32 +80,30 @@ class RLCoordinator:
         batch = self.collate(samples)
         mask = batch["response_mask"]  # (B, T)
 
+        # Trained on once, in one optimizer step: the sampling policy is the current one, and the
+        # policy's own training forward supplies the old log-probs (actors/policy.py).
+        on_policy = cfg.trainer.epochs_per_rollout == 1 and len(batch) == cfg.trainer.global_batch_size
+        need_old = not on_policy or (a.kl.mode == "reward" and self.reference is not None)
         with timer("reference"):
-            parts = batch.chunk(self.policy.world_size)
-            old_refs = self.policy.async_scatter("compute_logprobs", parts)
+            old_refs = self.policy.async_scatter("compute_logprobs", batch.chunk(self.policy.world_size)) if need_old else []
             ref_refs = self.reference.async_run("compute_logprobs", batch)[:1] if self.reference else []
             value_refs = self.critic.async_run("compute_values", batch)[:1] if self.critic else []
-            batch["old_logprobs"] = torch.cat(ray.get(old_refs))
+            if need_old:
+                batch["old_logprobs"] = torch.cat(ray.get(old_refs))
             if self.reference:
                 batch["ref_logprobs"] = ray.get(ref_refs)[0]
             if self.critic:
                 batch["old_values"] = ray.get(value_refs)[0]
 
         # advantages: pure functions on the driver
-        kl = compute_kl(batch["old_logprobs"], batch["ref_logprobs"], a.kl.estimator) if self.reference else torch.zeros_like(mask)
-        penalty = self.kl_ctl.value * kl if a.kl.mode == "reward" and self.reference else None
+        kl = compute_kl(batch["old_logprobs"], batch["ref_logprobs"], a.kl.estimator) if need_old and self.reference else None
+        penalty = self.kl_ctl.value * kl if a.kl.mode == "reward" and kl is not None else None
         batch["advantages"], returns = compute_advantages(
             a.advantage, scores, mask, group_size=n, kl_penalty=penalty,
             values=batch.get("old_values"), gamma=a.gamma, lam=a.lam,
         )
         if returns is not None:
             batch["returns"] = returns
-        is_weights, mismatch = compute_truncated_is_weights(
-            batch["old_logprobs"], batch["rollout_logprobs"], mask, cap=a.importance_sampling.cap,
-            level=a.importance_sampling.level,
-        )
-        if a.importance_sampling.enabled:
-            batch["is_weights"] = is_weights
 
         with timer("train"):
             train_metrics = self.train(batch)
@@ -115,15 +112,15 @@ class RLCoordinator:
             blobs = self.policy.async_run("weights_blob")  # every rank joins the ZeRO-3 gather
             ray.get(self.rollout.async_load_weights(blobs[0]) + blobs[1:])
 
-        kl_mean = float(masked_mean(kl, mask))
+        # KL(policy || reference) of the sampled tokens, before this step's update
+        kl_mean = float(masked_mean(kl, mask)) if kl is not None else train_metrics.get("policy_kl", 0.0)
         self.kl_ctl.update(kl_mean, len(samples))
         lengths = mask.sum(-1)
         metrics.update(train_metrics)
         metrics.update({
             "reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
             "kl": kl_mean, "kl_coef": self.kl_ctl.value, "response_length/mean": float(lengths.float().mean()),
-            "mismatch/mean_abs_logprob_diff": float(mismatch["mean_abs_logprob_diff"]),
-            "mismatch/kl": float(mismatch["kl_k3"]), "samples": float(len(samples)),
+            "samples": float(len(samples)),
         })
         metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
         tokens = float(lengths.sum())
@@ -174,7 +171,8 @@ class RLCoordinator:
         for _ in range(cfg.trainer.epochs_per_rollout):
             for mini in batch.select(order).split(cfg.trainer.global_batch_size):
                 norm = float(compute_loss_normalizer(mini["response_mask"], a.loss_agg, constant))
-                refs = self.policy.async_scatter("train_step", mini.chunk(self.policy.world_size), normalizer=norm)
+                refs = self.policy.async_scatter("train_step", mini.chunk(self.policy.world_size), normalizer=norm,
+                                                 kl_coef=self.kl_ctl.value)
                 if self.critic:
                     refs += self.critic.async_scatter("train_step", mini.chunk(self.critic.world_size), normalizer=norm)
                 for ranks_metrics in ray.get(refs):

@@ -1,4 +1,4 @@
-"""PolicyActor: one rank of the policy under DeepSpeed: log-probs, PPO/GRPO and DPO updates, weights out."""
+"""PolicyActor: one rank of the policy under DeepSpeed: log-probs, PPO/GRPO, DPO and SFT updates, weights out."""
 from __future__ import annotations
 
 import torch
@@ -10,8 +10,10 @@ from rlhf.algos import (
     compute_kl,
     compute_policy_loss,
     compute_token_logprobs,
+    compute_truncated_is_weights,
     dpo_loss,
     masked_mean,
+    sft_loss,
 )
 from rlhf.batch import Batch
 from rlhf.config import AlgorithmConfig
@@ -24,12 +26,16 @@ class PolicyActor(CausalLMRole):
         self.algo = AlgorithmConfig(**algorithm)
         super().__init__(*args, **kwargs)
 
-    def train_step(self, batch: Batch, normalizer: float) -> dict[str, float]:
+    def train_step(self, batch: Batch, normalizer: float, kl_coef: float = 0.0) -> dict[str, float]:
         """One optimizer step of the PPO-clip objective over this rank's share of a global batch.
 
-        batch: input_ids, attention_mask, response_mask, old_logprobs, advantages (B, T), and
-        ref_logprobs (KL in the loss) / is_weights (truncated IS) when those are on.
+        batch: input_ids, attention_mask, response_mask, advantages (B, T); ref_logprobs when KL is
+        in the loss; rollout_logprobs (the engine's) for the mismatch metrics and truncated IS.
+        old_logprobs may be left out when the batch is trained on exactly once (on-policy): the
+        policy that sampled it is then this one, so this forward's detached log-probs are the old
+        ones and a separate log-prob pass is saved.
         normalizer: the global batch's loss denominator (compute_loss_normalizer).
+        kl_coef: the KL-loss weight now (the coordinator's controller may adapt it).
         """
         self._check_share(batch)
         self.engine.train()
@@ -40,15 +46,22 @@ class PolicyActor(CausalLMRole):
                 mask = micro["response_mask"]
                 logits = forward_logits(self.engine, micro)
                 logprobs = compute_token_logprobs(logits, micro["input_ids"])
+                old = micro["old_logprobs"] if "old_logprobs" in micro else logprobs.detach()
+                is_weights, mismatch = None, {}
+                if "rollout_logprobs" in micro:  # the engine's log-probs: measure (and correct) the gap
+                    is_weights, mismatch = compute_truncated_is_weights(
+                        old, micro["rollout_logprobs"], mask, cap=a.importance_sampling.cap, level=a.importance_sampling.level)
                 loss, metrics = compute_policy_loss(
-                    logprobs, micro["old_logprobs"], micro["advantages"], mask,
+                    logprobs, old, micro["advantages"], mask,
                     clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
-                    is_weights=micro.get("is_weights"), agg_mode=a.loss_agg, global_normalizer=normalizer,
+                    is_weights=is_weights if a.importance_sampling.enabled else None,
+                    agg_mode=a.loss_agg, global_normalizer=normalizer,
                 )
-                if a.kl.mode == "loss" and a.kl.coef > 0:
+                metrics.update({f"mismatch/{k}": v for k, v in mismatch.items()})
+                if a.kl.mode == "loss" and kl_coef > 0:
                     kl = compute_kl(logprobs, micro["ref_logprobs"], a.kl.estimator)
-                    loss = loss + a.kl.coef * aggregate_loss(kl, mask, a.loss_agg, global_normalizer=normalizer)
-                    metrics["kl"] = masked_mean(kl.detach(), mask)
+                    loss = loss + kl_coef * aggregate_loss(kl, mask, a.loss_agg, global_normalizer=normalizer)
+                    metrics["policy_kl"] = masked_mean(kl.detach(), mask)
                 if a.entropy_coef > 0:
                     entropy = compute_entropy(logits[:, :-1].float())  # (B, T-1): position t predicts t+1
                     entropy = torch.nn.functional.pad(entropy, (1, 0))
@@ -63,13 +76,15 @@ class PolicyActor(CausalLMRole):
 
     def dpo_step(self, batch: Batch, normalizer: float) -> dict[str, float]:
         """One optimizer step of DPO. Rows 2i / 2i+1 are the chosen / rejected response of pair i;
-        batch carries ref_logprobs (B, T) from the reference. normalizer: pairs in the global batch."""
-        self._check_share(batch)
+        batch carries ref_logprobs (B, T) from the reference. normalizer: pairs in the global batch.
+        trainer.global_batch_size and micro_batch_size count pairs (as for reward-model training),
+        so micro-batches of 2 x micro rows keep pairs whole and end on DeepSpeed's boundary."""
+        self._check_share(batch, rows_per_sample=2)
         self.engine.train()
         a, stats = self.algo.dpo, []
 
         def losses():
-            for micro in self.micro_batches(batch):
+            for micro in self.micro_batches(batch, size=2 * self.cfg.micro_batch_size):
                 mask = micro["response_mask"]
                 logprobs = compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"])
                 seq = (logprobs * mask).sum(-1)  # (2P,)
@@ -82,7 +97,23 @@ class PolicyActor(CausalLMRole):
         step = self.optimizer_step(losses())
         return {"dpo_loss": step["loss"], "grad_norm": step["grad_norm"], **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}}
 
-    def _check_share(self, batch: Batch) -> None:
-        expected = self.cfg.global_batch_size // self.world_size
-        if len(batch) != expected:
-            raise ValueError(f"policy rank {self.rank}: got {len(batch)} samples, expected global_batch_size/ranks = {expected}")
+    def sft_step(self, batch: Batch, normalizer: float) -> dict[str, float]:
+        """One optimizer step of supervised fine-tuning: cross-entropy on response tokens only.
+        normalizer: response tokens in the global batch, so the step is the global token mean
+        however the batch is split over ranks and micro-batches."""
+        self._check_share(batch)
+        self.engine.train()
+
+        def losses():
+            for micro in self.micro_batches(batch):
+                logprobs = compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"])
+                yield sft_loss(logprobs, micro["response_mask"], "token_mean", global_normalizer=normalizer)
+
+        step = self.optimizer_step(losses())
+        return {"sft_loss": step["loss"], "grad_norm": step["grad_norm"], "lr": self.scheduler.get_last_lr()[0]}
+
+    def _check_share(self, batch: Batch, rows_per_sample: int = 1) -> None:
+        expected = rows_per_sample * self.cfg.global_batch_size // self.world_size
+        if len(batch) != expected:  # another count would put the optimizer step mid-batch
+            raise ValueError(f"policy rank {self.rank}: got {len(batch)} rows, expected "
+                             f"{rows_per_sample} x global_batch_size / ranks = {expected}")

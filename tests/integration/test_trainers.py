@@ -17,7 +17,7 @@ def random_batch(n=8, seed=0):
     return collate_samples(prompts, responses, pad_id=0)
 
 
-def one_update(ray, model_path, stage, ranks):
+def one_update(ray, model_path, stage, ranks, on_policy=False):
     """Start policy (+ reference for old log-probs), take one PPO step, return (loss, new log-probs, weights)."""
     from actors.group import ActorGroup, PlacementPlan
     from actors.policy import PolicyActor
@@ -32,7 +32,9 @@ def one_update(ray, model_path, stage, ranks):
         adv = torch.linspace(-1, 1, len(batch)).unsqueeze(1)
         batch["advantages"] = adv * batch["response_mask"]
         norm = float(compute_loss_normalizer(batch["response_mask"], "token_mean"))
-        metrics = ray.get(group.async_scatter("train_step", batch.chunk(ranks), normalizer=norm))
+        # on_policy: leave old_logprobs out; the training forward's own (detached) log-probs stand in
+        train_batch = type(batch)({k: v for k, v in batch.items() if not (on_policy and k == "old_logprobs")})
+        metrics = ray.get(group.async_scatter("train_step", train_batch.chunk(ranks), normalizer=norm))
         loss = sum(m["policy_loss"] for m in metrics)
         assert len({round(m["grad_norm"], 6) for m in metrics}) == 1, metrics  # ranks agree on the global norm
         after = ray.get(group.async_run("compute_logprobs", batch))[0]
@@ -44,6 +46,7 @@ def one_update(ray, model_path, stage, ranks):
 
 def test_zero_stages_and_rank_counts_agree(ray_cluster, tiny_model):
     results = {(s, r): one_update(ray_cluster, tiny_model, s, r) for s, r in [(2, 1), (3, 1), (2, 2), (3, 2)]}
+    results["on-policy shortcut"] = one_update(ray_cluster, tiny_model, 3, 2, on_policy=True)
     base_loss, base_norm, batch, base_after, base_state = results[(2, 1)]
     mask = batch["response_mask"].bool()
     assert (base_after - batch["old_logprobs"])[mask].abs().max() > 1e-3, "the update changed nothing"
