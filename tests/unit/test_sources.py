@@ -150,6 +150,10 @@ def test_reasoning_gym_prompts_via_config():
     assert not {p["question"] for p in train} & {p["question"] for p in heldout}
     with pytest.raises(DataError, match="not preference pairs"):
         load_preference_pairs(data)
+    # SFT on the task: the gold answer is the response; held-out pairs stay unseen in train.
+    sft_train, sft_heldout = load_sft_pairs(data, "train"), load_sft_pairs(data, "eval")
+    assert [(p["prompt"], p["response"]) for p in sft_train] == [(p["prompt"], p["answer"]) for p in train]
+    assert [p["question"] for p in sft_heldout] == [p["question"] for p in heldout]
 
 
 def test_imdb_via_config():

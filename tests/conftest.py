@@ -1,4 +1,4 @@
-"""Shared fixtures for integration tests: one real local Ray per session, tiny real models."""
+"""Shared fixtures for integration and e2e tests: one real local Ray per session, tiny real models."""
 import os
 
 import pytest
