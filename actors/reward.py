@@ -41,16 +41,24 @@ class RewardActor(DeepSpeedRole):
 
 
 class RewardTrainerActor(RewardActor):
-    """Bradley-Terry training of the reward model on (prompt, chosen, rejected) triples."""
+    """Bradley-Terry training of the reward model on preference pairs (`prompt`, `chosen`, `rejected`).
+
+    trainer.global_batch_size and micro_batch_size count *pairs*: a micro-batch of m pairs is
+    2m rows, so DeepSpeed's accumulation boundary (global / (micro x ranks) micro-batches) lines
+    up with one `train_step`.
+    """
 
     trainable = True
 
-    def train_step(self, prompts: list[str], chosen: list[str], rejected: list[str], normalizer: float) -> dict[str, float]:
-        """One optimizer step; normalizer = number of pairs in the global batch."""
+    def train_step(self, pairs: list[dict], normalizer: float) -> dict[str, float]:
+        """One optimizer step on this rank's share of the global batch; normalizer = pairs in the global batch."""
+        expected = self.cfg.global_batch_size // self.world_size
+        if len(pairs) != expected:  # another count would put the optimizer step mid-batch
+            raise ValueError(f"reward rank {self.rank}: got {len(pairs)} pairs, expected global_batch_size/ranks = {expected}")
         self.engine.train()
         # Interleave so each micro-batch holds whole pairs: rows 2i / 2i+1 = chosen / rejected.
-        texts = [r for pair in zip(chosen, rejected) for r in pair]
-        batch = self.encode([p for p in prompts for _ in (0, 1)], texts)
+        texts = [p[key] for p in pairs for key in ("chosen", "rejected")]
+        batch = self.encode([p["prompt"] for p in pairs for _ in (0, 1)], texts)
         stats = []
 
         def losses():
@@ -60,4 +68,5 @@ class RewardTrainerActor(RewardActor):
                 yield reward_model_loss(s[0::2], s[1::2]) * (len(s) // 2) / normalizer
 
         step = self.optimizer_step(losses())
-        return {"rm_loss": step["loss"], "rm_grad_norm": step["grad_norm"], "rm_accuracy": sum(stats) / len(stats)}
+        lr = self.scheduler.get_last_lr()[0]
+        return {"rm_loss": step["loss"], "rm_grad_norm": step["grad_norm"], "rm_accuracy": sum(stats) / len(stats), "lr": lr}

@@ -67,10 +67,11 @@ class DeepSpeedRole:
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    timeout=__import__("datetime").timedelta(minutes=10))
-        if self.device.type == "cpu":
-            # Ray pins OMP_NUM_THREADS to the actor's CPU share (1 for fractions), but the phases
-            # of a step run one after another, so each may use every core of its node.
-            torch.set_num_threads(int(os.environ.get("RAYLHF_CPU_THREADS", os.cpu_count() or 1)))
+        if self.device.type == "cpu" and os.environ.get("RAYLHF_CPU_THREADS"):
+            # Ray gives each actor as many threads as its CPU share (1 for fractions). Phases of a
+            # step run one after another, so a big model may use more (RAYLHF_CPU_THREADS=2);
+            # tiny models and crowded nodes run faster with Ray's default.
+            torch.set_num_threads(int(os.environ["RAYLHF_CPU_THREADS"]))
         torch.manual_seed(seed)
         module = self.load_model(resolve_model_path(self.spec.path))
         micro = self.cfg.micro_batch_size
@@ -148,6 +149,32 @@ class DeepSpeedRole:
 
         state = self.full_state_dict()
         return state_dict_to_bytes(state) if state is not None else None
+
+    def save_pretrained(self, directory: str) -> str | None:
+        """Write the full weights as a Hugging Face folder (model + tokenizer) that any role, vLLM
+        or `from_pretrained` loads. Every rank must call it (ZeRO-3 gathers); rank 0 writes and
+        returns the folder, other ranks return None."""
+        state = self.full_state_dict()
+        if state is None:
+            return None
+        from transformers import AutoTokenizer
+
+        # A fresh module of the same class: under ZeRO-3 the engine's own parameters are
+        # partitioned placeholders, so it cannot be saved directly.
+        module = self.engine.module
+        plain = type(module)(module.config).to(next(iter(state.values())).dtype)
+        missing, unexpected = plain.load_state_dict(state, strict=False)
+        tied = getattr(plain, "_tied_weights_keys", None) or {}  # filled again by tying on load
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise RuntimeError(f"save_pretrained: weights do not fit {type(module).__name__}: "
+                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        plain.save_pretrained(directory)
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(self.spec.tokenizer or resolve_model_path(self.spec.path))
+        tokenizer.save_pretrained(directory)
+        return directory
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
         self.engine.save_checkpoint(directory, tag=tag)

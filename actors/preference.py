@@ -1,0 +1,206 @@
+"""Preference learning without rollouts: reward-model training and DPO, driven from here.
+
+    reward model: pairs -> RewardTrainerActor.train_step (Bradley-Terry) -> held-out pairwise accuracy -> HF folder
+    DPO:          pairs -> token rows (chosen 2i, rejected 2i+1) -> reference log-probs, once -> PolicyActor.dpo_step
+
+Both loops report a held-out preference accuracy before and after training (ties count one
+half, so an untrained DPO policy, whose implicit rewards are all zero, scores 50%) and save the
+trained model as a Hugging Face folder `run_dir/final` that later runs load by path (PPO's
+`models.reward.path`, or a DPO policy to sample from). `trainer.global_batch_size` and
+`micro_batch_size` count pairs in both loops.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import ray
+import torch
+from transformers import AutoTokenizer
+
+from actors.group import ActorGroup, PlacementPlan
+from rlhf.batch import Batch, collate_samples
+from rlhf.config import ConfigError, DataConfig, RunConfig
+from rlhf.data.chat import apply_chat_template
+from rlhf.data.sources import load_preference_pairs
+from rlhf.models import resolve_model_path
+from rlhf.run_log import RunLogger
+
+log = logging.getLogger("raylhf")
+
+
+# ------------------------------------------------------------------------------ reward model
+def run_reward_model(cfg: RunConfig, run_dir: Path) -> dict:
+    from actors.reward import RewardTrainerActor
+
+    if cfg.algorithm.reward_lm_coef:
+        # The reward model loads as a sequence classifier (a scalar head, no LM head), so there
+        # are no next-token log-probs to regularise with; refuse rather than silently ignore it.
+        raise ConfigError(f"algorithm.reward_lm_coef={cfg.algorithm.reward_lm_coef}: the LM term is not supported for "
+                          "sequence-classification reward models; set it to 0")
+    train, heldout = _load_pairs(cfg.data)
+    plan = PlacementPlan.create(cfg.resources, ["reward"])
+    logger = RunLogger(run_dir, cfg.trainer.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard)
+    group = None
+    try:
+        group = ActorGroup(RewardTrainerActor, "reward", plan, model=cfg.models.reward.model_dump(),
+                           trainer=cfg.trainer.model_dump(), seed=cfg.trainer.seed)
+        before = reward_model_eval(group, heldout)
+        log.info("held-out before training: %s", _fmt(before))
+        logger.log(0, before)
+        for step, pairs in enumerate(pair_batches(len(train), cfg), start=1):
+            parts = _chunk([train[i] for i in pairs], group.world_size)
+            metrics = _merge(ray.get(group.async_scatter("train_step", parts, normalizer=float(len(pairs)))))
+            logger.log(step, metrics)
+            if step % cfg.logging.log_every == 0:
+                log.info(logger.progress(step, metrics, ("rm_loss", "rm_accuracy")))
+        after = reward_model_eval(group, heldout)
+        logger.log(cfg.trainer.total_steps, after)
+        log.info("held-out after training:  %s", _fmt(after))
+        final = ray.get(group.async_run("save_pretrained", str((run_dir / "final").resolve())))[0]
+        log.info("reward model saved to %s", final)
+        return {"before": before, "after": after, "steps": cfg.trainer.total_steps, "final": final}
+    finally:
+        logger.close()
+        if group is not None:
+            group.kill()
+        plan.shutdown()
+
+
+def reward_model_eval(group: ActorGroup, pairs: list[dict]) -> dict[str, float]:
+    """Held-out pairwise accuracy: how often the model scores `chosen` above `rejected`."""
+    if not pairs:
+        return {}
+    prompts = [p["prompt"] for p in pairs]
+    texts = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    # Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0's answer is used.
+    scores = ray.get(group.async_run("score", prompts + prompts, texts))[0]
+    chosen, rejected = scores[: len(pairs)], scores[len(pairs):]
+    return {"eval/pairwise_accuracy": preference_accuracy(chosen, rejected),
+            "eval/score_margin": float((chosen - rejected).mean())}
+
+
+# --------------------------------------------------------------------------------------- DPO
+def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
+    from actors.policy import PolicyActor
+    from actors.reference import ReferenceActor
+
+    models = cfg.models
+    tokenizer = AutoTokenizer.from_pretrained(models.policy.tokenizer or resolve_model_path(models.policy.path))
+    train_pairs, heldout_pairs = _load_pairs(cfg.data)
+    train, heldout = tokenize_pairs(train_pairs, tokenizer, cfg.data), tokenize_pairs(heldout_pairs, tokenizer, cfg.data)
+    plan = PlacementPlan.create(cfg.resources, ["policy", "reference"])
+    logger = RunLogger(run_dir, cfg.trainer.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard)
+    common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
+    groups: list[ActorGroup] = []
+    try:
+        # The reference is frozen, so its log-probs of every pair are computed once, up front;
+        # then it is stopped, and the policy trains with the role's cores and memory to itself.
+        reference = ActorGroup(ReferenceActor, "reference", plan, model=(models.reference or models.policy).model_dump(), **common)
+        groups.append(reference)
+        train["ref_logprobs"] = ray.get(reference.async_run("compute_logprobs", train))[0]
+        if len(heldout):
+            heldout["ref_logprobs"] = ray.get(reference.async_run("compute_logprobs", heldout))[0]
+        reference.kill()
+        policy = ActorGroup(PolicyActor, "policy", plan, model=models.policy.model_dump(), algorithm=cfg.algorithm.model_dump(), **common)
+        groups.append(policy)
+        before = dpo_eval(policy, heldout, cfg.algorithm.dpo.beta)
+        log.info("held-out before training: %s", _fmt(before))
+        logger.log(0, before)
+        for step, pairs in enumerate(pair_batches(len(train_pairs), cfg), start=1):
+            rows = [r for i in pairs for r in (2 * i, 2 * i + 1)]  # keep each pair's two rows together
+            parts = train.select(rows).chunk(policy.world_size)
+            metrics = _merge(ray.get(policy.async_scatter("dpo_step", parts, normalizer=float(len(pairs)))))
+            logger.log(step, metrics)
+            if step % cfg.logging.log_every == 0:
+                log.info(logger.progress(step, metrics, ("dpo_loss", "accuracy", "margin")))
+        after = dpo_eval(policy, heldout, cfg.algorithm.dpo.beta)
+        logger.log(cfg.trainer.total_steps, after)
+        log.info("held-out after training:  %s", _fmt(after))
+        final = ray.get(policy.async_run("save_pretrained", str((run_dir / "final").resolve())))[0]
+        log.info("DPO policy saved to %s", final)
+        return {"before": before, "after": after, "steps": cfg.trainer.total_steps, "final": final}
+    finally:
+        logger.close()
+        for group in groups:
+            group.kill()
+        plan.shutdown()
+
+
+def dpo_eval(policy: ActorGroup, heldout: Batch, beta: float) -> dict[str, float]:
+    """Held-out DPO metrics from the implicit reward beta * (log pi - log ref) of each response."""
+    if not len(heldout):
+        return {}
+    logprobs = ray.get(policy.async_run("compute_logprobs", heldout))[0]  # (2P, T); all ranks join under ZeRO-3
+    mask = heldout["response_mask"]
+    reward = beta * ((logprobs - heldout["ref_logprobs"]) * mask).sum(-1)  # (2P,)
+    chosen, rejected = reward[0::2], reward[1::2]
+    return {"eval/preference_accuracy": preference_accuracy(chosen, rejected),
+            "eval/reward_margin": float((chosen - rejected).mean()),
+            # how far the policy moved, in nats per response token: DPO's implicit KL budget
+            "eval/logratio_per_token": float(((logprobs - heldout["ref_logprobs"]) * mask).sum() / mask.sum())}
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, data: DataConfig) -> Batch:
+    """Rows 2i / 2i+1: prompt i + chosen i / prompt i + rejected i, right-padded (rlhf/batch.py).
+
+    The prompt is formatted as the policy sees it when sampling (chat template or raw); each
+    response ends with the EOS token, as a sampled response would. Both are cut to
+    data.max_prompt_len / max_response_len tokens (the prompt keeps its end, where the
+    assistant's turn starts).
+    """
+    prompts, responses = [], []
+    for pair in pairs:
+        text = apply_chat_template(tokenizer, pair["prompt"]) if data.chat_template == "tokenizer" else pair["prompt"]
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"][-data.max_prompt_len:]
+        for key in ("chosen", "rejected"):
+            response = tokenizer(pair[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            prompts.append(prompt)
+            responses.append(response[: data.max_response_len])
+    if not prompts:
+        return Batch()
+    return collate_samples(prompts, responses, tokenizer.pad_token_id)
+
+
+# ----------------------------------------------------------------------------------- shared
+def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, tie: float = 1e-6) -> float:
+    """Fraction of pairs with chosen > rejected; a tie (|difference| <= tie) counts one half,
+    so a model that cannot tell the two apart scores 50%, not 0%."""
+    diff = chosen.float() - rejected.float()
+    return float(((diff > tie).float() + 0.5 * (diff.abs() <= tie).float()).mean())
+
+
+def pair_batches(num_pairs: int, cfg: RunConfig):
+    """total_steps lists of global_batch_size pair indices: seeded shuffles, epoch after epoch."""
+    size, rng, order = cfg.trainer.global_batch_size, random.Random(cfg.data.seed), []
+    if num_pairs < size:
+        raise ConfigError(f"trainer.global_batch_size={size} pairs, but the data has only {num_pairs} train pairs")
+    for _ in range(cfg.trainer.total_steps):
+        while len(order) < size:
+            epoch = list(range(num_pairs))
+            rng.shuffle(epoch)
+            order += epoch
+        yield order[:size]
+        order = order[size:]
+
+
+def _load_pairs(data: DataConfig) -> tuple[list[dict], list[dict]]:
+    train, heldout = load_preference_pairs(data, "train"), load_preference_pairs(data, "eval")
+    log.info("data: %d train pairs, %d held-out pairs from %s", len(train), len(heldout), data.source)
+    return train, heldout
+
+
+def _chunk(items: list, n: int) -> list[list]:
+    size = len(items) // n  # pair_batches yields global_batch_size, a multiple of the rank count
+    return [items[i * size:(i + 1) * size] for i in range(n)]
+
+
+def _merge(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Losses are per-rank shares of one total (summed); every other metric is averaged."""
+    keys = per_rank[0]
+    return {k: sum(m[k] for m in per_rank) / (1 if k.endswith("loss") else len(per_rank)) for k in keys}
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
