@@ -78,7 +78,10 @@ def bench_generation(path: str, args) -> dict:
 
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=path, dtype=dtype, seed=0, max_model_len=512, enforce_eager=True)
+    # The same engine settings the rollout worker uses on CPU (actors/rollout.py), in this process.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    llm = LLM(model=path, dtype=dtype, seed=0, max_model_len=512, enforce_eager=True,
+              enable_chunked_prefill=False, max_num_batched_tokens=4096)
     params = SamplingParams(**sampling, logprobs=0)
     direct = lambda: llm.generate(prompts, params, use_tqdm=False)
     t = median_time(direct, args.repeats)
