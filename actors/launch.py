@@ -18,7 +18,7 @@ import torch
 from rlhf.config import ConfigError, RunConfig, dump_config, load_config
 from rlhf.data.sources import DataError, load_prompts
 from rlhf.data.stream import PromptStream
-from rlhf.run_log import RunLogger
+from rlhf.run_log import RunLogger, format_metrics
 
 log = logging.getLogger("raylhf")
 
@@ -88,7 +88,7 @@ def run_rl(cfg: RunConfig, run_dir: Path) -> dict:
     coordinator = RLCoordinator(cfg)
     try:
         before = coordinator.evaluate(heldout) if heldout else {}
-        log.info("held-out before training: %s", _fmt(before))
+        log.info("held-out before training: %s", format_metrics(before))
         logger.log(0, before)
         logger.restart_clock()
         stream = PromptStream(train, cfg.data.seed)
@@ -99,12 +99,8 @@ def run_rl(cfg: RunConfig, run_dir: Path) -> dict:
                 log.info(logger.progress(step, metrics, ("reward/mean", "kl", "policy_loss", "time/generate", "time/train")))
         after = coordinator.evaluate(heldout) if heldout else {}
         logger.log(cfg.trainer.total_steps, after)
-        log.info("held-out after training:  %s", _fmt(after))
+        log.info("held-out after training:  %s", format_metrics(after))
         return {"before": before, "after": after, "steps": cfg.trainer.total_steps}
     finally:
         logger.close()
         coordinator.shutdown()
-
-
-def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())

@@ -25,7 +25,7 @@ from rlhf.config import ConfigError, DataConfig, RunConfig
 from rlhf.data.chat import apply_chat_template
 from rlhf.data.sources import load_preference_pairs
 from rlhf.models import resolve_model_path
-from rlhf.run_log import RunLogger
+from rlhf.run_log import RunLogger, format_metrics
 
 log = logging.getLogger("raylhf")
 
@@ -47,7 +47,7 @@ def run_reward_model(cfg: RunConfig, run_dir: Path) -> dict:
         group = ActorGroup(RewardTrainerActor, "reward", plan, model=cfg.models.reward.model_dump(),
                            trainer=cfg.trainer.model_dump(), seed=cfg.trainer.seed)
         before = reward_model_eval(group, heldout)
-        log.info("held-out before training: %s", _fmt(before))
+        log.info("held-out before training: %s", format_metrics(before))
         logger.log(0, before)
         for step, pairs in enumerate(pair_batches(len(train), cfg), start=1):
             parts = _chunk([train[i] for i in pairs], group.world_size)
@@ -57,7 +57,7 @@ def run_reward_model(cfg: RunConfig, run_dir: Path) -> dict:
                 log.info(logger.progress(step, metrics, ("rm_loss", "rm_accuracy")))
         after = reward_model_eval(group, heldout)
         logger.log(cfg.trainer.total_steps, after)
-        log.info("held-out after training:  %s", _fmt(after))
+        log.info("held-out after training:  %s", format_metrics(after))
         final = ray.get(group.async_run("save_pretrained", str((run_dir / "final").resolve())))[0]
         log.info("reward model saved to %s", final)
         return {"before": before, "after": after, "steps": cfg.trainer.total_steps, "final": final}
@@ -106,7 +106,7 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
         policy = ActorGroup(PolicyActor, "policy", plan, model=models.policy.model_dump(), algorithm=cfg.algorithm.model_dump(), **common)
         groups.append(policy)
         before = dpo_eval(policy, heldout, cfg.algorithm.dpo.beta)
-        log.info("held-out before training: %s", _fmt(before))
+        log.info("held-out before training: %s", format_metrics(before))
         logger.log(0, before)
         for step, pairs in enumerate(pair_batches(len(train_pairs), cfg), start=1):
             rows = [r for i in pairs for r in (2 * i, 2 * i + 1)]  # keep each pair's two rows together
@@ -117,7 +117,7 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
                 log.info(logger.progress(step, metrics, ("dpo_loss", "accuracy", "margin")))
         after = dpo_eval(policy, heldout, cfg.algorithm.dpo.beta)
         logger.log(cfg.trainer.total_steps, after)
-        log.info("held-out after training:  %s", _fmt(after))
+        log.info("held-out after training:  %s", format_metrics(after))
         final = ray.get(policy.async_run("save_pretrained", str((run_dir / "final").resolve())))[0]
         log.info("DPO policy saved to %s", final)
         return {"before": before, "after": after, "steps": cfg.trainer.total_steps, "final": final}
@@ -200,7 +200,3 @@ def _merge(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """Losses are per-rank shares of one total (summed); every other metric is averaged."""
     keys = per_rank[0]
     return {k: sum(m[k] for m in per_rank) / (1 if k.endswith("loss") else len(per_rank)) for k in keys}
-
-
-def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())

@@ -30,7 +30,7 @@ from rlhf.config import RunConfig
 from rlhf.data.chat import apply_chat_template
 from rlhf.data.sources import load_sft_pairs
 from rlhf.models import resolve_model_path
-from rlhf.run_log import RunLogger
+from rlhf.run_log import RunLogger, format_metrics
 
 log = logging.getLogger("raylhf")
 
@@ -117,7 +117,7 @@ def run_sft(cfg: RunConfig, run_dir: Path) -> dict:
         prompts, responses = sft.encode(train)
         heldout_encoded = sft.encode(heldout)
         before = sft.evaluate(heldout, heldout_encoded)
-        log.info("held-out before training: %s", _fmt(before))
+        log.info("held-out before training: %s", format_metrics(before))
         logger.log(0, before)
         # Epochs over the train pairs, each in a fresh seeded order; a step takes the next
         # global_batch_size pairs, running on into the next epoch's order at the end of one.
@@ -133,7 +133,7 @@ def run_sft(cfg: RunConfig, run_dir: Path) -> dict:
         sft.sync_rollout()
         after = sft.evaluate(heldout, heldout_encoded)
         logger.log(t.total_steps, after)
-        log.info("held-out after training:  %s", _fmt(after))
+        log.info("held-out after training:  %s", format_metrics(after))
         final = str((run_dir / "final").resolve())  # absolute: the actor's working directory may differ
         ray.get(sft.policy.async_run("save_pretrained", final))
         log.info("saved the policy to %s", final)
@@ -141,7 +141,3 @@ def run_sft(cfg: RunConfig, run_dir: Path) -> dict:
     finally:
         logger.close()
         sft.shutdown()
-
-
-def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())

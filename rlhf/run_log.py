@@ -11,6 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def format_metrics(metrics: dict) -> str:
+    """'eval/accuracy=0.17, eval/response_length=11.46' for log lines."""
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
 class RunLogger:
     def __init__(self, directory: str | Path, total_steps: int, jsonl: bool = True, tensorboard: bool = True):
         self.dir = Path(directory)
