@@ -68,12 +68,12 @@ class RLCoordinator:
                        else FixedKLController(a.kl.coef))
 
     # ------------------------------------------------------------------------------ one step
-    def step(self, next_prompts: Callable[[int], list[dict]]) -> dict[str, float]:
-        """One RL step on prompts drawn from `next_prompts(k)` (k more prompts each call)."""
+    def step(self, next_prompts: Callable[[int], list[dict]], step: int) -> dict[str, float]:
+        """RL step number `step` on prompts drawn from `next_prompts(k)` (k more prompts each call)."""
         cfg, a, n = self.cfg, self.cfg.algorithm, self.cfg.rollout.samples_per_prompt
         timer, metrics = PhaseTimer(), {}
 
-        samples, scores = self.generate_and_score(next_prompts, timer, metrics)  # (B,) scores
+        samples, scores = self.generate_and_score(next_prompts, step, timer, metrics)  # (B,) scores
         if not samples:
             log.warning("step skipped: no prompt group had differing rewards")
             return metrics | {"skipped": 1.0}
@@ -109,8 +109,7 @@ class RLCoordinator:
             train_metrics = self.train(batch)
 
         with timer("sync"):
-            blobs = self.policy.async_run("weights_blob")  # every rank joins the ZeRO-3 gather
-            ray.get(self.rollout.async_load_weights(blobs[0]) + blobs[1:])
+            self.sync_weights()
 
         # KL(policy || reference) of the sampled tokens, before this step's update
         kl_mean = float(masked_mean(kl, mask)) if kl is not None else train_metrics.get("policy_kl", 0.0)
@@ -129,18 +128,22 @@ class RLCoordinator:
         return metrics
 
     # ------------------------------------------------------------------------------ pieces
-    def generate_and_score(self, next_prompts, timer: PhaseTimer, metrics: dict) -> tuple[list[dict], torch.Tensor]:
+    def generate_and_score(self, next_prompts, step: int, timer: PhaseTimer, metrics: dict) -> tuple[list[dict], torch.Tensor]:
         """Sample n completions per prompt and score them. With dynamic sampling, groups whose
-        samples all score the same are dropped and more prompts are drawn, up to `max_refills`
-        extra rounds, until the step has prompts_per_step informative groups (DAPO)."""
+        samples all score the same are dropped and another prompts_per_step prompts are drawn,
+        up to `max_refills` extra rounds, until the step has prompts_per_step informative groups
+        (DAPO); surplus groups of the last round are left unused."""
         cfg, a, n = self.cfg, self.cfg.algorithm, self.cfg.rollout.samples_per_prompt
         target = cfg.rollout.prompts_per_step * n
         samples, scores, drawn = [], [], 0
-        for _ in range(1 + (a.max_refills if a.dynamic_sampling else 0)):
-            prompts = next_prompts(cfg.rollout.prompts_per_step if not samples else (target - len(samples)) // n)
+        for round_ in range(1 + (a.max_refills if a.dynamic_sampling else 0)):
+            # a full round each time: when few groups are informative, asking for just the
+            # missing count would rarely fill the step
+            prompts = next_prompts(cfg.rollout.prompts_per_step)
             drawn += len(prompts)
             with timer("generate"):
-                refs = self.rollout.async_generate([self.format_prompt(p) for p in prompts], self.sampling())
+                sampling = self.sampling(seed=self.sampling_seed(step, round_))
+                refs = self.rollout.async_generate([self.format_prompt(p) for p in prompts], sampling)
                 batch_samples = self.rollout.merge_samples(ray.get(refs), len(prompts))
             with timer("score"):
                 batch_scores, reward_metrics = self.score(prompts, batch_samples)
@@ -182,12 +185,17 @@ class RLCoordinator:
         steps = cfg.trainer.epochs_per_rollout * (len(batch) // cfg.trainer.global_batch_size)
         return {k: (sum(v) / steps if k.endswith("loss") else sum(v) / len(v)) for k, v in sums.items()}
 
-    def sampling(self, greedy: bool = False) -> dict:
+    def sampling(self, greedy: bool = False, seed: int | None = None) -> dict:
         r = self.cfg.rollout
         if greedy:
             return {"n": 1, "temperature": 0.0, "max_tokens": r.max_new_tokens, "stop": r.stop or None}
         return {"n": r.samples_per_prompt, "temperature": r.temperature, "top_p": r.top_p,
-                "max_tokens": r.max_new_tokens, "stop": r.stop or None}
+                "max_tokens": r.max_new_tokens, "stop": r.stop or None, "seed": seed}
+
+    def sampling_seed(self, step: int, round_: int) -> int:
+        """A seed per step and refill round, not the engine's running RNG: a resumed run (new
+        engines) then draws exactly the samples the uninterrupted run would have drawn."""
+        return (self.cfg.rollout.seed * 1_000_003 + step * 101 + round_) % 2**31
 
     def format_prompt(self, row: dict) -> str:
         if self.cfg.data.chat_template == "tokenizer":
@@ -224,15 +232,47 @@ class RLCoordinator:
         return torch.tensor(combine_rewards(per_function, weights), dtype=torch.float32), metrics
 
     def evaluate(self, prompts: list[dict]) -> dict[str, float]:
-        """Greedy answers to held-out prompts, scored by the same rewards: the held-out metric."""
+        """Held-out prompts answered greedily (`eval/reward/<fn>`, `eval/reward_mean`) and, with
+        rollout.eval_samples = k > 0, sampled k times at the training temperature with a fixed
+        seed (`eval/sampled/...`: the mean over samples, i.e. pass@1 of the policy's own
+        distribution, the one RL trains), all scored by the run's rewards."""
         texts = [self.format_prompt(p) for p in prompts]
-        refs = self.rollout.async_generate(texts, self.sampling(greedy=True))
-        samples = self.rollout.merge_samples(ray.get(refs), len(texts))
-        scores, per_fn = self.score(prompts, samples)
-        out = {f"eval/{k}": v for k, v in per_fn.items() if k.startswith("reward/")}
-        out["eval/reward_mean"] = float(scores.mean())
-        out["eval/response_length"] = sum(len(s["response_token_ids"]) for s in samples) / len(samples)
+        k = self.cfg.rollout.eval_samples
+        modes = {"": self.sampling(greedy=True)}
+        if k:
+            modes["sampled/"] = self.sampling(seed=self.cfg.rollout.seed) | {"n": k}
+        out = {}
+        for prefix, sampling in modes.items():
+            samples = self.rollout.merge_samples(ray.get(self.rollout.async_generate(texts, sampling)), len(texts))
+            scores, per_fn = self.score(prompts, samples)
+            out |= {f"eval/{prefix}{name}": v for name, v in per_fn.items() if name.startswith("reward/")}
+            out[f"eval/{prefix}reward_mean"] = float(scores.mean())
+            out[f"eval/{prefix}response_length"] = sum(len(s["response_token_ids"]) for s in samples) / len(samples)
         return out
+
+    def sync_weights(self) -> None:
+        """Every rollout engine takes the policy's current weights (fetched from rank 0)."""
+        blobs = self.policy.async_run("weights_blob")  # every rank joins the ZeRO-3 gather
+        ray.get(self.rollout.async_load_weights(blobs[0]) + blobs[1:])
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def trainable_groups(self) -> dict[str, ActorGroup]:
+        return {"policy": self.policy} | ({"critic": self.critic} if self.critic else {})
+
+    def save_checkpoint(self, folder) -> dict:
+        """Each trainable role writes its DeepSpeed state under `folder/<role>`; returns the
+        driver-side state (the KL controller) for the caller's driver.pt."""
+        ray.get([ref for role, group in self.trainable_groups().items()
+                 for ref in group.async_run("save_checkpoint", str(folder / role))])
+        return {"kl_controller": self.kl_ctl.state_dict()}
+
+    def load_checkpoint(self, folder, driver_state: dict) -> None:
+        """Restore every trainable role and the KL controller, then hand the engines the
+        restored policy weights (they started from the base model)."""
+        ray.get([ref for role, group in self.trainable_groups().items()
+                 for ref in group.async_run("load_checkpoint", str(folder / role))])
+        self.kl_ctl.load_state_dict(driver_state["kl_controller"])
+        self.sync_weights()
 
     def shutdown(self) -> None:
         for group in (self.policy, self.reference, self.critic, self.reward_model, self.rollout):

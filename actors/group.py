@@ -7,6 +7,7 @@ a GPU, say). Resource amounts come from `ResourcesConfig`; GPUs are used when th
 """
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 
@@ -27,6 +28,17 @@ def _bundle(res: RoleResources) -> dict[str, float]:
         bundle["GPU"] = res.gpus_per_actor
     return bundle
 
+
+
+def use_cpu_threads_from_env() -> None:
+    """Ray gives each actor as many OpenMP threads as its CPU share (1 for fractions). Phases of a
+    step run one after another, so on an idle node a big model may use more: RAYLHF_CPU_THREADS=N
+    sets torch's thread count in every model actor (trainers and vLLM engines). Tiny models and
+    crowded nodes run faster with Ray's default."""
+    import torch
+
+    if os.environ.get("RAYLHF_CPU_THREADS") and not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ["RAYLHF_CPU_THREADS"]))
 
 @dataclass
 class PlacementPlan:

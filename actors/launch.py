@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf.checkpoint import DRIVER_STATE, CheckpointDir, rng_state, set_rng_state
 from rlhf.config import ConfigError, RunConfig, dump_config, load_config
 from rlhf.data.sources import DataError, load_prompts
 from rlhf.data.stream import PromptStream
@@ -80,27 +81,67 @@ def run(cfg: RunConfig) -> dict:
 
 
 def run_rl(cfg: RunConfig, run_dir: Path) -> dict:
+    import ray
+
     from actors.coordinator import RLCoordinator
 
     train, heldout = load_prompts(cfg.data, "train"), load_prompts(cfg.data, "eval")
     log.info("data: %d train prompts, %d held-out prompts from %s", len(train), len(heldout), cfg.data.source)
-    logger = RunLogger(run_dir, cfg.trainer.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard)
+    checkpoints = CheckpointDir(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_last)
+    resume_from = checkpoints.latest() if cfg.checkpoint.resume else None
+    if cfg.checkpoint.resume and resume_from is None:
+        log.info("checkpoint.resume: no checkpoint in %s yet; starting from step 1", checkpoints.root)
+    elif not cfg.checkpoint.resume and checkpoints.latest():
+        log.warning("%s holds checkpoints of an earlier run named %r; this fresh run replaces them "
+                    "(checkpoint.resume=true continues that run instead)", checkpoints.root, cfg.logging.run_name)
+        checkpoints.clear()
+    from actors.metrics import metric_sinks  # Ray dashboard metrics and wandb, as cfg.logging asks
+
+    logger = RunLogger(run_dir, cfg.trainer.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard,
+                       resume_step=resume_from[0] if resume_from else None,
+                       sinks=metric_sinks(cfg, "coordinator", run_dir))
     coordinator = RLCoordinator(cfg)
+    stream = PromptStream(train, cfg.data.seed)
     try:
-        before = coordinator.evaluate(heldout) if heldout else {}
-        log.info("held-out before training: %s", format_metrics(before))
-        logger.log(0, before)
-        logger.restart_clock()
-        stream = PromptStream(train, cfg.data.seed)
-        for step in range(1, cfg.trainer.total_steps + 1):
-            metrics = coordinator.step(stream.next)
+        if resume_from:
+            done, folder = resume_from
+            state = torch.load(folder / DRIVER_STATE, weights_only=False)
+            coordinator.load_checkpoint(folder, state)
+            stream.position, before = state["data_position"], state["heldout_before"]
+            set_rng_state(state["rng"])
+            log.info("resumed from %s: step %d done, continuing at step %d", folder, done, done + 1)
+        else:
+            done, before = 0, coordinator.evaluate(heldout) if heldout else {}
+            log.info("held-out before training: %s", format_metrics(before))
+            logger.log(0, before)
+        logger.restart_clock(steps_done=done)
+
+        def save(step: int) -> None:
+            folder = checkpoints.staging(step)
+            state = coordinator.save_checkpoint(folder) | {
+                "step": step, "data_position": stream.position, "heldout_before": before, "rng": rng_state(),
+                "config": dump_config(cfg),
+            }
+            torch.save(state, folder / DRIVER_STATE)  # written last: commit() checks for it
+            log.info("checkpoint: %s", checkpoints.commit(step))
+
+        every = cfg.checkpoint.every_n_steps
+        for step in range(done + 1, cfg.trainer.total_steps + 1):
+            metrics = coordinator.step(stream.next, step)
             logger.log(step, metrics)
             if step % cfg.logging.log_every == 0:
                 log.info(logger.progress(step, metrics, ("reward/mean", "kl", "policy_loss", "time/generate", "time/train")))
+            if heldout and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.total_steps:
+                logger.log(step, coordinator.evaluate(heldout))
+            if (every and step % every == 0) or step == cfg.trainer.total_steps:
+                save(step)
         after = coordinator.evaluate(heldout) if heldout else {}
         logger.log(cfg.trainer.total_steps, after)
         log.info("held-out after training:  %s", format_metrics(after))
-        return {"before": before, "after": after, "steps": cfg.trainer.total_steps}
+        final = str((run_dir / "final").resolve())  # absolute: the actors' working directory may differ
+        ray.get(coordinator.policy.async_run("save_pretrained", final))
+        log.info("saved the trained policy as a Hugging Face folder: %s", final)
+        return {"before": before, "after": after, "steps": cfg.trainer.total_steps, "final_path": final}
     finally:
         logger.close()
         coordinator.shutdown()

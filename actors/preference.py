@@ -41,7 +41,10 @@ def run_reward_model(cfg: RunConfig, run_dir: Path) -> dict:
                           "sequence-classification reward models; set it to 0")
     train, heldout = _load_pairs(cfg.data)
     plan = PlacementPlan.create(cfg.resources, ["reward"])
-    logger = RunLogger(run_dir, cfg.trainer.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard)
+    from actors.metrics import metric_sinks  # Ray dashboard metrics and wandb, as cfg.logging asks
+
+    logger = RunLogger(run_dir, cfg.trainer.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard,
+                       sinks=metric_sinks(cfg, "reward", run_dir))
     group = None
     try:
         group = ActorGroup(RewardTrainerActor, "reward", plan, model=cfg.models.reward.model_dump(),
@@ -90,22 +93,34 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(models.policy.tokenizer or resolve_model_path(models.policy.path))
     train_pairs, heldout_pairs = _load_pairs(cfg.data)
     train, heldout = tokenize_pairs(train_pairs, tokenizer, cfg.data), tokenize_pairs(heldout_pairs, tokenizer, cfg.data)
-    plan = PlacementPlan.create(cfg.resources, ["policy", "reference"])
-    logger = RunLogger(run_dir, cfg.trainer.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard)
+    sample_eval = models.reward is not None  # also score fresh samples with the reward model
+    plan = PlacementPlan.create(cfg.resources, ["policy", "reference"] + (["rollout", "reward"] if sample_eval else []))
+    from actors.metrics import metric_sinks  # Ray dashboard metrics and wandb, as cfg.logging asks
+
+    logger = RunLogger(run_dir, cfg.trainer.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard,
+                       sinks=metric_sinks(cfg, "policy", run_dir))
     common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
-    groups: list[ActorGroup] = []
+    groups: list = []
     try:
         # The reference is frozen, so its log-probs of every pair are computed once, up front;
-        # then it is stopped, and the policy trains with the role's cores and memory to itself.
+        # then (unless samples need its log-probs for their KL) it is stopped, and the policy
+        # trains with the role's cores and memory to itself.
         reference = ActorGroup(ReferenceActor, "reference", plan, model=(models.reference or models.policy).model_dump(), **common)
         groups.append(reference)
         train["ref_logprobs"] = ray.get(reference.async_run("compute_logprobs", train))[0]
         if len(heldout):
             heldout["ref_logprobs"] = ray.get(reference.async_run("compute_logprobs", heldout))[0]
-        reference.kill()
+        if not sample_eval:
+            reference.kill()
         policy = ActorGroup(PolicyActor, "policy", plan, model=models.policy.model_dump(), algorithm=cfg.algorithm.model_dump(), **common)
         groups.append(policy)
-        before = dpo_eval(policy, heldout, cfg.algorithm.dpo.beta)
+        samples = SampleEval(cfg, plan, tokenizer, policy, reference, heldout_pairs) if sample_eval else None
+        groups += samples.groups if samples else []
+
+        def evaluate() -> dict[str, float]:
+            return preference_eval(policy, heldout, cfg.algorithm.dpo.beta) | (samples() if samples else {})
+
+        before = evaluate()
         log.info("held-out before training: %s", format_metrics(before))
         logger.log(0, before)
         for step, pairs in enumerate(pair_batches(len(train_pairs), cfg), start=1):
@@ -115,7 +130,7 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
             logger.log(step, metrics)
             if step % cfg.logging.log_every == 0:
                 log.info(logger.progress(step, metrics, ("dpo_loss", "accuracy", "margin")))
-        after = dpo_eval(policy, heldout, cfg.algorithm.dpo.beta)
+        after = evaluate()
         logger.log(cfg.trainer.total_steps, after)
         log.info("held-out after training:  %s", format_metrics(after))
         final = ray.get(policy.async_run("save_pretrained", str((run_dir / "final").resolve())))[0]
@@ -128,7 +143,7 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
         plan.shutdown()
 
 
-def dpo_eval(policy: ActorGroup, heldout: Batch, beta: float) -> dict[str, float]:
+def preference_eval(policy: ActorGroup, heldout: Batch, beta: float) -> dict[str, float]:
     """Held-out DPO metrics from the implicit reward beta * (log pi - log ref) of each response."""
     if not len(heldout):
         return {}
@@ -140,6 +155,46 @@ def dpo_eval(policy: ActorGroup, heldout: Batch, beta: float) -> dict[str, float
             "eval/reward_margin": float((chosen - rejected).mean()),
             # how far the policy moved, in nats per response token: DPO's implicit KL budget
             "eval/logratio_per_token": float(((logprobs - heldout["ref_logprobs"]) * mask).sum() / mask.sum())}
+
+
+class SampleEval:
+    """What a DPO policy writes, not just how it ranks given texts: fresh samples for the held-out
+    prompts (rollout.samples_per_prompt each, the distinct prompts of the held-out pairs), their
+    mean reward-model score, and their KL to the reference, sum over tokens of
+    log pi(y_t) - log ref(y_t) with y ~ pi (the k1 estimate, in nats per sample and per token)."""
+
+    def __init__(self, cfg: RunConfig, plan: PlacementPlan, tokenizer, policy: ActorGroup, reference: ActorGroup,
+                 pairs: list[dict]):
+        from actors.reward import RewardActor
+        from actors.rollout import RolloutGroup
+
+        self.cfg, self.tokenizer, self.policy, self.reference = cfg, tokenizer, policy, reference
+        self.prompts = list(dict.fromkeys(p["prompt"] for p in pairs))[: max(cfg.data.eval_size, 1)]
+        spec = cfg.models.policy
+        self.rollout = RolloutGroup(plan, resolve_model_path(spec.path), None if spec.dtype == "auto" else spec.dtype,
+                                    cfg.rollout, max_model_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens)
+        self.reward = ActorGroup(RewardActor, "reward", plan, model=cfg.models.reward.model_dump(),
+                                 trainer=cfg.trainer.model_dump(), seed=cfg.trainer.seed)
+        self.groups = [self.rollout, self.reward]
+
+    def __call__(self) -> dict[str, float]:
+        r, d = self.cfg.rollout, self.cfg.data
+        blobs = self.policy.async_run("weights_blob")  # the engines sample from the current policy
+        ray.get(self.rollout.async_load_weights(blobs[0]) + blobs[1:])
+        texts = [apply_chat_template(self.tokenizer, p) if d.chat_template == "tokenizer" else p for p in self.prompts]
+        sampling = {"n": r.samples_per_prompt, "temperature": r.temperature, "top_p": r.top_p,
+                    "max_tokens": r.max_new_tokens, "seed": r.seed}  # the same seed before and after
+        samples = self.rollout.merge_samples(ray.get(self.rollout.async_generate(texts, sampling)), len(texts))
+        scores = ray.get(self.reward.async_run("score", [self.prompts[s["prompt_index"]] for s in samples],
+                                               [s["text"] for s in samples]))[0]
+        batch = collate_samples([s["prompt_token_ids"] for s in samples], [s["response_token_ids"] for s in samples],
+                                self.tokenizer.pad_token_id, {"rollout_logprobs": [s["logprobs"] for s in samples]})
+        ref = ray.get(self.reference.async_run("compute_logprobs", batch))[0]
+        mask = batch["response_mask"]
+        kl = ((batch["rollout_logprobs"] - ref) * mask).sum(-1)  # (B,)
+        return {"eval/sample_reward": float(scores.mean()), "eval/sample_kl": float(kl.mean()),
+                "eval/sample_kl_per_token": float(kl.sum() / mask.sum()),
+                "eval/sample_length": float(mask.sum(-1).float().mean())}
 
 
 def tokenize_pairs(pairs: list[dict], tokenizer, data: DataConfig) -> Batch:

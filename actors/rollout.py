@@ -14,6 +14,7 @@ from typing import Any
 import ray
 import torch
 
+from actors.group import use_cpu_threads_from_env
 from rlhf.models import preferred_dtype
 
 WEIGHT_SYNC_EXTENSION = "actors.weight_sync.WeightSyncExtension"
@@ -42,6 +43,7 @@ class RolloutWorker:
     ):
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
+            use_cpu_threads_from_env()
             # Read by vLLM-CPU when the engine starts, so it must be set in this process first.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
             # vLLM-CPU 0.32 kills the engine when a request with its own `seed` is prefilled in

@@ -111,7 +111,10 @@ def run_sft(cfg: RunConfig, run_dir: Path) -> dict:
     t = cfg.trainer
     if len(train) < t.global_batch_size:
         raise ValueError(f"{len(train)} train pairs cannot fill trainer.global_batch_size={t.global_batch_size}")
-    logger = RunLogger(run_dir, t.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard)
+    from actors.metrics import metric_sinks  # Ray dashboard metrics and wandb, as cfg.logging asks
+
+    logger = RunLogger(run_dir, t.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard,
+                       sinks=metric_sinks(cfg, "policy", run_dir))
     sft = SFTRun(cfg, measure_exact_match=bool(heldout) and all(r.get("answer") is not None for r in heldout))
     try:
         prompts, responses = sft.encode(train)

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from actors.group import use_cpu_threads_from_env
 from rlhf.algos import compute_token_logprobs
 from rlhf.batch import Batch
 from rlhf.config import ModelSpec, TrainerConfig
@@ -67,11 +68,7 @@ class DeepSpeedRole:
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    timeout=__import__("datetime").timedelta(minutes=10))
-        if self.device.type == "cpu" and os.environ.get("RAYLHF_CPU_THREADS"):
-            # Ray gives each actor as many threads as its CPU share (1 for fractions). Phases of a
-            # step run one after another, so a big model may use more (RAYLHF_CPU_THREADS=2);
-            # tiny models and crowded nodes run faster with Ray's default.
-            torch.set_num_threads(int(os.environ["RAYLHF_CPU_THREADS"]))
+        use_cpu_threads_from_env()
         torch.manual_seed(seed)
         module = self.load_model(resolve_model_path(self.spec.path))
         micro = self.cfg.micro_batch_size
@@ -176,11 +173,17 @@ class DeepSpeedRole:
         tokenizer.save_pretrained(directory)
         return directory
 
-    def save_checkpoint(self, directory: str, tag: str) -> None:
-        self.engine.save_checkpoint(directory, tag=tag)
+    def save_checkpoint(self, directory: str, tag: str = "state") -> None:
+        """Everything this rank needs to continue: weights, optimizer and LR-scheduler states
+        (DeepSpeed's own format, sharded as trained) and this process's RNG state. Every rank
+        calls it with the same folder."""
+        self.engine.save_checkpoint(directory, tag=tag, client_state={"torch_rng": torch.get_rng_state()})
 
-    def load_checkpoint(self, directory: str, tag: str) -> None:
-        self.engine.load_checkpoint(directory, tag=tag)
+    def load_checkpoint(self, directory: str, tag: str = "state") -> None:
+        path, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"rank {self.rank}: no DeepSpeed checkpoint {tag!r} in {directory}")
+        torch.set_rng_state(client_state["torch_rng"])
 
 
 def forward_logits(engine, micro: Batch) -> torch.Tensor:

@@ -80,6 +80,7 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(64, ge=1)
     stop: list[str] = Field(default_factory=list)
     seed: int = 0
+    eval_samples: int = Field(4, ge=0, description="held-out: also score this many samples per prompt at `temperature` (0: greedy only)")
     kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
     async_rollouts: bool = Field(False, description="generate step t+1 while training step t")
@@ -162,6 +163,7 @@ class TrainerConfig(Section):
     grad_clip: float = Field(1.0, gt=0.0)
     epochs_per_rollout: int = Field(1, ge=1)
     total_steps: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="RL: held-out evaluation every N steps too (0: before and after only)")
     seed: int = 0
 
 
@@ -196,10 +198,10 @@ class ResourcesConfig(Section):
 
 # ---------------------------------------------------------------------------- checkpoint, logging
 class CheckpointConfig(Section):
-    dir: str = "runs/checkpoints"
+    dir: Optional[str] = Field(None, description="default <logging.dir>/<run_name>/checkpoints; shared storage on a cluster")
     every_n_steps: int = Field(0, ge=0, description="0 = only at the end")
     keep_last: int = Field(2, ge=1)
-    resume: bool = False
+    resume: bool = Field(False, description="continue from the newest checkpoint in dir (else start fresh, replacing them)")
 
 
 class LoggingConfig(Section):

@@ -1,6 +1,6 @@
 """The smallest real thing this project does: evaluate SmolLM2-135M-Instruct on held-out math.
 
-    python -m recipes.demo [--num-prompts 64] [--seed 0]
+    python -m recipes.evaluate [--num-prompts 64] [--seed 0]
 
 Starts Ray (or joins the cluster in RAY_ADDRESS), starts one vLLM RolloutWorker, generates
 greedy answers to held-out reasoning-gym `chain_sum` problems (2-3 one-digit terms), scores them
