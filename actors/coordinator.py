@@ -147,8 +147,8 @@ class RLCoordinator:
                 batch_samples = self.rollout.merge_samples(ray.get(refs), len(prompts))
             with timer("score"):
                 batch_scores, reward_metrics = self.score(prompts, batch_samples)
-            for k, v in reward_metrics.items():  # weighted by samples so refills average correctly
-                metrics[k] = metrics.get(k, 0.0) + v * len(batch_samples)
+            for k, v in reward_metrics.items():  # means weighted by samples so refills average correctly
+                metrics[k] = metrics.get(k, 0.0) + (v if k.startswith("reward_errors/") else v * len(batch_samples))
             if a.dynamic_sampling:
                 rows = informative_group_rows(batch_scores, n)
                 batch_samples, batch_scores = [batch_samples[i] for i in rows], batch_scores[rows]
@@ -158,7 +158,8 @@ class RLCoordinator:
                 break
         total = drawn * n
         for k in reward_metrics:
-            metrics[k] /= total
+            if not k.startswith("reward_errors/"):  # error counts add up over rounds
+                metrics[k] /= total
         if a.dynamic_sampling:
             metrics["dynamic_sampling/kept_fraction"] = len(samples) / total
             metrics["dynamic_sampling/prompts_drawn"] = float(drawn)
