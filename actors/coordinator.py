@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 import ray
@@ -56,7 +57,7 @@ class RLCoordinator:
         self.policy = ActorGroup(PolicyActor, "policy", self.plan, model=models.policy.model_dump(), algorithm=algo, **common)
         reference = models.reference or models.policy
         self.reference = ActorGroup(ReferenceActor, "reference", self.plan, model=reference.model_dump(), **common) if "reference" in roles else None
-        critic = models.critic.model_dump() if models.critic else None
+        critic = models.critic.model_dump() if models.critic and "critic" in roles else None  # only GAE uses it
         self.critic = ActorGroup(CriticActor, "critic", self.plan, model=critic, algorithm=algo, lr=cfg.trainer.critic_lr, **common) if critic else None
         self.reward_model = ActorGroup(RewardActor, "reward", self.plan, model=models.reward.model_dump(), **common) if models.reward else None
         max_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
@@ -66,6 +67,9 @@ class RLCoordinator:
         self.rewards = build_reward_functions(cfg.rewards, task)
         self.kl_ctl = (AdaptiveKLController(a.kl.coef, a.kl.target, a.kl.horizon) if a.kl.adaptive
                        else FixedKLController(a.kl.coef))
+        # With a token budget, ranks get token-balanced rows (not contiguous ones), so they pack
+        # into about as many micro-batches and finish together.
+        self.balance = cfg.trainer.micro_batch_tokens is not None
 
     # ------------------------------------------------------------------------------ one step
     def step(self, next_prompts: Callable[[int], list[dict]], step: int) -> dict[str, float]:
@@ -85,11 +89,14 @@ class RLCoordinator:
         on_policy = cfg.trainer.epochs_per_rollout == 1 and len(batch) == cfg.trainer.global_batch_size
         need_old = not on_policy or (a.kl.mode == "reward" and self.reference is not None)
         with timer("reference"):
-            old_refs = self.policy.async_scatter("compute_logprobs", batch.chunk(self.policy.world_size)) if need_old else []
+            if need_old:
+                parts, order = batch.shard(self.policy.world_size, self.balance)  # batch[order] == cat(parts)
+            old_refs = self.policy.async_scatter("compute_logprobs", parts) if need_old else []
             ref_refs = self.reference.async_run("compute_logprobs", batch)[:1] if self.reference else []
             value_refs = self.critic.async_run("compute_values", batch)[:1] if self.critic else []
             if need_old:
-                batch["old_logprobs"] = torch.cat(ray.get(old_refs))
+                batch["old_logprobs"] = torch.empty_like(batch["response_mask"])
+                batch["old_logprobs"][order] = torch.cat(ray.get(old_refs))
             if self.reference:
                 batch["ref_logprobs"] = ray.get(ref_refs)[0]
             if self.critic:
@@ -113,7 +120,8 @@ class RLCoordinator:
 
         # KL(policy || reference) of the sampled tokens, before this step's update
         kl_mean = float(masked_mean(kl, mask)) if kl is not None else train_metrics.get("policy_kl", 0.0)
-        self.kl_ctl.update(kl_mean, len(samples))
+        if math.isfinite(kl_mean):  # a non-finite KL must not poison the adaptive coefficient
+            self.kl_ctl.update(kl_mean, len(samples))
         lengths = mask.sum(-1)
         metrics.update(train_metrics)
         metrics.update({
@@ -175,16 +183,22 @@ class RLCoordinator:
         for _ in range(cfg.trainer.epochs_per_rollout):
             for mini in batch.select(order).split(cfg.trainer.global_batch_size):
                 norm = float(compute_loss_normalizer(mini["response_mask"], a.loss_agg, constant))
-                refs = self.policy.async_scatter("train_step", mini.chunk(self.policy.world_size), normalizer=norm,
-                                                 kl_coef=self.kl_ctl.value)
+                refs = self.policy.async_scatter("train_step", mini.shard(self.policy.world_size, self.balance)[0],
+                                                 normalizer=norm, kl_coef=self.kl_ctl.value)
                 if self.critic:
-                    refs += self.critic.async_scatter("train_step", mini.chunk(self.critic.world_size), normalizer=norm)
+                    refs += self.critic.async_scatter("train_step", mini.shard(self.critic.world_size, self.balance)[0],
+                                                      normalizer=norm)
                 for ranks_metrics in ray.get(refs):
                     for k, v in ranks_metrics.items():
                         sums.setdefault(k, []).append(v)
         # losses are per-rank shares of one total: sum over ranks, mean over steps; others: mean
         steps = cfg.trainer.epochs_per_rollout * (len(batch) // cfg.trainer.global_batch_size)
-        return {k: (sum(v) / steps if k.endswith("loss") else sum(v) / len(v)) for k, v in sums.items()}
+        skips = {"skipped_nonfinite": ("nonfinite_skips", self.policy)}
+        skips |= {"critic_skipped_nonfinite": ("critic_nonfinite_skips", self.critic)} if self.critic else {}
+        out = {k: (sum(v) / steps if k.endswith("loss") else sum(v) / len(v)) for k, v in sums.items() if k not in skips}
+        for key, (name, group) in skips.items():  # updates skipped for NaN/inf: the ranks agree, so sum / ranks
+            out[name] = sum(sums.get(key, [])) / group.world_size
+        return out
 
     def sampling(self, greedy: bool = False, seed: int | None = None) -> dict:
         r = self.cfg.rollout

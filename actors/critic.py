@@ -30,9 +30,7 @@ class CriticActor(DeepSpeedRole):
     @torch.no_grad()
     def compute_values(self, batch: Batch) -> torch.Tensor:
         self.engine.eval()
-        width = batch["input_ids"].shape[1]
-        out = [F.pad(self._values(m).cpu(), (0, width - m["input_ids"].shape[1])) for m in self.micro_batches(batch)]
-        return torch.cat(out) if out else torch.zeros(0, width)
+        return self.forward_rows(batch, self._values, per_token=True)  # (B, T)
 
     def train_step(self, batch: Batch, normalizer: float) -> dict[str, float]:
         """One optimizer step of the clipped value loss; batch carries old_values and returns (B, T)."""
@@ -41,7 +39,7 @@ class CriticActor(DeepSpeedRole):
         stats = []
 
         def losses():
-            for micro in self.micro_batches(batch):
+            for micro in self.micro_batches(batch, train=True):
                 loss, metrics = compute_value_loss(
                     self._values(micro), micro["old_values"], micro["returns"], micro["response_mask"],
                     clip_range=self.algo.value_clip, agg_mode=self.algo.loss_agg, global_normalizer=normalizer,
@@ -50,5 +48,6 @@ class CriticActor(DeepSpeedRole):
                 yield self.algo.value_coef * loss
 
         step = self.optimizer_step(losses())
-        out = {"value_loss": step["loss"], "critic_grad_norm": step["grad_norm"]}
+        out = {"value_loss": step["loss"], "critic_grad_norm": step["grad_norm"],
+               "critic_skipped_nonfinite": step["skipped_nonfinite"]}
         return out | {f"critic_{k}": sum(s[k] for s in stats) / len(stats) for k in stats[0]}

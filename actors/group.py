@@ -16,18 +16,20 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf.config import ResourcesConfig, RoleResources
+from rlhf.resources import check_fit, placement_sets
 
 
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _bundle(res: RoleResources) -> dict[str, float]:
-    bundle = {"CPU": res.cpus_per_actor}
-    if res.gpus_per_actor:
-        bundle["GPU"] = res.gpus_per_actor
-    return bundle
-
+def check_cluster_fits(cfg: ResourcesConfig, roles: list[str]) -> None:
+    """Fail at once (ResourceError, naming roles, requests and what the cluster has) if the
+    roles' placement groups can never be created on this cluster: a bundle larger than every
+    node, or more CPUs/GPUs in all than the cluster has. Compared with the cluster's totals,
+    not what is free now (other jobs' resources come back; a missing node does not)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    check_fit(cfg, roles, ray.cluster_resources(), nodes)
 
 
 def use_cpu_threads_from_env() -> None:
@@ -49,27 +51,18 @@ class PlacementPlan:
 
     @classmethod
     def create(cls, cfg: ResourcesConfig, roles: list[str], timeout_s: float = 120) -> "PlacementPlan":
+        check_cluster_fits(cfg, roles)  # an impossible request fails now, not after timeout_s
         plan = cls(resources={role: getattr(cfg, role) for role in roles})
-        colocated = [[r for r in group if r in roles] for group in cfg.colocate]
-        sets = [g for g in colocated if g] + [[r] for r in roles if not any(r in g for g in colocated)]
-        for members in sets:
-            width = max(plan.resources[r].num_actors for r in members)
-            bundles = []
-            for i in range(width):
-                bundle: dict[str, float] = {}
-                for r in members:  # bundle i holds rank i of every member role that has one
-                    if i < plan.resources[r].num_actors:
-                        for k, v in _bundle(plan.resources[r]).items():
-                            bundle[k] = bundle.get(k, 0) + v
-                bundles.append(bundle)
+        for members, bundles in placement_sets(cfg, roles):  # bundle i holds rank i of every member role
             pg = placement_group(bundles, strategy="PACK", name=f"rlhf-{'+'.join(members)}")
             if not _ready(pg, timeout_s):
                 remove_placement_group(pg)
                 plan.shutdown()
                 raise RuntimeError(
                     f"placement group for {'+'.join(members)} needs bundles {bundles}, but the cluster "
-                    f"({ray.available_resources()}) could not provide them within {timeout_s:.0f}s; "
-                    "lower resources.<role>.num_actors / cpus_per_actor / gpus_per_actor"
+                    f"({ray.available_resources()} free now) could not provide them within {timeout_s:.0f}s; the "
+                    "cluster has enough in total, so other jobs or actors hold them, or the bundles do not pack "
+                    "onto its nodes: free them, or lower resources.<role>.num_actors / cpus_per_actor / gpus_per_actor"
                 )
             for r in members:
                 plan.groups[r] = pg

@@ -19,6 +19,8 @@ from rlhf.checkpoint import DRIVER_STATE, CheckpointDir, rng_state, set_rng_stat
 from rlhf.config import ConfigError, RunConfig, dump_config, load_config
 from rlhf.data.sources import DataError, load_prompts
 from rlhf.data.stream import PromptStream
+from rlhf.guards import NonFiniteError, NonFiniteGuard
+from rlhf.models import check_model_paths
 from rlhf.run_log import RunLogger, format_metrics
 
 log = logging.getLogger("raylhf")
@@ -49,13 +51,17 @@ def main(default_config: str, argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = parse(argv, default_config)
-    except (ConfigError, DataError) as e:
+        return run(cfg)
+    except (ConfigError, DataError) as e:  # also what run() finds before training: model paths, cluster size
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    return run(cfg)
+    except NonFiniteError as e:  # the run stopped itself, after a checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def run(cfg: RunConfig) -> dict:
+    check_model_paths(cfg.models)  # ConfigError before Ray or any actor starts
     random.seed(cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)
     run_dir = Path(cfg.logging.dir) / cfg.logging.run_name
@@ -116,21 +122,30 @@ def run_rl(cfg: RunConfig, run_dir: Path) -> dict:
             logger.log(0, before)
         logger.restart_clock(steps_done=done)
 
-        def save(step: int) -> None:
+        def save(step: int) -> Path:
             folder = checkpoints.staging(step)
             state = coordinator.save_checkpoint(folder) | {
                 "step": step, "data_position": stream.position, "heldout_before": before, "rng": rng_state(),
                 "config": dump_config(cfg),
             }
             torch.save(state, folder / DRIVER_STATE)  # written last: commit() checks for it
-            log.info("checkpoint: %s", checkpoints.commit(step))
+            path = checkpoints.commit(step)
+            log.info("checkpoint: %s", path)
+            return path
 
         every = cfg.checkpoint.every_n_steps
+        guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
         for step in range(done + 1, cfg.trainer.total_steps + 1):
             metrics = coordinator.step(stream.next, step)
             logger.log(step, metrics)
             if step % cfg.logging.log_every == 0:
                 log.info(logger.progress(step, metrics, ("reward/mean", "kl", "policy_loss", "time/generate", "time/train")))
+            for key in ("nonfinite_skips", "critic_nonfinite_skips"):
+                if metrics.get(key):
+                    log.warning("step %d: %s: %g update(s) skipped for a non-finite loss or gradient", step, key, metrics[key])
+            if failed := guard.update(step, metrics):
+                # the skipped updates changed nothing, so this state is the last good one
+                raise NonFiniteError(guard.message(failed, str(save(step))))
             if heldout and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.total_steps:
                 logger.log(step, coordinator.evaluate(heldout))
             if (every and step % every == 0) or step == cfg.trainer.total_steps:

@@ -42,7 +42,7 @@ class PolicyActor(CausalLMRole):
         a, stats = self.algo, []
 
         def losses():
-            for micro in self.micro_batches(batch):
+            for micro in self.micro_batches(batch, train=True):
                 mask = micro["response_mask"]
                 logits = forward_logits(self.engine, micro)
                 logprobs = compute_token_logprobs(logits, micro["input_ids"])
@@ -72,7 +72,8 @@ class PolicyActor(CausalLMRole):
 
         step = self.optimizer_step(losses())
         out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        return out | {"policy_loss": step["loss"], "grad_norm": step["grad_norm"], "lr": self.scheduler.get_last_lr()[0]}
+        return out | {"policy_loss": step["loss"], "grad_norm": step["grad_norm"], "lr": self.scheduler.get_last_lr()[0],
+                      "skipped_nonfinite": step["skipped_nonfinite"]}
 
     def dpo_step(self, batch: Batch, normalizer: float) -> dict[str, float]:
         """One optimizer step of DPO. Rows 2i / 2i+1 are the chosen / rejected response of pair i;
@@ -84,7 +85,7 @@ class PolicyActor(CausalLMRole):
         a, stats = self.algo.dpo, []
 
         def losses():
-            for micro in self.micro_batches(batch, size=2 * self.cfg.micro_batch_size):
+            for micro in self.micro_batches(batch, rows_per_sample=2, train=True):
                 mask = micro["response_mask"]
                 logprobs = compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"])
                 seq = (logprobs * mask).sum(-1)  # (2P,)
@@ -95,7 +96,8 @@ class PolicyActor(CausalLMRole):
                 yield losses.sum() / normalizer
 
         step = self.optimizer_step(losses())
-        return {"dpo_loss": step["loss"], "grad_norm": step["grad_norm"], **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}}
+        return {"dpo_loss": step["loss"], "grad_norm": step["grad_norm"], "skipped_nonfinite": step["skipped_nonfinite"],
+                **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}}
 
     def sft_step(self, batch: Batch, normalizer: float) -> dict[str, float]:
         """One optimizer step of supervised fine-tuning: cross-entropy on response tokens only.
@@ -105,12 +107,13 @@ class PolicyActor(CausalLMRole):
         self.engine.train()
 
         def losses():
-            for micro in self.micro_batches(batch):
+            for micro in self.micro_batches(batch, train=True):
                 logprobs = compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"])
                 yield sft_loss(logprobs, micro["response_mask"], "token_mean", global_normalizer=normalizer)
 
         step = self.optimizer_step(losses())
-        return {"sft_loss": step["loss"], "grad_norm": step["grad_norm"], "lr": self.scheduler.get_last_lr()[0]}
+        return {"sft_loss": step["loss"], "grad_norm": step["grad_norm"], "lr": self.scheduler.get_last_lr()[0],
+                "skipped_nonfinite": step["skipped_nonfinite"]}
 
     def _check_share(self, batch: Batch, rows_per_sample: int = 1) -> None:
         expected = rows_per_sample * self.cfg.global_batch_size // self.world_size

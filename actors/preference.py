@@ -125,7 +125,8 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
         logger.log(0, before)
         for step, pairs in enumerate(pair_batches(len(train_pairs), cfg), start=1):
             rows = [r for i in pairs for r in (2 * i, 2 * i + 1)]  # keep each pair's two rows together
-            parts = train.select(rows).chunk(policy.world_size)
+            balance = cfg.trainer.micro_batch_tokens is not None  # token-balanced ranks when packing by tokens
+            parts, _ = train.select(rows).shard(policy.world_size, balance, rows_per_sample=2)
             metrics = _merge(ray.get(policy.async_scatter("dpo_step", parts, normalizer=float(len(pairs)))))
             logger.log(step, metrics)
             if step % cfg.logging.log_every == 0:

@@ -36,8 +36,7 @@ class RewardActor(DeepSpeedRole):
         """One scalar score per (prompt, response): (B,)."""
         self.engine.eval()
         batch = self.encode(prompts, responses)
-        out = [self._scores(m).cpu() for m in self.micro_batches(batch)]
-        return torch.cat(out) if out else torch.zeros(0)
+        return self.forward_rows(batch, self._scores, per_token=False)
 
 
 class RewardTrainerActor(RewardActor):
@@ -62,11 +61,12 @@ class RewardTrainerActor(RewardActor):
         stats = []
 
         def losses():
-            for micro in self.micro_batches(batch, size=2 * self.cfg.micro_batch_size):
+            for micro in self.micro_batches(batch, rows_per_sample=2, train=True):
                 s = self._scores(micro)
                 stats.append(float((s[0::2] > s[1::2]).float().mean()))
                 yield reward_model_loss(s[0::2], s[1::2]) * (len(s) // 2) / normalizer
 
         step = self.optimizer_step(losses())
         lr = self.scheduler.get_last_lr()[0]
-        return {"rm_loss": step["loss"], "rm_grad_norm": step["grad_norm"], "rm_accuracy": sum(stats) / len(stats), "lr": lr}
+        return {"rm_loss": step["loss"], "rm_grad_norm": step["grad_norm"], "rm_accuracy": sum(stats) / len(stats), "lr": lr,
+                "skipped_nonfinite": step["skipped_nonfinite"]}

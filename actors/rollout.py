@@ -90,7 +90,13 @@ class RolloutWorker:
         if unknown:
             raise ValueError(f"unknown sampling keys {sorted(unknown)}; allowed: {SAMPLING_KEYS}")
         # logprobs=0 asks for the sampled token's log-prob only; callers may ask for top-k more.
-        params = SamplingParams(**{"logprobs": 0, **sampling})
+        params = {"logprobs": 0, **sampling}
+        if params.get("seed") is not None:
+            # One seed per prompt (vLLM adds the sample index for n > 1): with a single seed for
+            # the whole call, every prompt would draw the same random numbers.
+            params = [SamplingParams(**params | {"seed": (params["seed"] + i * 1009) % 2**31}) for i in range(len(prompts))]
+        else:
+            params = SamplingParams(**params)
         inputs = [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         return [
@@ -143,7 +149,8 @@ class RolloutGroup:
 
     def async_generate(self, prompts: list, sampling: dict) -> list[ray.ObjectRef]:
         """One ObjectRef per worker; `merge_samples(ray.get(refs), len(prompts))` restores order."""
-        return [w.generate.remote(prompts[a:b], sampling) for w, (a, b) in zip(self.workers, self.shards(len(prompts))) if b > a]
+        seeded = lambda a: sampling | {"seed": sampling["seed"] + a * 1009} if sampling.get("seed") is not None else sampling
+        return [w.generate.remote(prompts[a:b], seeded(a)) for w, (a, b) in zip(self.workers, self.shards(len(prompts))) if b > a]
 
     def merge_samples(self, results: list[list[dict]], num_prompts: int) -> list[dict]:
         starts = [a for a, b in self.shards(num_prompts) if b > a]

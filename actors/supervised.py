@@ -72,7 +72,9 @@ class SFTRun:
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         normalizer = float(batch["response_mask"].sum())  # response tokens of the global batch
-        ranks = ray.get(self.policy.async_scatter("sft_step", batch.chunk(self.policy.world_size), normalizer=normalizer))
+        balance = self.cfg.trainer.micro_batch_tokens is not None  # token-balanced ranks when packing by tokens
+        parts, _ = batch.shard(self.policy.world_size, balance)
+        ranks = ray.get(self.policy.async_scatter("sft_step", parts, normalizer=normalizer))
         # the loss comes back as each rank's share of one total; the rest is the same on every rank
         return ranks[0] | {"sft_loss": sum(r["sft_loss"] for r in ranks)}
 

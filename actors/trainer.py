@@ -10,17 +10,21 @@ batch's token or sequence count, see rlhf/algos/aggregation.py), so micro-batch 
 the full-batch loss. DeepSpeed must therefore not divide by the accumulation steps
 (`scale_wrt_gas=False`), and since it averages gradients over data-parallel ranks we multiply
 by the world size: the update is then the same for any micro-batch size and rank count.
+
+Micro-batches hold trainer.micro_batch_size rows, or with trainer.micro_batch_tokens as many
+length-sorted rows as fit a token budget; `micro_batches` explains how DeepSpeed's accumulation
+boundary and the ranks' collectives stay in step when their number varies.
 """
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from actors.group import use_cpu_threads_from_env
 from rlhf.algos import compute_token_logprobs
-from rlhf.batch import Batch
+from rlhf.batch import Batch, split_micro_batches, token_budget_micro_batches
 from rlhf.config import ModelSpec, TrainerConfig
 from rlhf.models import preferred_dtype, resolve_model_path
 from rlhf.schedule import lr_lambda
@@ -97,22 +101,137 @@ class DeepSpeedRole:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- shared helpers
-    def micro_batches(self, batch: Batch, size: int | None = None) -> Iterator[Batch]:
-        for micro in batch.split(size or self.cfg.micro_batch_size):
-            yield Batch({k: v.to(self.device) for k, v in micro.trim().items()})
+    def micro_batches(self, batch: Batch, rows_per_sample: int = 1, train: bool = False) -> Iterator[Batch]:
+        """The batch's micro-batches, trimmed to their longest row and on this rank's device.
+
+        rows_per_sample: rows that stay together (2: a preference pair's chosen/rejected rows).
+        train: the micro-batches of one optimizer step. DeepSpeed would put its accumulation
+        boundary (gradient reduction at ZeRO-0/1, clipping, the update) after every
+        `gradient_accumulation_steps` micro-steps, a count fixed in the config; with a token
+        budget the number of micro-batches changes from step to step. So the boundary is set
+        explicitly, on this call's last micro-batch (before its forward, as DeepSpeed asks):
+        every `train_step` is then exactly one update, whatever the count (for fixed rows the
+        count is gradient_accumulation_steps and nothing changes).
+        """
+        for _, micro in self._micro_batches(batch, rows_per_sample, train):
+            yield micro
+
+    def micro_batch_rows(self, batch: Batch, rows_per_sample: int = 1) -> list[list[int]]:
+        """Row indices of each micro-batch. Every rank must call it (it may all-reduce a count).
+
+        trainer.micro_batch_tokens unset: runs of micro_batch_size consecutive samples. Set:
+        samples packed under the token budget (rlhf/batch.py). Then, with several ranks, the
+        micro-batches are split until every rank has as many as the rank with the most: ZeRO-3
+        gathers parameters in every forward and ZeRO-2/3 reduce gradients in every backward,
+        collectives that must pair up one for one across ranks. (Equal row counts per rank
+        always allow it: a rank never has more micro-batches than rows.)
+        """
+        r, budget = rows_per_sample, self.cfg.micro_batch_tokens
+        if budget is None:
+            n, size = len(batch) // r, self.cfg.micro_batch_size
+            samples = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        else:
+            lengths = batch.sample_lengths(r)
+            samples = token_budget_micro_batches(lengths, max(budget // r, 1))  # r rows of the pair's length
+            if self.world_size > 1:
+                count = torch.tensor([len(samples)], device=self.device)
+                torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+                samples = split_micro_batches(samples, lengths, int(count))
+        return [[r * s + k for s in group for k in range(r)] for group in samples]
+
+    def forward_rows(self, batch: Batch, fn: Callable[[Batch], torch.Tensor], per_token: bool) -> torch.Tensor:
+        """fn(micro-batch) for every micro-batch, as float on the CPU and in the batch's row order:
+        (B, T) if per_token (each micro-batch's (b, t<=T) right-padded with 0), else (B,)."""
+        width = batch["input_ids"].shape[1]
+        rows, outs = [], []
+        for index, micro in self._micro_batches(batch):
+            out = fn(micro).float().cpu()
+            outs.append(torch.nn.functional.pad(out, (0, width - out.shape[1])) if per_token else out)
+            rows += index
+        if not outs:
+            return torch.zeros((0, width) if per_token else (0,))
+        return torch.cat(outs)[torch.argsort(torch.tensor(rows))]  # rows: a permutation of 0..B-1
+
+    def _micro_batches(self, batch: Batch, rows_per_sample: int = 1, train: bool = False) -> Iterator[tuple[list[int], Batch]]:
+        plan = self.micro_batch_rows(batch, rows_per_sample)
+        for i, rows in enumerate(plan):
+            if train:
+                self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
+            yield rows, Batch({k: v.to(self.device) for k, v in batch.select(rows).trim().items()})
 
     def optimizer_step(self, losses: Iterator[torch.Tensor]) -> dict[str, float]:
         """Backward each micro-batch loss (already globally normalised), then one optimizer step.
 
-        Returns this rank's share of the full-batch loss and the global gradient norm (before clipping).
+        An update whose loss or gradients are non-finite (NaN/inf) on any rank is skipped on every
+        rank: weights, optimizer state and LR schedule stay as they were; the gradients are dropped.
+        Returns this rank's share of the full-batch loss, the global gradient norm (before
+        clipping; inf for a skipped update) and skipped_nonfinite (1.0: skipped, 0.0: applied).
         """
-        total = 0.0
+        import math
+
+        total, bad_loss, skipped, norm = 0.0, False, False, None
         for loss in losses:
+            value = float(loss.detach())
+            total += value
+            if not math.isfinite(value):
+                bad_loss = True
+                # NaN in every gradient this loss reaches, even where a NaN term had no gradient:
+                # DeepSpeed's optimizers then see a non-finite (all-reduced) gradient norm.
+                loss = loss * float("nan")
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            self.engine.step()  # applies the update only at the accumulation boundary
-            total += float(loss.detach())
-        norm = self.engine.get_global_grad_norm()
-        return {"loss": total, "grad_norm": float(norm) if norm is not None else float("nan")}
+            if self.engine.is_gradient_accumulation_boundary():
+                skipped, norm = self._boundary_step(bad_loss)
+            else:
+                self.engine.step()  # between boundaries: bookkeeping only
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        return {"loss": total, "grad_norm": float(norm) if norm is not None else float("nan"),
+                "skipped_nonfinite": float(skipped)}
+
+    def _boundary_step(self, bad_loss: bool) -> tuple[bool, float | None]:
+        """engine.step() at the accumulation boundary (gradients reduced), as an update or, if any
+        rank saw a non-finite loss or the gradients are non-finite, as a skip on every rank.
+
+        The ranks agree through one all-reduce of a flag. DeepSpeed's own optimizers (ZeRO-1/2/3,
+        and the fp16/bf16 wrappers) skip a step whose global gradient norm is non-finite (engine
+        `skipped_steps`, no LR-scheduler step); a plain torch optimizer (ZeRO-0 in fp32) has no such
+        check, so its gradients are checked here and its `step` is replaced by a no-op for this
+        one call. Under fp16 the loss scaler's overflow skips (how it finds its scale) are not
+        counted unless a loss was non-finite. Returns (skipped for a non-finite value, the
+        gradient norm when measured here, else None).
+        """
+        import math
+
+        opt = self.engine.optimizer
+        own_check = not hasattr(opt, "overflow")  # no DeepSpeed wrapper: nothing skips for us
+        norm = None
+        if own_check:
+            grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
+            # after the boundary's all-reduce every rank holds the same (global) gradients
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        flag = torch.tensor([float(bad_loss or (norm is not None and not math.isfinite(norm)))], device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        nonfinite = bool(flag.item())
+        if own_check and nonfinite:
+            saved = opt.__dict__.get("step")  # an LR scheduler may have wrapped the bound method
+            opt.step, opt.overflow = (lambda *args, **kwargs: None), True  # the engine reads `overflow`
+            try:
+                self.engine.step()  # clears the gradients, counts a skipped step, leaves the LR schedule
+            finally:
+                del opt.overflow
+                if saved is None:
+                    del opt.step
+                else:
+                    opt.step = saved
+        else:
+            self.engine.step()
+        applied = self.engine.was_step_applied()
+        if nonfinite and applied:  # cannot happen with NaN gradients; never let it pass silently
+            raise RuntimeError(f"{type(self).__name__} rank {self.rank}: DeepSpeed applied an update whose loss "
+                               "was non-finite; the weights may be corrupt")
+        skipped = not applied and (nonfinite or self.dtype != "float16")
+        return skipped, (float("inf") if skipped else norm)
 
     def placement(self) -> tuple[int, str | None]:
         """(rank, placement group id): lets tests and logs check where each rank landed."""
@@ -202,9 +321,5 @@ class CausalLMRole(DeepSpeedRole):
     def compute_logprobs(self, batch: Batch) -> torch.Tensor:
         """Log-probs (B, T) of the batch's tokens, aligned with input_ids (rlhf/batch.py)."""
         self.engine.eval()
-        width = batch["input_ids"].shape[1]
-        out = []
-        for micro in self.micro_batches(batch):
-            lp = compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"])  # (b, t<=T)
-            out.append(torch.nn.functional.pad(lp.float().cpu(), (0, width - lp.shape[1])))
-        return torch.cat(out) if out else torch.zeros(0, width)
+        return self.forward_rows(
+            batch, lambda micro: compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"]), per_token=True)

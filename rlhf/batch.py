@@ -47,6 +47,26 @@ class Batch(dict):
         bounds = torch.linspace(0, len(self), n + 1).round().long().tolist()
         return [self.select(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
+    def sample_lengths(self, rows_per_sample: int = 1) -> list[int]:
+        """Tokens per sample: the longest of its `rows_per_sample` consecutive rows (2 for the
+        chosen/rejected rows of a preference pair, which must stay together)."""
+        lengths = self["attention_mask"].sum(-1).view(-1, rows_per_sample)  # (B / r, r)
+        return lengths.max(-1).values.tolist()
+
+    def shard(self, n: int, balance_tokens: bool = False, rows_per_sample: int = 1) -> tuple[list["Batch"], torch.Tensor]:
+        """n parts for n ranks with equal sample counts (+-1), and `order`, the rows they hold
+        one part after the other: `out[order] = torch.cat(per_part_results)` restores the batch's
+        row order. Contiguous parts (`chunk`), or with balance_tokens, parts with balanced token
+        totals (`balance_across_ranks`)."""
+        num_samples = len(self) // rows_per_sample
+        if balance_tokens:
+            samples = balance_across_ranks(self.sample_lengths(rows_per_sample), n)
+        else:
+            bounds = torch.linspace(0, num_samples, n + 1).round().long().tolist()
+            samples = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        rows = [[rows_per_sample * s + k for s in part for k in range(rows_per_sample)] for part in samples]
+        return [self.select(r) for r in rows], torch.tensor([i for r in rows for i in r], dtype=torch.long)
+
     def trim(self) -> "Batch":
         """Drop trailing columns that are padding in every row (saves compute on short batches)."""
         width = int(self["attention_mask"].sum(-1).max()) if len(self) else 0
@@ -105,3 +125,59 @@ def collate_samples(
                 raise ValueError(f"{name}[{i}] has {len(values[i])} values for {n_r} response tokens")
             extra[name][i, n_p : n_p + n_r] = torch.tensor(values[i], dtype=torch.float32)
     return Batch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask, **extra)
+
+
+# ------------------------------------------------------------------------- token-budget micro-batches
+# A micro-batch costs about rows x its longest row (right-padded to that width after `trim`).
+# Packing rows of similar length under a token budget, instead of a fixed row count, keeps that
+# padded area close to the real token count. The loss is normalised by the global batch (see
+# rlhf/algos/aggregation.py), so how rows are grouped changes the compute, never the update.
+
+
+def token_budget_micro_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Row indices of each micro-batch: rows sorted longest first, each micro-batch filled while
+    (its rows) x (its longest row) <= budget. A row longer than the budget goes alone.
+
+    lengths: tokens per row (B,). Every row appears exactly once; micro-batches come longest
+    first, and within one, rows keep the longest-first order. For rows sorted by length this
+    greedy fill gives the fewest micro-batches of consecutive rows.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * max(lengths[groups[-1][0]], 1) <= budget:
+            groups[-1].append(i)  # the group's first row is its longest
+        else:
+            groups.append([i])
+    return groups
+
+
+def split_micro_batches(groups: list[list[int]], lengths: Sequence[int], count: int) -> list[list[int]]:
+    """Split micro-batches (in halves, the costliest by rows x longest row first) until there
+    are `count` of them: ranks that run different numbers of micro-batches would disagree on
+    DeepSpeed's collectives (ZeRO-3 gathers per forward, ZeRO-2/3 reduce per backward)."""
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        splittable = [g for g in groups if len(g) > 1]
+        if not splittable:
+            raise ValueError(f"cannot make {count} micro-batches of {sum(map(len, groups))} rows")
+        g = max(splittable, key=lambda g: len(g) * max(lengths[i] for i in g))
+        k = groups.index(g)
+        groups[k: k + 1] = [g[: len(g) // 2], g[len(g) // 2:]]
+    return groups
+
+
+def balance_across_ranks(lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Row indices for each rank: equal counts (+-1, the first ranks get the extra rows) with
+    token totals balanced greedily: rows longest first, each to the rank with the fewest tokens
+    that still has room (rank totals end up within about one row's length of each other).
+    Indices within a rank are in increasing order."""
+    n = len(lengths)
+    capacity = [n // world_size + (r < n % world_size) for r in range(world_size)]
+    parts: list[list[int]] = [[] for _ in range(world_size)]
+    tokens = [0] * world_size
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+        r = min((r for r in range(world_size) if len(parts[r]) < capacity[r]), key=lambda r: (tokens[r], r))
+        parts[r].append(i)
+        tokens[r] += lengths[i]
+    return [sorted(p) for p in parts]

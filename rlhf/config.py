@@ -160,10 +160,18 @@ class TrainerConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     global_batch_size: int = Field(16, ge=1, description="samples per optimizer step, all ranks")
     micro_batch_size: int = Field(4, ge=1, description="samples per forward/backward on one rank")
+    micro_batch_tokens: Optional[int] = Field(
+        None, ge=1, description="token budget per forward/backward on one rank, instead of micro_batch_size rows: "
+        "rows sorted by length are packed while rows x longest row <= budget (a longer row goes alone), "
+        "and ranks get token-balanced shares. None: micro_batch_size rows")
     grad_clip: float = Field(1.0, gt=0.0)
     epochs_per_rollout: int = Field(1, ge=1)
     total_steps: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="RL: held-out evaluation every N steps too (0: before and after only)")
+    max_nonfinite_steps: int = Field(
+        3, ge=0, description="RL: stop, with a checkpoint, after this many consecutive steps whose update was skipped "
+                             "for a non-finite loss or gradient (0: never stop, only skip and count)"
+    )
     seed: int = 0
 
 
@@ -238,12 +246,16 @@ class RunConfig(Section):
         if algo.name == "reward_model" and self.models.reward is None:
             raise ValueError("algorithm.name='reward_model' trains models.reward: set models.reward.path "
                              "(a folder, or the built-in 'all-minilm-l6-v2')")
-        ranks = res.policy.num_actors
-        if t.global_batch_size % (t.micro_batch_size * ranks):
-            raise ValueError(
-                f"trainer.global_batch_size={t.global_batch_size} must be divisible by "
-                f"trainer.micro_batch_size ({t.micro_batch_size}) x resources.policy.num_actors ({ranks})"
-            )
+        # every trained role splits each global batch over its ranks, then into micro-batches
+        trained = ["reward"] if algo.name == "reward_model" else ["policy"]
+        trained += ["critic"] if self.is_rl and algo.advantage == "gae" else []
+        for role in trained:
+            ranks = getattr(res, role).num_actors
+            if t.global_batch_size % (t.micro_batch_size * ranks):
+                raise ValueError(
+                    f"trainer.global_batch_size={t.global_batch_size} must be divisible by "
+                    f"trainer.micro_batch_size ({t.micro_batch_size}) x resources.{role}.num_actors ({ranks})"
+                )
         if self.is_rl:
             per_step = ro.prompts_per_step * ro.samples_per_prompt
             if per_step % t.global_batch_size:
@@ -261,6 +273,13 @@ class RunConfig(Section):
                 raise ValueError("algorithm.advantage='gae' needs a value model: set models.critic.path")
             if not self.rewards and self.models.reward is None:
                 raise ValueError("an RL run needs a reward: add an entry to `rewards` or set models.reward")
+            if res.rollout.num_actors > ro.prompts_per_step:
+                # each engine gets whole prompts (all n samples of a prompt on one engine)
+                raise ValueError(
+                    f"resources.rollout.num_actors={res.rollout.num_actors} engines share rollout.prompts_per_step="
+                    f"{ro.prompts_per_step} prompts a step, so some would never generate; lower "
+                    f"resources.rollout.num_actors (and rollout.num_engines) or raise rollout.prompts_per_step"
+                )
         if algo.clip_high < algo.clip_low:
             raise ValueError(
                 f"algorithm.clip_high={algo.clip_high} is below clip_low={algo.clip_low}; "

@@ -216,3 +216,36 @@ def resolve_model_path(path: str) -> str:
             f"model path {path!r} is neither a folder nor a built-in model ({', '.join(BUILTIN_MODELS)})"
         )
     return path
+
+
+def model_path_problem(path: str) -> str | None:
+    """Why `path` cannot be a model (None: a built-in name, or a folder with a config.json)."""
+    if path in BUILTIN_MODELS:
+        return None
+    folder = Path(path)
+    builtins = ", ".join(BUILTIN_MODELS)
+    if not folder.exists():
+        hint = (" (a recipe writes <logging.dir>/<run_name>/final when it finishes: run that recipe first)"
+                if folder.name == "final" else "")
+        where = "" if folder.is_absolute() else f" (relative to {Path.cwd()})"
+        return f"{path!r} does not exist{where} and is not a built-in model ({builtins}){hint}"
+    if not folder.is_dir():
+        return f"{path!r} is a file; give the Hugging Face model folder that holds config.json and the weights"
+    if not (folder / "config.json").is_file():
+        return f"{path!r} has no config.json, so it is not a Hugging Face model folder (or a built-in name: {builtins})"
+    return None
+
+
+def check_model_paths(models) -> None:
+    """Raise ConfigError naming every models.<role>.path that cannot be loaded (`models`: the
+    config's ModelsConfig). Run before any actor starts: a bad path would otherwise surface
+    as an actor's load error after Ray, placement groups and other roles are up."""
+    from rlhf.config import ConfigError
+
+    problems = []
+    for role in ("policy", "reference", "reward", "critic"):
+        spec = getattr(models, role)
+        if spec is not None and (problem := model_path_problem(spec.path)):
+            problems.append(f"models.{role}.path = {problem}")
+    if problems:
+        raise ConfigError("model path(s) not found:\n  " + "\n  ".join(problems))
