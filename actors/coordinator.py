@@ -267,8 +267,7 @@ class RLCoordinator:
 
     def sync_weights(self) -> None:
         """Every rollout engine takes the policy's current weights (fetched from rank 0)."""
-        blobs = self.policy.async_run("weights_blob")  # every rank joins the ZeRO-3 gather
-        ray.get(self.rollout.async_load_weights(blobs[0]) + blobs[1:])
+        self.rollout.sync_from(self.policy)
 
     # ------------------------------------------------------------------------------ checkpoints
     def trainable_groups(self) -> dict[str, ActorGroup]:

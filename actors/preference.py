@@ -180,8 +180,7 @@ class SampleEval:
 
     def __call__(self) -> dict[str, float]:
         r, d = self.cfg.rollout, self.cfg.data
-        blobs = self.policy.async_run("weights_blob")  # the engines sample from the current policy
-        ray.get(self.rollout.async_load_weights(blobs[0]) + blobs[1:])
+        self.rollout.sync_from(self.policy)  # the engines sample from the current policy
         texts = [apply_chat_template(self.tokenizer, p) if d.chat_template == "tokenizer" else p for p in self.prompts]
         sampling = {"n": r.samples_per_prompt, "temperature": r.temperature, "top_p": r.top_p,
                     "max_tokens": r.max_new_tokens, "seed": r.seed}  # the same seed before and after

@@ -161,6 +161,12 @@ class RolloutGroup:
         actor) and Ray ships it node to node through the object store, never via the driver."""
         return [w.load_weights.remote(blob) for w in self.workers]
 
+    def sync_from(self, policy) -> None:
+        """Every engine takes the policy group's current weights (rank 0's full state; every rank
+        joins the ZeRO-3 gather, so all are called and waited for)."""
+        blobs = policy.async_run("weights_blob")
+        ray.get(self.async_load_weights(blobs[0]) + blobs[1:])
+
     def kill(self) -> None:
         for w in self.workers:
             ray.kill(w)

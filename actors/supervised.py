@@ -97,8 +97,7 @@ class SFTRun:
 
     def sync_rollout(self) -> None:
         if self.rollout is not None:
-            blobs = self.policy.async_run("weights_blob")  # every rank joins the ZeRO-3 gather
-            ray.get(self.rollout.async_load_weights(blobs[0]) + blobs[1:])
+            self.rollout.sync_from(self.policy)
 
     def shutdown(self) -> None:
         self.policy.kill()
