@@ -1,7 +1,7 @@
 """Preference learning without rollouts: reward-model training and DPO, driven from here.
 
     reward model: pairs -> RewardTrainerActor.train_step (Bradley-Terry) -> held-out pairwise accuracy -> HF folder
-    DPO:          pairs -> token rows (chosen 2i, rejected 2i+1) -> reference log-probs, once -> PolicyActor.dpo_step
+    DPO:          pairs -> token rows (chosen 2i, rejected 2i+1) -> reference log-probs of the pairs used, once -> PolicyActor.dpo_step
 
 Both loops report a held-out preference accuracy before and after training (ties count one
 half, so an untrained DPO policy, whose implicit rewards are all zero, scores 50%) and save the
@@ -102,12 +102,17 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
     common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
     groups: list = []
     try:
-        # The reference is frozen, so its log-probs of every pair are computed once, up front;
+        # The reference is frozen, so its log-probs of the pairs the steps will use are computed
+        # once, up front (not of every train pair: a big dataset would cost more than the run);
         # then (unless samples need its log-probs for their KL) it is stopped, and the policy
         # trains with the role's cores and memory to itself.
+        steps = list(pair_batches(len(train_pairs), cfg))
+        used = [r for i in sorted({i for pairs in steps for i in pairs}) for r in (2 * i, 2 * i + 1)]
         reference = ActorGroup(ReferenceActor, "reference", plan, model=(models.reference or models.policy).model_dump(), **common)
         groups.append(reference)
-        train["ref_logprobs"] = ray.get(reference.async_run("compute_logprobs", train))[0]
+        train["ref_logprobs"] = torch.full_like(train["response_mask"], float("nan"))  # NaN: never scored, never used
+        train["ref_logprobs"][used] = ray.get(reference.async_run("compute_logprobs", train.select(used)))[0]
+        log.info("reference: scored the %d train pairs the %d steps use", len(used) // 2, len(steps))
         if len(heldout):
             heldout["ref_logprobs"] = ray.get(reference.async_run("compute_logprobs", heldout))[0]
         if not sample_eval:
@@ -123,7 +128,7 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
         before = evaluate()
         log.info("held-out before training: %s", format_metrics(before))
         logger.log(0, before)
-        for step, pairs in enumerate(pair_batches(len(train_pairs), cfg), start=1):
+        for step, pairs in enumerate(steps, start=1):
             rows = [r for i in pairs for r in (2 * i, 2 * i + 1)]  # keep each pair's two rows together
             balance = cfg.trainer.micro_batch_tokens is not None  # token-balanced ranks when packing by tokens
             parts, _ = train.select(rows).shard(policy.world_size, balance, rows_per_sample=2)
