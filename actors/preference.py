@@ -52,6 +52,7 @@ def run_reward_model(cfg: RunConfig, run_dir: Path) -> dict:
         before = reward_model_eval(group, heldout)
         log.info("held-out before training: %s", format_metrics(before))
         logger.log(0, before)
+        logger.restart_clock()  # s/step and the ETA count training steps, not set-up and evaluation
         for step, pairs in enumerate(pair_batches(len(train), cfg), start=1):
             parts = _chunk([train[i] for i in pairs], group.world_size)
             metrics = _merge(ray.get(group.async_scatter("train_step", parts, normalizer=float(len(pairs)))))
@@ -128,6 +129,7 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
         before = evaluate()
         log.info("held-out before training: %s", format_metrics(before))
         logger.log(0, before)
+        logger.restart_clock()  # s/step and the ETA count training steps, not set-up and evaluation
         for step, pairs in enumerate(steps, start=1):
             rows = [r for i in pairs for r in (2 * i, 2 * i + 1)]  # keep each pair's two rows together
             balance = cfg.trainer.micro_batch_tokens is not None  # token-balanced ranks when packing by tokens

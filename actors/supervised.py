@@ -123,6 +123,7 @@ def run_sft(cfg: RunConfig, run_dir: Path) -> dict:
         before = sft.evaluate(heldout, heldout_encoded)
         log.info("held-out before training: %s", format_metrics(before))
         logger.log(0, before)
+        logger.restart_clock()  # s/step and the ETA count training steps, not set-up and evaluation
         # Epochs over the train pairs, each in a fresh seeded order; a step takes the next
         # global_batch_size pairs, running on into the next epoch's order at the end of one.
         generator, order = torch.Generator().manual_seed(cfg.data.seed), []
