@@ -3,7 +3,8 @@
     generate -> score -> reference log-probs (+ critic values) -> advantages -> train -> sync -> metrics
 
 `RLCoordinator.step` reads top to bottom; every Ray call is visible here (ObjectRefs come from
-`async_*` methods and are resolved with `ray.get` in the step itself). The math is in rlhf/algos.
+`async_*` methods and are resolved in the step itself with `ray_get`: ray.get with
+trainer.step_timeout_s, naming the role and ranks that do not answer). The math is in rlhf/algos.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from actors.critic import CriticActor
-from actors.group import ActorGroup, PlacementPlan
+from actors.group import ActorGroup, PlacementPlan, ray_get
 from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
@@ -39,6 +40,7 @@ from rlhf.rewards.registry import build_reward_functions, combine_rewards, run_r
 from rlhf.run_log import PhaseTimer
 
 log = logging.getLogger(__name__)
+COUNTS = ("reward_errors/", "reward_timeouts/")  # per-step sample counts: summed over refill rounds, not averaged
 
 
 class RLCoordinator:
@@ -62,7 +64,8 @@ class RLCoordinator:
         self.reward_model = ActorGroup(RewardActor, "reward", self.plan, model=models.reward.model_dump(), **common) if models.reward else None
         max_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
         dtype = None if models.policy.dtype == "auto" else models.policy.dtype  # None: the worker's node decides
-        self.rollout = RolloutGroup(self.plan, self.policy_path, dtype, cfg.rollout, max_model_len=max_len)
+        self.timeout_s = cfg.trainer.step_timeout_s
+        self.rollout = RolloutGroup(self.plan, self.policy_path, dtype, cfg.rollout, max_model_len=max_len, timeout_s=self.timeout_s)
         task = cfg.data.source.removeprefix("reasoning_gym:") if cfg.data.source.startswith("reasoning_gym:") else None
         self.rewards = build_reward_functions(cfg.rewards, task)
         self.kl_ctl = (AdaptiveKLController(a.kl.coef, a.kl.target, a.kl.horizon) if a.kl.adaptive
@@ -96,11 +99,11 @@ class RLCoordinator:
             value_refs = self.critic.async_run("compute_values", batch)[:1] if self.critic else []
             if need_old:
                 batch["old_logprobs"] = torch.empty_like(batch["response_mask"])
-                batch["old_logprobs"][order] = torch.cat(ray.get(old_refs))
+                batch["old_logprobs"][order] = torch.cat(ray_get(self.timeout_s, policy=old_refs))
             if self.reference:
-                batch["ref_logprobs"] = ray.get(ref_refs)[0]
+                batch["ref_logprobs"] = ray_get(self.timeout_s, reference=ref_refs)[0]
             if self.critic:
-                batch["old_values"] = ray.get(value_refs)[0]
+                batch["old_values"] = ray_get(self.timeout_s, critic=value_refs)[0]
 
         # advantages: pure functions on the driver
         kl = compute_kl(batch["old_logprobs"], batch["ref_logprobs"], a.kl.estimator) if need_old and self.reference else None
@@ -143,7 +146,7 @@ class RLCoordinator:
         (DAPO); surplus groups of the last round are left unused."""
         cfg, a, n = self.cfg, self.cfg.algorithm, self.cfg.rollout.samples_per_prompt
         target = cfg.rollout.prompts_per_step * n
-        samples, scores, drawn = [], [], 0
+        samples, scores, drawn, restarts = [], [], 0, self.rollout.restarts
         for round_ in range(1 + (a.max_refills if a.dynamic_sampling else 0)):
             # a full round each time: when few groups are informative, asking for just the
             # missing count would rarely fill the step
@@ -151,12 +154,12 @@ class RLCoordinator:
             drawn += len(prompts)
             with timer("generate"):
                 sampling = self.sampling(seed=self.sampling_seed(step, round_))
-                refs = self.rollout.async_generate([self.format_prompt(p) for p in prompts], sampling)
-                batch_samples = self.rollout.merge_samples(ray.get(refs), len(prompts))
+                # a worker that dies is restarted with the policy's weights and its prompts retried
+                batch_samples = self.rollout.generate([self.format_prompt(p) for p in prompts], sampling, weights_from=self.policy)
             with timer("score"):
                 batch_scores, reward_metrics = self.score(prompts, batch_samples)
             for k, v in reward_metrics.items():  # means weighted by samples so refills average correctly
-                metrics[k] = metrics.get(k, 0.0) + (v if k.startswith("reward_errors/") else v * len(batch_samples))
+                metrics[k] = metrics.get(k, 0.0) + (v if k.startswith(COUNTS) else v * len(batch_samples))
             if a.dynamic_sampling:
                 rows = informative_group_rows(batch_scores, n)
                 batch_samples, batch_scores = [batch_samples[i] for i in rows], batch_scores[rows]
@@ -166,8 +169,9 @@ class RLCoordinator:
                 break
         total = drawn * n
         for k in reward_metrics:
-            if not k.startswith("reward_errors/"):  # error counts add up over rounds
+            if not k.startswith(COUNTS):  # error and timeout counts add up over rounds
                 metrics[k] /= total
+        metrics["rollout/worker_restarts"] = float(self.rollout.restarts - restarts)
         if a.dynamic_sampling:
             metrics["dynamic_sampling/kept_fraction"] = len(samples) / total
             metrics["dynamic_sampling/prompts_drawn"] = float(drawn)
@@ -183,12 +187,11 @@ class RLCoordinator:
         for _ in range(cfg.trainer.epochs_per_rollout):
             for mini in batch.select(order).split(cfg.trainer.global_batch_size):
                 norm = float(compute_loss_normalizer(mini["response_mask"], a.loss_agg, constant))
-                refs = self.policy.async_scatter("train_step", mini.shard(self.policy.world_size, self.balance)[0],
-                                                 normalizer=norm, kl_coef=self.kl_ctl.value)
-                if self.critic:
-                    refs += self.critic.async_scatter("train_step", mini.shard(self.critic.world_size, self.balance)[0],
-                                                      normalizer=norm)
-                for ranks_metrics in ray.get(refs):
+                policy_refs = self.policy.async_scatter("train_step", mini.shard(self.policy.world_size, self.balance)[0],
+                                                        normalizer=norm, kl_coef=self.kl_ctl.value)
+                critic_refs = self.critic.async_scatter("train_step", mini.shard(self.critic.world_size, self.balance)[0],
+                                                        normalizer=norm) if self.critic else []
+                for ranks_metrics in ray_get(self.timeout_s, policy=policy_refs, critic=critic_refs):
                     for k, v in ranks_metrics.items():
                         sums.setdefault(k, []).append(v)
         # losses are per-rank shares of one total: sum over ranks, mean over steps; others: mean
@@ -234,14 +237,15 @@ class RLCoordinator:
         for reward in self.rewards:
             if reward.remote:
                 continue
-            values, errors, first_error = run_reward_function(reward, completions, rows)
+            values, errors, first_error, timeouts = run_reward_function(reward, completions, rows)
             if first_error:
                 log.warning("reward %s: %d failures this step; first: %s", reward.name, errors, first_error)
             per_function[reward.name] = values
             metrics[f"reward/{reward.name}"] = sum(values) / max(len(values), 1)
-            metrics[f"reward_errors/{reward.name}"] = float(errors)
+            metrics[f"reward_errors/{reward.name}"] = float(errors)  # every sample given the fallback
+            metrics[f"reward_timeouts/{reward.name}"] = float(timeouts)  # those of them lost to a timeout
         if model_ref is not None:
-            per_function["model"] = ray.get(model_ref).tolist()
+            per_function["model"] = ray_get(self.timeout_s, reward=[model_ref])[0].tolist()
             metrics["reward/model"] = sum(per_function["model"]) / len(per_function["model"])
         weights = {r.name: r.weight for r in self.rewards} | ({"model": 1.0} if "model" not in {r.name for r in self.rewards} else {})
         return torch.tensor(combine_rewards(per_function, weights), dtype=torch.float32), metrics
@@ -258,7 +262,7 @@ class RLCoordinator:
             modes["sampled/"] = self.sampling(seed=self.cfg.rollout.seed) | {"n": k}
         out = {}
         for prefix, sampling in modes.items():
-            samples = self.rollout.merge_samples(ray.get(self.rollout.async_generate(texts, sampling)), len(texts))
+            samples = self.rollout.generate(texts, sampling, weights_from=self.policy)
             scores, per_fn = self.score(prompts, samples)
             out |= {f"eval/{prefix}{name}": v for name, v in per_fn.items() if name.startswith("reward/")}
             out[f"eval/{prefix}reward_mean"] = float(scores.mean())
@@ -276,17 +280,23 @@ class RLCoordinator:
     def save_checkpoint(self, folder) -> dict:
         """Each trainable role writes its DeepSpeed state under `folder/<role>`; returns the
         driver-side state (the KL controller) for the caller's driver.pt."""
-        ray.get([ref for role, group in self.trainable_groups().items()
-                 for ref in group.async_run("save_checkpoint", str(folder / role))])
+        ray_get(self.timeout_s, **{role: group.async_run("save_checkpoint", str(folder / role))
+                                   for role, group in self.trainable_groups().items()})
         return {"kl_controller": self.kl_ctl.state_dict()}
 
     def load_checkpoint(self, folder, driver_state: dict) -> None:
         """Restore every trainable role and the KL controller, then hand the engines the
         restored policy weights (they started from the base model)."""
-        ray.get([ref for role, group in self.trainable_groups().items()
-                 for ref in group.async_run("load_checkpoint", str(folder / role))])
+        ray_get(self.timeout_s, **{role: group.async_run("load_checkpoint", str(folder / role))
+                                   for role, group in self.trainable_groups().items()})
         self.kl_ctl.load_state_dict(driver_state["kl_controller"])
         self.sync_weights()
+
+    def dead_actors(self) -> list[str]:
+        """'policy rank 1', 'rollout rank 0', ...: the actors of this run that have died."""
+        groups = {"policy": self.policy, "reference": self.reference, "critic": self.critic,
+                  "reward": self.reward_model, "rollout": self.rollout}
+        return [f"{role} rank {rank}" for role, group in groups.items() if group is not None for rank in group.dead_ranks()]
 
     def shutdown(self) -> None:
         for group in (self.policy, self.reference, self.critic, self.reward_model, self.rollout):

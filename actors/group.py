@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -129,9 +130,53 @@ class ActorGroup:
             raise ValueError(f"{self.role}: {len(parts)} parts for {self.world_size} ranks")
         return [getattr(a, method).remote(p, **kwargs) for a, p in zip(self.actors, parts)]
 
+    def dead_ranks(self) -> list[int]:
+        return dead_ranks(self.actors)
+
     def kill(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+
+
+def dead_ranks(actors: list, wait_s: float = 5.0) -> list[int]:
+    """Indices of the actors that have died. A call on a dead actor fails at once; a live one that
+    is busy (e.g. stuck in a collective with a dead peer) just does not answer within wait_s."""
+    pings = [actor.__ray_ready__.remote() for actor in actors]
+    ready, _ = ray.wait(pings, num_returns=len(pings), timeout=wait_s)
+    dead = []
+    for rank, ping in enumerate(pings):
+        if ping in ready:
+            try:
+                ray.get(ping)
+            except ray.exceptions.RayActorError:
+                dead.append(rank)
+    return dead
+
+
+class StepTimeoutError(TimeoutError):
+    """Some ranks did not answer within trainer.step_timeout_s (a hang: a stuck collective, a wedged engine)."""
+
+
+def ray_get(timeout_s: float | None, **refs_by_role: list[ray.ObjectRef] | dict[int, ray.ObjectRef]) -> list:
+    """`ray.get` of every role's refs (in the order given) with a deadline: a StepTimeoutError
+    names each role and the ranks (index in its list, or key of its dict) that did not answer
+    within timeout_s (None: no deadline). A rank that failed raises as soon as its answer
+    arrives, not after its peers, which may be stuck in a collective waiting for it."""
+    labels = {ref: (role, rank) for role, refs in refs_by_role.items()
+              for rank, ref in (refs.items() if isinstance(refs, dict) else enumerate(refs))}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    values, pending = {}, list(labels)
+    while pending:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not ready:
+            late: dict[str, list[int]] = {}
+            for ref in pending:
+                late.setdefault(labels[ref][0], []).append(labels[ref][1])
+            names = "; ".join(f"{role} rank(s) {', '.join(map(str, ranks))}" for role, ranks in late.items())
+            raise StepTimeoutError(f"{names} did not answer within {timeout_s:g}s (trainer.step_timeout_s)")
+        values[ready[0]] = ray.get(ready[0])
+    return [values[ref] for ref in labels]
 
 
 def _node_address_and_port() -> tuple[str, int]:

@@ -55,7 +55,7 @@ def main(default_config: str, argv: list[str] | None = None) -> dict:
     except (ConfigError, DataError) as e:  # also what run() finds before training: model paths, cluster size
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    except NonFiniteError as e:  # the run stopped itself, after a checkpoint
+    except (NonFiniteError, ActorFailure) as e:  # the run stopped itself (NaNs: after a checkpoint)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
 
@@ -86,28 +86,54 @@ def run(cfg: RunConfig) -> dict:
     return result
 
 
+class ActorFailure(RuntimeError):
+    """An actor of the run died or hung, and checkpoint.max_restarts restarts did not get past it."""
+
+
 def run_rl(cfg: RunConfig, run_dir: Path) -> dict:
-    import ray
-
-    from actors.coordinator import RLCoordinator
-
+    """The RL loop, restarted when an actor dies or hangs: every group is shut down (placement
+    groups freed), new ones are built and the run resumes from the newest checkpoint (step 1 if
+    there is none), at most checkpoint.max_restarts times. A worker lost during generation is
+    restarted in place by RolloutGroup instead, without this."""
     train, heldout = load_prompts(cfg.data, "train"), load_prompts(cfg.data, "eval")
     log.info("data: %d train prompts, %d held-out prompts from %s", len(train), len(heldout), cfg.data.source)
     checkpoints = CheckpointDir(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_last)
-    resume_from = checkpoints.latest() if cfg.checkpoint.resume else None
-    if cfg.checkpoint.resume and resume_from is None:
-        log.info("checkpoint.resume: no checkpoint in %s yet; starting from step 1", checkpoints.root)
-    elif not cfg.checkpoint.resume and checkpoints.latest():
+    if not cfg.checkpoint.resume and checkpoints.latest():
         log.warning("%s holds checkpoints of an earlier run named %r; this fresh run replaces them "
                     "(checkpoint.resume=true continues that run instead)", checkpoints.root, cfg.logging.run_name)
         checkpoints.clear()
+    restarts = 0
+    while True:
+        try:
+            result = run_rl_once(cfg, run_dir, train, heldout, checkpoints, resume=cfg.checkpoint.resume or restarts > 0)
+            return result | {"restarts": restarts}
+        except ActorFailure as failure:
+            if restarts >= cfg.checkpoint.max_restarts:
+                raise ActorFailure(f"{failure}; gave up after {restarts} restart(s) "
+                                   f"(checkpoint.max_restarts={cfg.checkpoint.max_restarts})") from failure.__cause__
+            restarts += 1
+            log.error("%s; restarting every actor group and resuming from the newest checkpoint (restart %d of at most %d)",
+                      failure, restarts, cfg.checkpoint.max_restarts)
+
+
+def run_rl_once(cfg: RunConfig, run_dir: Path, train: list[dict], heldout: list[dict], checkpoints: CheckpointDir,
+                resume: bool) -> dict:
+    """One attempt at the RL loop with fresh actors; ActorFailure when one of them dies or hangs."""
+    import ray
+
+    from actors.coordinator import RLCoordinator
+    from actors.group import StepTimeoutError
     from actors.metrics import metric_sinks  # Ray dashboard metrics and wandb, as cfg.logging asks
 
+    resume_from = checkpoints.latest() if resume else None
+    if resume and resume_from is None:
+        log.info("resuming: no checkpoint in %s yet; starting from step 1", checkpoints.root)
     logger = RunLogger(run_dir, cfg.trainer.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard,
                        resume_step=resume_from[0] if resume_from else None,
                        sinks=metric_sinks(cfg, "coordinator", run_dir))
     coordinator = RLCoordinator(cfg)
     stream = PromptStream(train, cfg.data.seed)
+    step = resume_from[0] + 1 if resume_from else 1  # the step under way, for the failure message
     try:
         if resume_from:
             done, folder = resume_from
@@ -117,6 +143,8 @@ def run_rl(cfg: RunConfig, run_dir: Path) -> dict:
             set_rng_state(state["rng"])
             log.info("resumed from %s: step %d done, continuing at step %d", folder, done, done + 1)
         else:
+            random.seed(cfg.trainer.seed)  # a restart from scratch draws what the first attempt drew
+            torch.manual_seed(cfg.trainer.seed)
             done, before = 0, coordinator.evaluate(heldout) if heldout else {}
             log.info("held-out before training: %s", format_metrics(before))
             logger.log(0, before)
@@ -143,6 +171,8 @@ def run_rl(cfg: RunConfig, run_dir: Path) -> dict:
             for key in ("nonfinite_skips", "critic_nonfinite_skips"):
                 if metrics.get(key):
                     log.warning("step %d: %s: %g update(s) skipped for a non-finite loss or gradient", step, key, metrics[key])
+            if metrics.get("rollout/worker_restarts"):
+                log.warning("step %d: %g rollout worker(s) restarted", step, metrics["rollout/worker_restarts"])
             if failed := guard.update(step, metrics):
                 # the skipped updates changed nothing, so this state is the last good one
                 raise NonFiniteError(guard.message(failed, str(save(step))))
@@ -150,6 +180,7 @@ def run_rl(cfg: RunConfig, run_dir: Path) -> dict:
                 logger.log(step, coordinator.evaluate(heldout))
             if (every and step % every == 0) or step == cfg.trainer.total_steps:
                 save(step)
+        step = cfg.trainer.total_steps + 1  # past the loop: the final evaluation and export
         after = coordinator.evaluate(heldout) if heldout else {}
         logger.log(cfg.trainer.total_steps, after)
         log.info("held-out after training:  %s", format_metrics(after))
@@ -157,6 +188,13 @@ def run_rl(cfg: RunConfig, run_dir: Path) -> dict:
         ray.get(coordinator.policy.async_run("save_pretrained", final))
         log.info("saved the trained policy as a Hugging Face folder: %s", final)
         return {"before": before, "after": after, "steps": cfg.trainer.total_steps, "final_path": final}
+    except (ray.exceptions.RayError, StepTimeoutError) as e:
+        dead = coordinator.dead_actors()
+        if not dead and not isinstance(e, (ray.exceptions.RayActorError, StepTimeoutError)):
+            raise  # a task raised (a bug, bad input) and every actor lives: a restart would fail the same way
+        where = f"step {step}" if step <= cfg.trainer.total_steps else "the final evaluation/export"
+        what = f"{', '.join(dead)} died" if dead else str(e).splitlines()[0]
+        raise ActorFailure(f"{what} during {where} ({type(e).__name__})") from e
     finally:
         logger.close()
         coordinator.shutdown()

@@ -17,6 +17,7 @@ from our metric keys (`records` below, a pure function the unit tests check):
     value_loss, critic_clip_fraction, critic_grad_norm   raylhf_value_loss, raylhf_clip_fraction,
                                            raylhf_grad_norm                  critic
     response_length/mean                   raylhf_response_length_mean       rollout
+    rollout/worker_restarts                raylhf_worker_restarts            rollout
     time/<phase>                           raylhf_phase_seconds{phase}       the phase's role (PHASE_ROLES)
     time/sync                              also raylhf_weight_sync_seconds   rollout
     samples / time/<phase>                 raylhf_samples_per_second{phase}
@@ -48,7 +49,9 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "raylhf_reward_function_mean": ("Mean reward of one reward function over the step's samples", ("function",)),
     "raylhf_reward_errors": ("Samples whose reward function raised, timed out or gave a non-finite value, this step",
                              ("function",)),
-    "raylhf_reward_timeouts": ("Reward-function calls that timed out this step", ("function",)),
+    "raylhf_reward_timeouts": ("Samples whose reward-function call timed out this step (also in raylhf_reward_errors)",
+                               ("function",)),
+    "raylhf_worker_restarts": ("Rollout engine actors that died and were restarted this step", ()),
     "raylhf_kl": ("KL(policy || reference) of the sampled tokens", ()),
     "raylhf_kl_coef": ("KL coefficient (the adaptive controller's current value)", ()),
     "raylhf_entropy": ("Mean token entropy of the policy on the sampled responses", ()),
@@ -81,6 +84,7 @@ EXACT = {
     "critic_grad_norm": ("raylhf_grad_norm", "critic"),
     "rm_grad_norm": ("raylhf_grad_norm", "reward"),
     "response_length/mean": ("raylhf_response_length_mean", "rollout"),
+    "rollout/worker_restarts": ("raylhf_worker_restarts", "rollout"),
 }
 # key prefix -> (gauge, role, the tag that takes the rest of the key)
 PREFIXES = {

@@ -191,7 +191,7 @@ class SampleEval:
         texts = [apply_chat_template(self.tokenizer, p) if d.chat_template == "tokenizer" else p for p in self.prompts]
         sampling = {"n": r.samples_per_prompt, "temperature": r.temperature, "top_p": r.top_p,
                     "max_tokens": r.max_new_tokens, "seed": r.seed}  # the same seed before and after
-        samples = self.rollout.merge_samples(ray.get(self.rollout.async_generate(texts, sampling)), len(texts))
+        samples = self.rollout.generate(texts, sampling, weights_from=self.policy)
         scores = ray.get(self.reward.async_run("score", [self.prompts[s["prompt_index"]] for s in samples],
                                                [s["text"] for s in samples]))[0]
         batch = collate_samples([s["prompt_token_ids"] for s in samples], [s["response_token_ids"] for s in samples],

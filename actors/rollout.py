@@ -8,15 +8,18 @@ switch on when no GPU is present.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any
 
 import ray
 import torch
 
-from actors.group import use_cpu_threads_from_env
+from actors.group import StepTimeoutError, dead_ranks, ray_get, use_cpu_threads_from_env
 from rlhf.models import preferred_dtype
 
+log = logging.getLogger(__name__)
 WEIGHT_SYNC_EXTENSION = "actors.weight_sync.WeightSyncExtension"
 SAMPLING_KEYS = ("n", "temperature", "top_p", "max_tokens", "stop", "seed", "logprobs")
 
@@ -127,12 +130,19 @@ class RolloutGroup:
     Prompts are split into contiguous shards, one per worker; results come back in prompt order
     with global `prompt_index`es, so n samples of a prompt stay contiguous (what the group
     advantage estimators expect).
+
+    A worker that dies (its process killed, out of memory) is replaced in the same bundle and
+    given the policy's weights; `generate` then asks it again for the shard it lost, with the
+    same seed, so the step gets the samples it would have had (`rollout.max_worker_restarts`
+    per call; `restarts` counts them over the run).
     """
 
-    def __init__(self, plan, model_path: str, dtype: str, rollout, max_model_len: int):
+    def __init__(self, plan, model_path: str, dtype: str, rollout, max_model_len: int, timeout_s: float | None = None):
         res = plan.resources["rollout"]
-        self.workers = [
-            RolloutWorker.options(
+        self.max_restarts, self.timeout_s, self.restarts = rollout.max_worker_restarts, timeout_s, 0
+
+        def start(i: int):
+            return RolloutWorker.options(
                 num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor * rollout.tensor_parallel_size,
                 scheduling_strategy=plan.strategy("rollout", i),
             ).remote(
@@ -140,32 +150,100 @@ class RolloutGroup:
                 tensor_parallel_size=rollout.tensor_parallel_size,
                 gpu_memory_utilization=rollout.gpu_memory_utilization, kv_cache_gib=rollout.kv_cache_gib,
             )
-            for i in range(res.num_actors)
-        ]
+
+        self.start = start
+        self.workers = [start(i) for i in range(res.num_actors)]
 
     def shards(self, n: int) -> list[tuple[int, int]]:
         bounds = [round(i * n / len(self.workers)) for i in range(len(self.workers) + 1)]
         return list(zip(bounds[:-1], bounds[1:]))
 
+    @staticmethod
+    def shard_sampling(sampling: dict, start: int) -> dict:
+        """The shard starting at prompt `start` offsets the seed as if it were one call (per-prompt seeds)."""
+        return sampling | {"seed": sampling["seed"] + start * 1009} if sampling.get("seed") is not None else sampling
+
     def async_generate(self, prompts: list, sampling: dict) -> list[ray.ObjectRef]:
         """One ObjectRef per worker; `merge_samples(ray.get(refs), len(prompts))` restores order."""
-        seeded = lambda a: sampling | {"seed": sampling["seed"] + a * 1009} if sampling.get("seed") is not None else sampling
-        return [w.generate.remote(prompts[a:b], seeded(a)) for w, (a, b) in zip(self.workers, self.shards(len(prompts))) if b > a]
+        return [self.async_generate_shard(i, prompts, sampling) for i, (a, b) in enumerate(self.shards(len(prompts))) if b > a]
+
+    def async_generate_shard(self, i: int, prompts: list, sampling: dict) -> ray.ObjectRef:
+        """Worker i's share of `generate(prompts, sampling)`: its shard, with the shard's seed."""
+        a, b = self.shards(len(prompts))[i]
+        return self.workers[i].generate.remote(prompts[a:b], self.shard_sampling(sampling, a))
 
     def merge_samples(self, results: list[list[dict]], num_prompts: int) -> list[dict]:
         starts = [a for a, b in self.shards(num_prompts) if b > a]
         return [s | {"prompt_index": s["prompt_index"] + start} for start, shard in zip(starts, results) for s in shard]
 
-    def async_load_weights(self, blob: ray.ObjectRef | bytes) -> list[ray.ObjectRef]:
-        """Every worker loads the same weights. Pass an ObjectRef (e.g. straight from the policy
-        actor) and Ray ships it node to node through the object store, never via the driver."""
-        return [w.load_weights.remote(blob) for w in self.workers]
+    def generate(self, prompts: list, sampling: dict, weights_from=None) -> list[dict]:
+        """Samples for `prompts` in prompt order (as merge_samples), waiting for every worker.
+
+        A worker that dies is restarted, loaded with `weights_from`'s current weights (the
+        policy group; None: the start model, e.g. before any update) and given its shard again;
+        after rollout.max_worker_restarts restarts in this call the actor error is raised. A
+        shard not back within the step timeout raises StepTimeoutError naming the workers.
+        """
+        shards = {i: (a, b) for i, (a, b) in enumerate(self.shards(len(prompts))) if b > a}
+        pending = {self.async_generate_shard(i, prompts, sampling): i for i in shards}  # ref -> worker
+        results, restarts = {}, 0
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        while pending:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            if not ready:
+                raise StepTimeoutError(f"rollout rank(s) {', '.join(str(i) for i in sorted(pending.values()))} did not "
+                                       f"answer within {self.timeout_s:g}s (trainer.step_timeout_s)")
+            i = pending.pop(ready[0])
+            try:
+                results[i] = ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                if restarts >= self.max_restarts:
+                    raise
+                restarts += 1
+                log.warning("rollout worker %d died during generation (%s); restarting it (%d of at most %d this "
+                            "call) and generating its %d prompts again", i, type(e).__name__, restarts,
+                            self.max_restarts, shards[i][1] - shards[i][0])
+                self.restart([i], weights_from)
+                pending[self.async_generate_shard(i, prompts, sampling)] = i  # same seed: the samples it would have given
+                deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s  # engine start excluded
+        return self.merge_samples([results[i] for i in sorted(results)], len(prompts))
+
+    def restart(self, ranks: list[int], weights_from=None) -> None:
+        """New workers for `ranks` in their bundles (a dead actor's resources return to its bundle),
+        loaded with `weights_from`'s current weights; waits until they are ready (engine start-up
+        is not bounded by the step timeout)."""
+        for i in ranks:
+            ray.kill(self.workers[i])  # a no-op if it is dead; frees the bundle if it is wedged
+            self.workers[i] = self.start(i)
+        self.restarts += len(ranks)
+        if weights_from is None:
+            ray.get([self.workers[i].__ray_ready__.remote() for i in ranks])
+        else:
+            blobs = weights_from.async_run("weights_blob")  # every policy rank joins (ZeRO-3 gathers)
+            ray.get(self.async_load_weights(blobs[0], ranks) + blobs[1:])
+        log.warning("rollout worker(s) %s restarted%s", ranks, " with the policy's current weights" if weights_from else "")
+
+    def async_load_weights(self, blob: ray.ObjectRef | bytes, ranks: list[int] | None = None) -> list[ray.ObjectRef]:
+        """Every worker (or those in `ranks`) loads the same weights. Pass an ObjectRef (e.g. straight
+        from the policy actor) and Ray ships it node to node through the object store, never via the driver."""
+        return [self.workers[i].load_weights.remote(blob) for i in (range(len(self.workers)) if ranks is None else ranks)]
 
     def sync_from(self, policy) -> None:
         """Every engine takes the policy group's current weights (rank 0's full state; every rank
-        joins the ZeRO-3 gather, so all are called and waited for)."""
+        joins the ZeRO-3 gather, so all are called and waited for). An engine found dead is left
+        for `generate` to restart, with the weights of then."""
         blobs = policy.async_run("weights_blob")
-        ray.get(self.async_load_weights(blobs[0]) + blobs[1:])
+        loads = self.async_load_weights(blobs[0])
+        ray_get(self.timeout_s, policy=blobs)
+        for rank, ref in enumerate(loads):
+            try:
+                ray_get(self.timeout_s, rollout={rank: ref})
+            except ray.exceptions.RayActorError:
+                log.warning("rollout worker %d is dead at the weight sync; its next generation restarts it", rank)
+
+    def dead_ranks(self) -> list[int]:
+        return dead_ranks(self.workers)
 
     def kill(self) -> None:
         for w in self.workers:

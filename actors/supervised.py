@@ -90,7 +90,7 @@ class SFTRun:
         if self.rollout is not None and heldout:
             texts = [self.format_prompt(r) for r in heldout]
             greedy = {"n": 1, "temperature": 0.0, "max_tokens": self.cfg.rollout.max_new_tokens}
-            samples = self.rollout.merge_samples(ray.get(self.rollout.async_generate(texts, greedy)), len(texts))
+            samples = self.rollout.generate(texts, greedy, weights_from=self.policy)
             hits = [s["text"].strip() == str(heldout[s["prompt_index"]]["answer"]).strip() for s in samples]
             out["eval/exact_match"] = sum(hits) / len(hits)
         return out

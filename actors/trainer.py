@@ -17,6 +17,7 @@ boundary and the ranks' collectives stay in step when their number varies.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Callable, Iterator
 
@@ -70,8 +71,9 @@ class DeepSpeedRole:
         self.spec, self.cfg = ModelSpec(**model), TrainerConfig(**trainer)
         self.dtype = preferred_dtype() if self.spec.dtype == "auto" else self.spec.dtype
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        # a collective whose peer died or hangs raises after this instead of blocking the rank forever
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-                                   timeout=__import__("datetime").timedelta(minutes=10))
+                                   timeout=datetime.timedelta(seconds=self.cfg.collective_timeout_s))
         use_cpu_threads_from_env()
         torch.manual_seed(seed)
         module = self.load_model(resolve_model_path(self.spec.path))

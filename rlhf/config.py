@@ -84,6 +84,9 @@ class RolloutConfig(Section):
     kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
     async_rollouts: bool = Field(False, description="generate step t+1 while training step t")
+    max_worker_restarts: int = Field(
+        2, ge=0, description="an engine actor that dies mid-generation is restarted in its bundle, given the policy's "
+                             "weights and its prompts again, at most this many times per generation call (0: fail)")
 
 
 # ------------------------------------------------------------------------------------ algorithm
@@ -172,6 +175,12 @@ class TrainerConfig(Section):
         3, ge=0, description="RL: stop, with a checkpoint, after this many consecutive steps whose update was skipped "
                              "for a non-finite loss or gradient (0: never stop, only skip and count)"
     )
+    step_timeout_s: Optional[float] = Field(
+        None, gt=0.0, description="RL: a trainer call or generation that takes longer fails, naming the role and "
+                                  "ranks that did not answer (None: wait forever)")
+    collective_timeout_s: float = Field(
+        600.0, gt=0.0, description="torch.distributed timeout: a collective (all-reduce, ...) stuck this long raises "
+                                   "instead of hanging")
     seed: int = 0
 
 
@@ -210,6 +219,9 @@ class CheckpointConfig(Section):
     every_n_steps: int = Field(0, ge=0, description="0 = only at the end")
     keep_last: int = Field(2, ge=1)
     resume: bool = Field(False, description="continue from the newest checkpoint in dir (else start fresh, replacing them)")
+    max_restarts: int = Field(
+        2, ge=0, description="RL: when an actor dies or hangs, restart every group and resume from the newest "
+                             "checkpoint (step 1 if none) at most this many times per run (0: stop)")
 
 
 class LoggingConfig(Section):

@@ -34,7 +34,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
 from rlhf.rewards import verifiers
 
@@ -187,10 +187,15 @@ def combine_rewards(per_function: dict[str, list[float]], weights: dict[str, flo
 
 
 # -------------------------------------------------------------------------------- safe running
-def run_reward_function(
-    reward: NamedReward, completions: list[str], samples: list[dict]
-) -> tuple[list[float], int, str | None]:
-    """(values, errors, first_error): values has one float per completion, `fallback` where it failed.
+class RewardRun(NamedTuple):
+    values: list[float]  # one per completion; the reward's `fallback` where it failed
+    errors: int  # samples given the fallback, for any reason
+    first_error: str | None
+    timeouts: int = 0  # of those errors, samples lost because the call timed out
+
+
+def run_reward_function(reward: NamedReward, completions: list[str], samples: list[dict]) -> RewardRun:
+    """(values, errors, first_error, timeouts) for one batch: see RewardRun.
 
     Never raises for the reward's failures: an exception or a timeout costs the whole batch, a
     result of the wrong length too, and each NaN, inf or non-number costs its own sample.
@@ -201,7 +206,7 @@ def run_reward_function(
         raise ValueError(f"{len(completions)} completions but {len(samples)} samples: pass one sample per completion")
     n = len(completions)
     if n == 0:
-        return [], 0, None
+        return RewardRun([], 0, None)
     whole_batch_failed = [reward.fallback] * n, n
     try:
         if reward.isolate:
@@ -209,13 +214,13 @@ def run_reward_function(
         else:
             raw = list(reward.fn(completions, samples))
     except TimeoutError:
-        return *whole_batch_failed, f"{reward.name}: timed out after {reward.timeout_s:g}s"
+        return RewardRun(*whole_batch_failed, f"{reward.name}: timed out after {reward.timeout_s:g}s", timeouts=n)
     except FailedInWorker as e:  # already reads "SomeError: message"
-        return *whole_batch_failed, f"{reward.name}: {e}"
+        return RewardRun(*whole_batch_failed, f"{reward.name}: {e}")
     except Exception as e:
-        return *whole_batch_failed, f"{reward.name}: {type(e).__name__}: {e}"
+        return RewardRun(*whole_batch_failed, f"{reward.name}: {type(e).__name__}: {e}")
     if len(raw) != n:
-        return *whole_batch_failed, f"{reward.name}: returned {len(raw)} values for {n} completions"
+        return RewardRun(*whole_batch_failed, f"{reward.name}: returned {len(raw)} values for {n} completions")
     values, errors, first_error = [], 0, None
     for i, value in enumerate(raw):
         number = _as_finite_float(value)
@@ -224,7 +229,7 @@ def run_reward_function(
             first_error = first_error or f"{reward.name}: sample {i}: {value!r} is not a finite number"
             number = reward.fallback
         values.append(number)
-    return values, errors, first_error
+    return RewardRun(values, errors, first_error)
 
 
 def _as_finite_float(value: Any) -> float | None:

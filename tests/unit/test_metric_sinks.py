@@ -7,7 +7,7 @@ from rlhf.run_log import RunLogger
 
 STEP = {
     "reward/mean": 0.5, "reward/std": 0.25, "reward/accuracy": 0.5, "reward/format": 1.0,
-    "reward_errors/accuracy": 2.0, "kl": 0.01, "kl_coef": 0.05, "entropy": 1.5, "clip_fraction": 0.1,
+    "reward_errors/accuracy": 2.0, "reward_timeouts/accuracy": 1.0, "rollout/worker_restarts": 1.0, "kl": 0.01, "kl_coef": 0.05, "entropy": 1.5, "clip_fraction": 0.1,
     "policy_loss": -0.2, "value_loss": 0.3, "critic_clip_fraction": 0.05, "grad_norm": 2.0, "critic_grad_norm": 4.0,
     "response_length/mean": 10.0, "samples": 8.0, "time/generate": 2.0, "time/score": 0.5, "time/reference": 1.0,
     "time/train": 4.0, "time/sync": 0.25, "time/step": 7.75, "throughput/generate_tokens_per_s": 41.0,
@@ -26,6 +26,8 @@ def test_records_map_each_metric_to_a_tagged_gauge():
         ("raylhf_reward_mean", (("role", "reward"),)): 0.5,
         ("raylhf_reward_function_mean", (("function", "accuracy"), ("role", "reward"))): 0.5,
         ("raylhf_reward_errors", (("function", "accuracy"), ("role", "reward"))): 2.0,
+        ("raylhf_reward_timeouts", (("function", "accuracy"), ("role", "reward"))): 1.0,
+        ("raylhf_worker_restarts", (("role", "rollout"),)): 1.0,
         ("raylhf_kl", (("role", "policy"),)): 0.01,
         ("raylhf_clip_fraction", (("role", "policy"),)): 0.1,
         ("raylhf_clip_fraction", (("role", "critic"),)): 0.05,

@@ -53,14 +53,14 @@ def test_builtin_kinds_score_and_model_is_remote():
     rewards = build_reward_functions(specs, task="reasoning_gym:chain_sum")
     assert [r.name for r in rewards] == ["math", "format", "reasoning_gym", "model", "format#2"]
     assert rewards[3].remote and rewards[3].fn is None
-    assert run_reward_function(rewards[0], COMPLETIONS, SAMPLES) == ([1.0, 0.0, 1.0], 0, None)
-    assert run_reward_function(rewards[1], COMPLETIONS, SAMPLES) == ([1.0, 0.0, 1.0], 0, None)
+    assert run_reward_function(rewards[0], COMPLETIONS, SAMPLES) == ([1.0, 0.0, 1.0], 0, None, 0)
+    assert run_reward_function(rewards[1], COMPLETIONS, SAMPLES) == ([1.0, 0.0, 1.0], 0, None, 0)
 
 
 def test_python_reward_from_a_file(user_file):
     reward = python_reward(user_file, "length")
     assert reward.name == "python:length"
-    assert run_reward_function(reward, COMPLETIONS, SAMPLES) == ([1.0, 15.0, 1.0], 0, None)
+    assert run_reward_function(reward, COMPLETIONS, SAMPLES) == ([1.0, 15.0, 1.0], 0, None, 0)
 
 
 @pytest.mark.parametrize(
@@ -87,17 +87,17 @@ def test_python_reward_missing_file(tmp_path):
     ],
 )
 def test_failures_give_the_fallback_and_are_counted(user_file, function, expected, errors, first_error):
-    values, n_errors, error = run_reward_function(python_reward(user_file, function), COMPLETIONS, SAMPLES)
-    assert (values, n_errors) == (expected, errors)
+    values, n_errors, error, timeouts = run_reward_function(python_reward(user_file, function), COMPLETIONS, SAMPLES)
+    assert (values, n_errors, timeouts) == (expected, errors, 0)  # failures, but no timeouts
     assert first_error in error and error.startswith(f"python:{function}")
 
 
 def test_a_hung_reward_times_out_and_the_next_call_works(user_file):
     hung = python_reward(user_file, "hangs", timeout_s=1.5, fallback=0.25)
     start = time.monotonic()
-    assert run_reward_function(hung, COMPLETIONS, SAMPLES) == ([0.25] * 3, 3, "python:hangs: timed out after 1.5s")
+    assert run_reward_function(hung, COMPLETIONS, SAMPLES) == ([0.25] * 3, 3, "python:hangs: timed out after 1.5s", 3)
     assert time.monotonic() - start < 1.5 + 3
-    assert run_reward_function(python_reward(user_file, "length"), ["ab"], [{}]) == ([2.0], 0, None)
+    assert run_reward_function(python_reward(user_file, "length"), ["ab"], [{}]) == ([2.0], 0, None, 0)
 
 
 def test_combine_rewards_is_a_weighted_sum():
@@ -147,7 +147,7 @@ def reward_server():
 def test_http_reward(reward_server):
     url, handler = reward_server
     (reward,) = build_reward_functions([RewardSpec(kind="http", url=url, timeout_s=5)])
-    assert run_reward_function(reward, COMPLETIONS, SAMPLES) == ([1.0, 15.0, 1.0], 0, None)
+    assert run_reward_function(reward, COMPLETIONS, SAMPLES) == ([1.0, 15.0, 1.0], 0, None, 0)
     assert handler.calls == 1
 
 
@@ -155,7 +155,7 @@ def test_http_reward_retries_a_failing_server(reward_server):
     url, handler = reward_server
     handler.fail_first = 1
     (reward,) = build_reward_functions([RewardSpec(kind="http", url=url, timeout_s=5)])
-    assert run_reward_function(reward, COMPLETIONS, SAMPLES) == ([1.0, 15.0, 1.0], 0, None)
+    assert run_reward_function(reward, COMPLETIONS, SAMPLES) == ([1.0, 15.0, 1.0], 0, None, 0)
     assert handler.calls == 2
 
 
@@ -166,6 +166,6 @@ def test_http_reward_gives_up_after_retries(reward_server, monkeypatch):
     url, handler = reward_server
     handler.fail_first = 100
     (reward,) = build_reward_functions([RewardSpec(kind="http", url=url, timeout_s=5, fallback=0.5)])
-    values, errors, first_error = run_reward_function(reward, COMPLETIONS, SAMPLES)
+    values, errors, first_error, _ = run_reward_function(reward, COMPLETIONS, SAMPLES)
     assert (values, errors, handler.calls) == ([0.5] * 3, 3, 1 + registry.HTTP_RETRIES)
     assert "503" in first_error
