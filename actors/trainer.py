@@ -241,6 +241,12 @@ class DeepSpeedRole:
 
         return self.rank, ray.get_runtime_context().get_placement_group_id()
 
+    def release_cached_memory(self) -> None:
+        """Return the CUDA caching allocator's free blocks to the device, so that a vLLM engine on
+        the same device can wake up into them (rollout.sleep_during_training). No-op on CPU."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The unsharded weights on rank 0 (None elsewhere). Every rank must call it under ZeRO-3."""
         import deepspeed

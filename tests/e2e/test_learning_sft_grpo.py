@@ -43,9 +43,14 @@ def run_config(tmp_path, name: str, policy_path: str, algorithm: dict, trainer: 
 
 @pytest.fixture(scope="module")
 def sft_result(ray_cluster, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("learning")
+    return train_sft(tmp_path), tmp_path
+
+
+def train_sft(tmp_path) -> dict:
+    """SFT from scratch, stopped early: GRPO's start (also bench/async_rollouts.py's)."""
     from actors.launch import run
 
-    tmp_path = tmp_path_factory.mktemp("learning")
     train = load_prompts(DataConfig(**DATA), "train")
     # The tokenizer learns the task's text (train prompts only) and the chat roles' words.
     texts = [f"user\n{row['prompt']}\nassistant\n{row['answer']}" for row in train]
@@ -54,7 +59,18 @@ def sft_result(ray_cluster, tmp_path_factory):
     cfg = run_config(tmp_path, "sft", model, {"name": "sft"},
                      {"lr": 3e-3, "global_batch_size": 32, "micro_batch_size": 32, "total_steps": SFT_STEPS},
                      rollout={"max_new_tokens": 8})
-    return run(cfg), tmp_path
+    return run(cfg)
+
+
+def grpo_config(tmp_path, name: str, policy_path: str, steps: int = GRPO_STEPS, **rollout):
+    return run_config(
+        tmp_path, name, policy_path, {"name": "grpo", "advantage": "grpo"},
+        # Adam's first steps move every weight by ~lr whatever the gradient's size; on noisy RL
+        # gradients that broke the policy at once (answers ran on past eos) until warmed up.
+        {"lr": 2e-3, "warmup_steps": 10, "global_batch_size": 128, "micro_batch_size": 64, "total_steps": steps},
+        rollout={"prompts_per_step": 16, "samples_per_prompt": 8, "temperature": 1.0, "max_new_tokens": 8, **rollout},
+        rewards=[{"kind": "reasoning_gym"}],
+    )
 
 
 def test_sft_learns_the_task_from_scratch(sft_result):
@@ -70,15 +86,7 @@ def test_grpo_improves_the_sft_checkpoint(sft_result):
     from actors.launch import run
 
     sft, tmp_path = sft_result
-    cfg = run_config(
-        tmp_path, "grpo", sft["final_path"], {"name": "grpo", "advantage": "grpo"},
-        # Adam's first steps move every weight by ~lr whatever the gradient's size; on noisy RL
-        # gradients that broke the policy at once (answers ran on past eos) until warmed up.
-        {"lr": 2e-3, "warmup_steps": 10, "global_batch_size": 128, "micro_batch_size": 64, "total_steps": GRPO_STEPS},
-        rollout={"prompts_per_step": 16, "samples_per_prompt": 8, "temperature": 1.0, "max_new_tokens": 8},
-        rewards=[{"kind": "reasoning_gym"}],
-    )
-    result = run(cfg)
+    result = run(grpo_config(tmp_path, "grpo", sft["final_path"]))
     # the task's verifier: 1 for the exact number (partial credit only for an answer containing it)
     before, after = result["before"]["eval/reward/reasoning_gym"], result["after"]["eval/reward/reasoning_gym"]
     print(f"\nGRPO held-out greedy accuracy: {before:.2f} -> {after:.2f} ({GRPO_STEPS} steps)")

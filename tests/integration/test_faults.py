@@ -65,7 +65,7 @@ def test_rollout_worker_killed_mid_generation_and_bad_rewards(ray_cluster, tiny_
     rewards = [{"kind": "python", "function": f"{tmp_path / 'reward.py'}:length"}]
     rewards += [{"kind": "python", "function": f"{tmp_path / 'bad.py'}:{fn}", "timeout_s": 1, "fallback": 0.0}
                 for fn in ("hangs", "raises", "nan")]
-    submit, generate = RolloutGroup.async_generate_shard, RolloutGroup.generate
+    submit, collect = RolloutGroup.async_generate_shard, RolloutGroup.collect
     shard_1_calls, killed, same_as_undisturbed = [], [], []
 
     def kill_worker_1_in_step_2(self, i, prompts, sampling):
@@ -77,16 +77,16 @@ def test_rollout_worker_killed_mid_generation_and_bad_rewards(ray_cluster, tiny_
                 killed.append(i)
         return ref
 
-    def generate_again_after_the_kill(self, prompts, sampling, weights_from=None):
-        samples = generate(self, prompts, sampling, weights_from)
+    def collect_again_after_the_kill(self, prompts, sampling, refs, weights_from=None):
+        samples, seconds = collect(self, prompts, sampling, refs, weights_from)
         if killed and not same_as_undisturbed:  # the same call once more, undisturbed (no update in between)
-            again = generate(self, prompts, sampling, weights_from)
+            again, _ = collect(self, prompts, sampling, self.start_generation(prompts, sampling), weights_from)
             same_as_undisturbed.append([(s["prompt_index"], s["response_token_ids"]) for s in samples]
                                        == [(s["prompt_index"], s["response_token_ids"]) for s in again])
-        return samples
+        return samples, seconds
 
     monkeypatch.setattr(RolloutGroup, "async_generate_shard", kill_worker_1_in_step_2)
-    monkeypatch.setattr(RolloutGroup, "generate", generate_again_after_the_kill)
+    monkeypatch.setattr(RolloutGroup, "collect", collect_again_after_the_kill)
     cfg = rl_config(tmp_path, tiny_model, "rollout-kill", rewards=rewards, **{
         "trainer.total_steps": STEPS, "resources.rollout.num_actors": 2})
     with caplog.at_level(logging.WARNING):

@@ -95,11 +95,22 @@ def test_every_error_is_reported_at_once(tmp_path):
         (["rewards=[]"], "needs a reward"),
         (["rewards=[{kind: python, function: no_colon}]"], "path/to/file.py:function"),
         (["rewards=[{kind: model}]"], "models.reward"),
+        (["rollout.sleep_during_training=true"], "add a group such as \\[policy, rollout\\]"),
+        (["rollout.sleep_during_training=true", "resources.colocate=[[policy, rollout]]", "rollout.async_rollouts=true"],
+         "choose one"),
     ],
 )
 def test_cross_field_checks(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, MINIMAL), overrides)
+
+
+def test_sleep_during_training_with_colocated_rollout(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["rollout.sleep_during_training=true", "resources.colocate=[[policy, rollout]]"])
+    assert cfg.rollout.sleep_during_training and not cfg.rollout.async_rollouts
+    assert load_config(write(tmp_path, MINIMAL), ["rollout.async_rollouts=true", "rollout.max_staleness=2"]).rollout.max_staleness == 2
+    with pytest.raises(ConfigError, match="rollout.max_staleness"):
+        load_config(write(tmp_path, MINIMAL), ["rollout.max_staleness=0"])
 
 
 def test_dpo_needs_no_rollout_or_reward(tmp_path):
