@@ -34,20 +34,24 @@ MICRO_BATCHING = {"tiny": ("32", "8", "1024", "3"), "smollm2": ("16", "4", "512"
 STEPS = {"tiny": 8, "smollm2": 4}  # RL steps per run: tiny steps take seconds, so more of them
 
 
-def run_part(name: str, cmd: list[str], logs: Path, results: dict) -> dict | None:
+def run_part(name: str, cmd: list[str], logs: Path) -> dict | None:
     """Run one benchmark process; its JSON results, or None (and the log's tail) if it failed."""
     out, log = logs / f"{name}.json", logs / f"{name}.log"
+    if out.exists():  # --logs of an earlier suite run: keep the parts that finished
+        print(f"[bench] {name}: results of an earlier run, {out}", flush=True)
+        return json.loads(out.read_text())
     print(f"[bench] {name}: {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     with Monitor(interval_s=2.0, roles=False) as monitor, log.open("w") as f:
         code = subprocess.call(cmd + ["--json", str(out)], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    results.setdefault("others_cores", []).append(monitor.others_cores)
     print(f"[bench] {name}: {'ok' if code == 0 else f'FAILED (exit {code}), log {log}'} in {time.perf_counter() - start:.0f} s; "
           f"other processes used {monitor.others_cores:.2f} cores meanwhile", flush=True)
     if code != 0:
         print("".join(log.read_text().splitlines(keepends=True)[-15:]), flush=True)
         return None
-    return json.loads(out.read_text())
+    found = json.loads(out.read_text()) | {"others_cores": monitor.others_cores}
+    out.write_text(json.dumps(found))
+    return found
 
 
 def bench_model(model: str, args, logs: Path) -> dict:
@@ -55,19 +59,20 @@ def bench_model(model: str, args, logs: Path) -> dict:
     workload = ["--prompts", str(args.prompts), "--samples", str(args.samples), "--tokens", str(args.tokens)]
     rl = workload + ["--steps", str(args.steps or STEPS[model])]
     r: dict = {}
-    r["sync"] = run_part(f"{model}-rl-sync", [py, "-m", "bench.rl_step", "--model", model] + rl, logs, r)
-    r["async"] = run_part(f"{model}-rl-async", [py, "-m", "bench.rl_step", "--model", model, "--async-rollouts"] + rl, logs, r)
+    r["sync"] = run_part(f"{model}-rl-sync", [py, "-m", "bench.rl_step", "--model", model] + rl, logs)
+    r["async"] = run_part(f"{model}-rl-async", [py, "-m", "bench.rl_step", "--model", model, "--async-rollouts"] + rl, logs)
     if not args.skip_trl:
         if subprocess.call(["bash", "bench/setup_trl.sh"], cwd=ROOT) == 0:
             from bench.rollout_and_sync import model_path
 
-            r["trl"] = run_part(f"{model}-trl", [str(TRL_PYTHON), "-m", "bench.trl_grpo", "--model-path", model_path(model)] + rl, logs, r)
-    found = run_part(f"{model}-rollout", [py, "-m", "bench.rollout_and_sync", "--model", model, "--repeats", "3"] + workload, logs, r)
-    r["rollout"] = found[model] if found else None
+            r["trl"] = run_part(f"{model}-trl", [str(TRL_PYTHON), "-m", "bench.trl_grpo", "--model-path", model_path(model)] + rl, logs)
+    found = run_part(f"{model}-rollout", [py, "-m", "bench.rollout_and_sync", "--model", model, "--repeats", "3"] + workload, logs)
+    r["rollout"] = found[model] | {"others_cores": found["others_cores"]} if found else None
     rows, micro, budget, repeats = MICRO_BATCHING[model]
     found = run_part(f"{model}-packing", [py, "-m", "bench.micro_batching", "--model", model, "--rows", rows,
-                                          "--micro-rows", micro, "--budget", budget, "--repeats", repeats], logs, r)
-    r["packing"] = found[model] if found else None
+                                          "--micro-rows", micro, "--budget", budget, "--repeats", repeats], logs)
+    r["packing"] = found[model] | {"others_cores": found["others_cores"]} if found else None
+    r["others_cores"] = [part["others_cores"] for part in r.values() if part and "others_cores" in part]
     return r
 
 
@@ -85,7 +90,8 @@ def table(results: dict[str, dict]) -> list[tuple[str, list[str]]]:
         return lambda r: "n/a (not implemented)" if r["async"].get("not_implemented") else fn(r)
 
     s = lambda r: r["sync"]
-    rows = [("**step time (sync), s**", cell(lambda r: f"{s(r)['time/step']:.2f}"))]
+    rows = [("first step (warm-up: engine and kernel start-up; left out), s", cell(lambda r: f"{s(r)['step_walls'][0]:.0f}")),
+            ("**step time (sync), s**", cell(lambda r: f"{s(r)['time/step']:.2f}"))]
     for p in PHASES + ("other",):
         rows.append((f"- {p}, s (share)", cell(lambda r, p=p: f"{s(r)['time/' + p]:.2f} ({s(r)['time/' + p] / s(r)['time/step']:.0%})")))
     rows += [
@@ -124,6 +130,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help=f"RL steps per run, medians leave out the first (default {STEPS})")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch/OpenMP threads per process, every side (default: all cores; 1 on a shared machine)")
+    parser.add_argument("--logs", help="folder for logs and per-part results; one of an earlier run: only the "
+                        "parts without results run again (e.g. after one failed)")
     parser.add_argument("--skip-trl", action="store_true", help="no TRL comparison (no bench/.trl-venv)")
     args = parser.parse_args()
     models = ["tiny"] if args.quick else args.models.split(",")
@@ -132,7 +140,8 @@ def main() -> None:
     # the free cores wait on each other at every barrier: on this 2-core machine with another
     # job using one core, HF generate ran 20x slower with 2 threads than with 1.
     os.environ["RAYLHF_CPU_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    logs = Path(tempfile.mkdtemp(prefix="raylhf-bench-logs-"))
+    logs = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="raylhf-bench-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
     print(f"[bench] logs in {logs}", flush=True)
     started = time.perf_counter()
     results = {m: bench_model(m, args, logs) for m in models}
