@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark on a fixed workload, one table.
 
-    .venv/bin/python -m bench            # tiny model and SmolLM2-135M-Instruct (~25 min on 2 cores)
-    .venv/bin/python -m bench --quick    # tiny model only (~7 min)
+    .venv/bin/python -m bench            # tiny model and SmolLM2-135M-Instruct (~20 min on 2 cores)
+    .venv/bin/python -m bench --quick    # tiny model only (~6-10 min)
 
 Each part runs in its own process (its own Ray, engines and memory), one after another:
 bench.rl_step (the system's GRPO step, sync and with rollout.async_rollouts), bench.trl_grpo (TRL's
