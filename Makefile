@@ -16,5 +16,9 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(ARGS)
 
+# The benchmark suite: one table (see docs/benchmarks.md). ARGS=--quick: the tiny model only.
+bench: setup
+	$(PY) -m bench $(ARGS)
+
 clean:
 	rm -rf .venv

@@ -12,10 +12,12 @@ forward.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
 import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--micro-rows", type=int, default=8, help="padded mode: rows per micro-batch")
     parser.add_argument("--budget", type=int, default=1024, help="packed mode: tokens per micro-batch")
+    parser.add_argument("--json", help="also write {model: results} to this file")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     from bench.rollout_and_sync import model_path
@@ -92,6 +95,8 @@ def main() -> None:
         ray.shutdown()
     print(f"\nworkload: {args.rows} rows, {args.micro_rows} rows or {args.budget} tokens per micro-batch; "
           f"median of {args.repeats} train steps; {os.cpu_count()} CPUs")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(rows)))
     print("| metric | " + " | ".join(n for n, _ in rows) + " |\n|---|" + "---|" * len(rows))
     for k in rows[0][1]:
         print(f"| {k} | " + " | ".join(f"{r[k]:.4g}" for _, r in rows) + " |")

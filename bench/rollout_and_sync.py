@@ -9,10 +9,12 @@ in this process. Ratios are what to compare across machines; absolute numbers de
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -29,12 +31,21 @@ def median_time(fn, repeats: int) -> float:
 
 
 def model_path(name: str) -> str:
-    from rlhf.models import build_tiny_causal_lm, smollm2_instruct_path
+    """SmolLM2-135M-Instruct, or the benchmarks' tiny model (a 4-layer, 128-wide Qwen2 with a BPE
+    tokenizer trained on sums), built once into the model cache so every script and process of
+    a suite run uses the same one."""
+    from rlhf.models import build_tiny_causal_lm, cache_root, smollm2_instruct_path
 
     if name == "smollm2":
         return smollm2_instruct_path()
-    texts = [f"{a} + {b} = {a + b}" for a in range(30) for b in range(30)]
-    return build_tiny_causal_lm(tempfile.mkdtemp() + "/tiny", texts, hidden=128, layers=4)
+    out = cache_root() / "bench-tiny-qwen2-4x128"
+    if not (out / "config.json").exists():
+        texts = [f"{a} + {b} = {a + b}" for a in range(30) for b in range(30)]
+        cache_root().mkdir(parents=True, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=cache_root())
+        os.replace(build_tiny_causal_lm(staging + "/tiny", texts, hidden=128, layers=4), out)  # never half a model
+        os.rmdir(staging)
+    return str(out)
 
 
 def prompts_for(path: str, k: int) -> list[str]:
@@ -143,6 +154,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--json", help="also write {model: results} to this file")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     names = ["tiny", "smollm2"] if args.model == "both" else [args.model]
@@ -153,6 +165,8 @@ def main() -> None:
     print(f"\nworkload: {args.prompts} prompts x {args.samples} samples x <= {args.tokens} new tokens; "
           f"median of {args.repeats}; {os.cpu_count()} CPUs")
     keys = list(rows[0][1])
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(rows)))
     print("| metric | " + " | ".join(n for n, _ in rows) + " |\n|---|" + "---|" * len(rows))
     for k in keys:
         print(f"| {k} | " + " | ".join(f"{r[k]:.3g}" for _, r in rows) + " |")
