@@ -186,7 +186,7 @@ class RolloutGroup:
 
         def start(i: int):
             return RolloutWorker.options(
-                num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor * rollout.tensor_parallel_size,
+                num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor,  # = tensor_parallel_size GPUs (config check)
                 scheduling_strategy=plan.strategy("rollout", i),
             ).remote(
                 model_path, dtype=dtype, seed=rollout.seed + i, max_model_len=max_model_len,

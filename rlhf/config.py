@@ -317,6 +317,12 @@ class RunConfig(Section):
                 "rollout.async_rollouts generates while the trainers train, and rollout.sleep_during_training puts "
                 "the engines to sleep then: choose one"
             )
+        if ro.tensor_parallel_size > 1 and res.rollout.gpus_per_actor != ro.tensor_parallel_size:
+            # an engine's actor holds all the GPUs its tensor-parallel workers use, in its one bundle
+            raise ValueError(
+                f"rollout.tensor_parallel_size={ro.tensor_parallel_size} spreads each engine over that many GPUs: "
+                f"set resources.rollout.gpus_per_actor={ro.tensor_parallel_size} (got {res.rollout.gpus_per_actor:g})"
+            )
         if ro.num_engines % res.rollout.num_actors and res.rollout.num_actors % ro.num_engines:
             raise ValueError(
                 f"rollout.num_engines={ro.num_engines} and resources.rollout.num_actors="

@@ -98,6 +98,7 @@ def test_every_error_is_reported_at_once(tmp_path):
         (["rollout.sleep_during_training=true"], "add a group such as \\[policy, rollout\\]"),
         (["rollout.sleep_during_training=true", "resources.colocate=[[policy, rollout]]", "rollout.async_rollouts=true"],
          "choose one"),
+        (["rollout.tensor_parallel_size=2"], "resources.rollout.gpus_per_actor=2"),  # the bundle must hold the engine's GPUs
     ],
 )
 def test_cross_field_checks(tmp_path, overrides, message):
