@@ -21,6 +21,7 @@ from rlhf.data.sources import DataError, load_prompts
 from rlhf.data.stream import PromptStream
 from rlhf.guards import NonFiniteError, NonFiniteGuard
 from rlhf.models import check_model_paths
+from rlhf.preflight import check_before_start
 from rlhf.run_log import RunLogger, format_metrics
 
 log = logging.getLogger("raylhf")
@@ -62,6 +63,7 @@ def main(default_config: str, argv: list[str] | None = None) -> dict:
 
 def run(cfg: RunConfig) -> dict:
     check_model_paths(cfg.models)  # ConfigError before Ray or any actor starts
+    check_before_start(cfg)  # data sources, task names, reward functions: also before Ray
     random.seed(cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)
     run_dir = Path(cfg.logging.dir) / cfg.logging.run_name
@@ -95,7 +97,7 @@ def run_rl(cfg: RunConfig, run_dir: Path) -> dict:
     groups freed), new ones are built and the run resumes from the newest checkpoint (step 1 if
     there is none), at most checkpoint.max_restarts times. A worker lost during generation is
     restarted in place by RolloutGroup instead, without this."""
-    train, heldout = load_prompts(cfg.data, "train"), load_prompts(cfg.data, "eval")
+    train, heldout = load_prompts(cfg.data, "train", cfg.rewards), load_prompts(cfg.data, "eval", cfg.rewards)
     log.info("data: %d train prompts, %d held-out prompts from %s", len(train), len(heldout), cfg.data.source)
     checkpoints = CheckpointDir(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_last)
     if not cfg.checkpoint.resume and checkpoints.latest():

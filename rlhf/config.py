@@ -10,20 +10,28 @@ message names each bad field (dotted path), the value given and what is allowed.
 """
 from __future__ import annotations
 
+import copy
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rlhf.names import did_you_mean
+from rlhf.strict_yaml import parse_yaml
 
 Role = Literal["policy", "reference", "reward", "critic", "rollout"]
 ROLES: tuple[str, ...] = ("policy", "reference", "reward", "critic", "rollout")
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated, and no
+    float may be inf or NaN (`lr: .inf` satisfies `gt=0`, and a NaN fails no comparison)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------- models
@@ -67,6 +75,14 @@ class DataConfig(Section):
     on_bad_row: Literal["strict", "skip"] = Field(
         "strict", description="'strict': stop before training; 'skip': drop and count bad rows"
     )
+
+    @field_validator("task_kwargs")
+    @classmethod
+    def _finite_task_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # free-form values escape allow_inf_nan, so walk them
+        if bad := nonfinite_paths(kwargs):
+            raise ValueError(f"not a finite number: {', '.join(bad)}")
+        return kwargs
 
 
 # -------------------------------------------------------------------------------------- rollout
@@ -155,8 +171,10 @@ class RewardSpec(Section):
     def _needs_target(self) -> "RewardSpec":
         if self.kind == "python" and (not self.function or ":" not in self.function):
             raise ValueError(f"rewards: kind=python needs function='path/to/file.py:function', got {self.function!r}")
-        if self.kind == "http" and not self.url:
-            raise ValueError("rewards: kind=http needs url='http://host:port/path'")
+        if self.kind == "http":
+            url = urlparse(self.url or "")
+            if url.scheme not in ("http", "https") or not url.netloc:
+                raise ValueError(f"rewards: kind=http needs url='http://host:port/path', got {self.url!r}")
         return self
 
 
@@ -341,8 +359,11 @@ def _describe(error: dict, root: type[BaseModel]) -> str:
     value = error.get("input")
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(root, error["loc"][:-1])
-        return f"{where}: unknown key (value {value!r}); allowed keys here: {', '.join(allowed)}"
+        hint = did_you_mean(str(error["loc"][-1]), allowed)
+        return f"{where}: unknown key (value {value!r}){hint}; allowed keys here: {', '.join(allowed)}"
     msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "literal_error":  # "Input should be 'math', 'format' or ...": add the closest one
+        msg += did_you_mean(str(value), re.findall(r"'([^']*)'", error.get("ctx", {}).get("expected", "")))
     if isinstance(value, dict):  # a whole section failed a cross-field check: the message names fields
         return f"{where}: {msg}"
     return f"{where} = {value!r}: {msg}"
@@ -380,6 +401,19 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
 
 
+def nonfinite_paths(value: Any, path: str = "") -> list[str]:
+    """Dotted paths of every inf/NaN float inside nested dicts and lists (`a.b.0 = inf`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{path or '<value>'} = {value}"]
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return []
+    return [p for k, v in items for p in nonfinite_paths(v, f"{path}.{k}" if path else str(k))]
+
+
 def apply_override(raw: dict, override: str) -> None:
     """Apply one `dotted.key=value` override in place; the value is parsed as YAML (1e-6, true, [a, b])."""
     key, sep, text = override.partition("=")
@@ -399,7 +433,10 @@ def apply_override(raw: dict, override: str) -> None:
         if not isinstance(child, (dict, list)):
             raise ConfigError(f"override {override!r}: {part!r} is a value ({child!r}), not a section")
         node = child
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = parse_yaml(text, f"override {override!r}") if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {e}") from None
     if isinstance(node, list):
         if not parts[-1].isdigit() or int(parts[-1]) >= len(node):
             raise ConfigError(f"override {override!r}: no item {parts[-1]!r} in a list of {len(node)}")
@@ -410,13 +447,18 @@ def apply_override(raw: dict, override: str) -> None:
 
 def load_config(path: Optional[str | Path] = None, overrides: list[str] = (), base: Optional[dict] = None) -> RunConfig:
     """Read YAML (if given) on top of `base`, apply overrides, validate. Raises ConfigError."""
-    raw: dict = dict(base or {})
+    raw: dict = copy.deepcopy(base or {})  # overrides edit nested sections in place: never the caller's
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is allowed
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: line {line}: {e.reason}") from None
+        try:
+            loaded = parse_yaml(text, str(path)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):

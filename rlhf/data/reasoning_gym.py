@@ -12,9 +12,13 @@ across seeds, so `train_heldout_split` also drops held-out questions that occur 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import reasoning_gym
+from reasoning_gym.factory import DATASETS
+
+from rlhf.names import did_you_mean, unknown_name
 
 DEFAULT_SUFFIX = " Give only the final number."
 HELDOUT_SEED_OFFSET = 1_000_003  # far from any seed a run would use for training
@@ -22,6 +26,32 @@ HELDOUT_SEED_OFFSET = 1_000_003  # far from any seed a run would use for trainin
 # chain_sum difficulty at which SmolLM2-135M-Instruct gets ~17% greedy, enough reward variance
 # across samples for GRPO (measured in STACK.md; the default difficulty gives ~2%).
 CHAIN_SUM_EASY = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}
+
+
+def task_name_problem(task: str) -> str | None:
+    """"unknown task; did you mean 'chain_sum'?" when reasoning-gym has no task `task`, else None."""
+    return None if task in DATASETS else unknown_name("reasoning-gym task", task, DATASETS)
+
+
+def task_kwargs_problem(task: str, task_kwargs: dict[str, Any], seed: int = 0, size: int = 1) -> str | None:
+    """What is wrong with `task_kwargs` for a known `task` (an unknown option, a value its config
+    rejects), or None. Builds the task's config object only: no problem is generated."""
+    config_cls = DATASETS[task][1]
+    for taken in ("seed", "size"):
+        if taken in task_kwargs:
+            return f"{taken!r} is set by data.{'seed' if taken == 'seed' else 'train_size / data.eval_size'}, not task_kwargs"
+    if dataclasses.is_dataclass(config_cls):
+        options = [f.name for f in dataclasses.fields(config_cls) if f.name not in ("seed", "size")]
+        for key in task_kwargs:
+            if key not in options:
+                return f"{task} has no option {key!r}{did_you_mean(key, options)} (options: {', '.join(options)})"
+    try:
+        config = config_cls(**task_kwargs, seed=seed, size=size)
+        if hasattr(config, "validate"):
+            config.validate()
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        return f"{task} rejects them: {type(e).__name__}: {e}"
+    return None
 
 
 def reasoning_gym_prompts(

@@ -11,9 +11,11 @@ kept as metadata); preference -> `prompt`, `chosen`, `rejected`; SFT -> `prompt`
 (for `reasoning_gym:<task>` the response is the gold answer).
 `data.prompt_suffix` is appended to every prompt.
 
-Rows from files are validated before anything trains: a bad row (malformed JSON, a missing
-field, a wrong type, an empty text, a text too long) either stops the run with a list of
-problems (`on_bad_row: strict`) or is dropped and counted (`on_bad_row: skip`).
+Rows from files are untrusted and validated before anything trains: a bad row (bytes that are
+not UTF-8, malformed JSON, a key given twice, a missing field, a wrong type, an empty text, a text
+too long, or a field a configured reward reads, such as the answer) either stops the run with a
+list of problems naming file, row and field (`on_bad_row: strict`) or is dropped and counted
+(`on_bad_row: skip`).
 
 Splits: `split="train"` or `"eval"`. Eval comes from `data.eval_source` when set (the whole of
 it for files; its held-out part for built-ins). Without it, eval is held out of `data.source`:
@@ -28,15 +30,19 @@ out); built-in sources draw exactly `train_size` / `eval_size` examples.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
+
+from rlhf.rewards.verifiers import REWARD_SAMPLE_FIELDS
 
 if TYPE_CHECKING:
-    from rlhf.config import DataConfig
+    from rlhf.config import DataConfig, RewardSpec
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +110,41 @@ def load_rows(source: str, split: str = "train") -> list[dict | UnreadableRow]:
 
 
 def _read_jsonl(path: Path) -> list[dict | UnreadableRow]:
-    lines = path.read_text(encoding="utf-8").rstrip().splitlines()
-    rows: list[dict | UnreadableRow] = []
-    for line in lines:
-        if not line.strip():
-            rows.append(UnreadableRow("blank line (JSON Lines holds one object per line)"))
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            rows.append(UnreadableRow(f"invalid JSON: {e}"))
-            continue
-        rows.append(row if isinstance(row, dict) else UnreadableRow(f"expected a JSON object, got {type(row).__name__}"))
-    return rows
+    # Bytes, split on b"\n" only: str.splitlines() would also split at U+2028, U+0085 or a lone \r
+    # inside a JSON string, and decoding the whole file at once would lose every row to one bad byte.
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8).rstrip()
+    return [_parse_jsonl_line(line) for line in data.split(b"\n")] if data else []
+
+
+def _parse_jsonl_line(line: bytes) -> dict | UnreadableRow:
+    if not line.strip():
+        return UnreadableRow("blank line (JSON Lines holds one object per line)")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return UnreadableRow(f"not UTF-8 text: byte {line[e.start]:#04x} at byte {e.start + 1} of the line ({e.reason})")
+    try:
+        row = json.loads(text, object_pairs_hook=_object_without_repeats, parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, _NotStrictJSON) as e:
+        return UnreadableRow(f"invalid JSON: {e}")
+    return row if isinstance(row, dict) else UnreadableRow(f"expected a JSON object, got {type(row).__name__}")
+
+
+class _NotStrictJSON(ValueError):
+    """What Python's json accepts but JSON does not, or keeps silently: NaN, Infinity, repeated keys."""
+
+
+def _object_without_repeats(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _NotStrictJSON(f"key {key!r} appears twice in one object (JSON parsers keep only one)")
+        out[key] = value
+    return out
+
+
+def _refuse_constant(name: str):
+    raise _NotStrictJSON(f"{name} is not a JSON number")
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -150,8 +178,10 @@ def validate_rows(
     source: str,
     max_chars: dict[str, int] | None = None,
     on_bad_row: Literal["strict", "skip"] = "strict",
+    more_checks: Callable[[dict], list[str]] | None = None,
 ) -> tuple[list[dict], RowReport]:
-    """Keep rows whose `required` fields exist, have the type, are non-empty and fit `max_chars`.
+    """Keep rows whose `required` fields exist, have the type, are non-empty and fit `max_chars`,
+    and in which `more_checks(row)` finds no problem.
 
     Each problem reads `"{source}: row {n}: field 'x': ..."` (n is 1-based; the line for JSONL).
     strict: raise DataError listing the first MAX_PROBLEMS_SHOWN problems and the totals.
@@ -162,6 +192,8 @@ def validate_rows(
     good, report = [], RowReport(total_rows=len(rows))
     for n, row in enumerate(rows, start=1):
         problems = row_problems(row, required, max_chars or {})
+        if more_checks is not None and not isinstance(row, UnreadableRow):
+            problems += more_checks(row)
         if problems:
             report.bad_rows += 1
             report.problems += [f"{source}: row {n}: {p}" for p in problems]
@@ -180,9 +212,13 @@ def validate_rows(
 
 
 # ------------------------------------------------------------------------------------ dispatch
-def load_prompts(data_cfg: DataConfig, split: str = "train") -> list[dict]:
-    """Prompts for generation: `prompt`, and `answer` plus any metadata the source has."""
-    return _load("prompts", data_cfg, split)
+def load_prompts(data_cfg: DataConfig, split: str = "train", rewards: Sequence[RewardSpec] = ()) -> list[dict]:
+    """Prompts for generation: `prompt`, and `answer` plus any metadata the source has.
+
+    `rewards`: the run's reward specs; a row lacking a field one of them reads (see
+    verifiers.REWARD_SAMPLE_FIELDS) is a bad row, like a row without a prompt.
+    """
+    return _load("prompts", data_cfg, split, tuple(sorted({r.kind for r in rewards})))
 
 
 def load_preference_pairs(data_cfg: DataConfig, split: str = "train") -> list[dict]:
@@ -195,18 +231,22 @@ def load_sft_pairs(data_cfg: DataConfig, split: str = "train") -> list[dict]:
     return _load("sft", data_cfg, split)
 
 
-def _load(kind: Kind, cfg: DataConfig, split: str) -> list[dict]:
+def _load(kind: Kind, cfg: DataConfig, split: str, reward_kinds: tuple[str, ...] = ()) -> list[dict]:
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if split == "eval" and cfg.eval_size == 0 and not cfg.eval_source:
         return []
     source = cfg.eval_source if split == "eval" and cfg.eval_source else cfg.source
-    if source.startswith("reasoning_gym:") or source == "imdb":
+    builtin = source.startswith("reasoning_gym:") or source == "imdb"
+    checks = _reward_field_checks(reward_kinds, cfg, source, from_file=not builtin)
+    if builtin:
         rows = _builtin_rows(kind, source, cfg, split)
+        if checks is not None:
+            rows, _ = validate_rows(rows, {}, source, on_bad_row=cfg.on_bad_row, more_checks=checks)
     else:
         # part: "whole" for a separate eval source, else this side of the held-out split
         part = "whole" if source != cfg.source else split
-        rows = _file_rows(kind, source, cfg, part)
+        rows = _file_rows(kind, source, cfg, part, checks)
     return [{**row, "prompt": row["prompt"] + cfg.prompt_suffix} for row in rows]
 
 
@@ -223,8 +263,13 @@ def _builtin_rows(kind: Kind, source: str, cfg: DataConfig, split: str) -> list[
     task = source.removeprefix("reasoning_gym:")
     if kind == "preference":
         raise DataError(f"data.source={source!r} makes prompts with answers, not preference pairs; use a file or 'imdb'")
-    from rlhf.data.reasoning_gym import reasoning_gym_prompts, train_heldout_split
+    from rlhf.data.reasoning_gym import reasoning_gym_prompts, task_kwargs_problem, task_name_problem, train_heldout_split
 
+    key = "data.source" if source == cfg.source else "data.eval_source"
+    if problem := task_name_problem(task):
+        raise DataError(f"{key} = {source!r}: {problem}")
+    if problem := task_kwargs_problem(task, cfg.task_kwargs, cfg.seed, max(size, 1)):
+        raise DataError(f"data.task_kwargs = {cfg.task_kwargs}: {problem}")
     if split == "train":
         rows = reasoning_gym_prompts(task, size, cfg.seed, cfg.task_kwargs, suffix="")
     else:
@@ -242,13 +287,15 @@ def _fields(kind: Kind, cfg: DataConfig) -> dict[str, str]:
     }[kind]
 
 
-def _file_rows(kind: Kind, source: str, cfg: DataConfig, part: str) -> list[dict]:
+def _file_rows(kind: Kind, source: str, cfg: DataConfig, part: str,
+               checks: Callable[[dict], list[str]] | None = None) -> list[dict]:
     if cfg.task_kwargs:
         raise DataError(f"data.task_kwargs={cfg.task_kwargs} only applies to reasoning_gym:<task> and imdb, not {source!r}")
     fields = _fields(kind, cfg)
     response_chars = cfg.max_response_len * CHARS_PER_TOKEN_CEILING
     max_chars = {f: response_chars for f in fields.values()} | {cfg.prompt_field: cfg.max_prompt_len * CHARS_PER_TOKEN_CEILING}
-    rows, _ = validate_rows(load_rows(source, cfg.split), dict.fromkeys(fields.values(), str), source, max_chars, cfg.on_bad_row)
+    rows, _ = validate_rows(load_rows(source, cfg.split), dict.fromkeys(fields.values(), str), source, max_chars,
+                            cfg.on_bad_row, checks)
     if kind == "prompts":
         fields = fields | {"answer": cfg.answer_field}  # optional: kept when present
     rows = [_rename(row, fields) for row in rows]
@@ -261,6 +308,60 @@ def _file_rows(kind: Kind, source: str, cfg: DataConfig, part: str) -> list[dict
         log.warning("%s: using %d of %d train rows (data.train_size)", source, cfg.train_size, len(train))
         train = train[: cfg.train_size]
     return train
+
+
+def _reward_field_checks(reward_kinds: Sequence[str], cfg: DataConfig, source: str,
+                         from_file: bool) -> Callable[[dict], list[str]] | None:
+    """A row check for the fields the run's rewards read (None if they read none).
+
+    File rows are checked as read (before renaming), so the gold answer is under the configured
+    data.answer_field; built-in rows have it as `answer`.
+    """
+    needs: dict[str, str] = {}  # field -> the reward kind named in the message
+    for kind in reward_kinds:
+        for name in REWARD_SAMPLE_FIELDS.get(kind, ()):
+            needs.setdefault(name, kind)
+    null_answer_ok = "math" not in reward_kinds  # reasoning-gym tasks may have a null answer (see verifiers)
+    if not null_answer_ok:
+        needs["answer"] = "math"
+    # with data.source=reasoning_gym:<task> the task is known; otherwise each row's metadata names it
+    needs_task = "metadata" in needs and not source.startswith("reasoning_gym:")
+    if not needs:
+        return None
+    answer_key = cfg.answer_field if from_file else "answer"
+    mapped = f"data.answer_field={cfg.answer_field!r}" if from_file else f"rows of {source!r} have none"
+
+    def check(row: dict) -> list[str]:
+        problems = []
+        if "answer" in needs:
+            value, why = row.get(answer_key), f"reward kind {needs['answer']!r} scores against it ({mapped})"
+            if value is None:
+                if answer_key not in row or not null_answer_ok:
+                    problems.append(f"field {answer_key!r}: missing" + " (null)" * (answer_key in row) + f"; {why}")
+            elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                problems.append(f"field {answer_key!r}: expected a string or number, got {type(value).__name__}; {why}")
+            elif isinstance(value, str) and not value.strip() or isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"field {answer_key!r}: empty or not a number ({value!r}); {why}")
+        if needs_task:
+            problems += _task_metadata_problems(row.get("metadata"))
+        return problems
+
+    return check
+
+
+def _task_metadata_problems(metadata) -> list[str]:
+    from rlhf.data.reasoning_gym import task_name_problem
+
+    why = ("reward kind 'reasoning_gym' scores each row with the task its metadata.source_dataset names, "
+           "as data.source is not reasoning_gym:<task>")
+    if not isinstance(metadata, dict):
+        got = "missing" if metadata is None else f"expected an object, got {type(metadata).__name__}"
+        return [f"field 'metadata': {got}; {why}"]
+    task = metadata.get("source_dataset")
+    if not isinstance(task, str):
+        return [f"field 'metadata.source_dataset': missing or not a string; {why}"]
+    problem = task_name_problem(task)
+    return [f"field 'metadata.source_dataset' = {task!r}: {problem}"] if problem else []
 
 
 def _rename(row: dict, fields: dict[str, str]) -> dict:

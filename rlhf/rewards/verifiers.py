@@ -15,6 +15,15 @@ from typing import Callable
 
 RewardFn = Callable[[list[str], list[dict]], list[float]]
 
+# The sample fields each reward kind reads. A prompt row without them can only ever score 0 (the
+# functions below never raise), so data loading reports such rows as bad (rlhf.data.sources)
+# instead of letting a typo in data.answer_field silently stop all learning.
+#   math           sample["answer"]: the gold answer (from data.answer_field)
+#   reasoning_gym  sample["answer"] and sample["metadata"] (the task's scorer reads them); without a
+#                  task in data.source, metadata["source_dataset"] names the task to score with. The
+#                  answer may be null: some tasks (rush_hour, graph_color, ...) score from metadata alone
+REWARD_SAMPLE_FIELDS: dict[str, tuple[str, ...]] = {"math": ("answer",), "reasoning_gym": ("answer", "metadata")}
+
 # An optionally signed number with optional thousands commas and decimals: "-1,000.5", "42".
 NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 ONLY_A_NUMBER = r"\s*-?\d+(?:,\d{3})*(?:\.\d+)?\s*"

@@ -54,7 +54,9 @@ def test_dotted_overrides_parse_values_as_yaml(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("algorithm.kl.cof=0.1", ["algorithm.kl.cof", "unknown key", "coef"]),  # typo lists allowed keys
+        ("algorithm.kl.cof=0.1", ["algorithm.kl.cof", "unknown key", "did you mean 'coef'?"]),  # typo lists allowed keys
+        ("trainer.lr=.inf", ["trainer.lr", "inf", "finite number"]),  # inf passes gt=0: refused on its own
+        ("rewards.0.kind=maths", ["rewards.0.kind", "'maths'", "did you mean 'math'?"]),
         ("algorithm.kl.estimator=k4", ["algorithm.kl.estimator", "'k4'", "'k1', 'k2' or 'k3'"]),
         ("trainer.zero_stage=5", ["trainer.zero_stage", "5"]),
         ("rollout.top_p=1.5", ["rollout.top_p", "1.5", "less than or equal to 1"]),

@@ -1,6 +1,9 @@
 """Requests that can never run fail before any actor starts, naming the field and what to change:
-placement bundles vs the cluster's nodes (rlhf/resources.py), model paths (rlhf/models.py), and
-batches that do not split over a role's ranks (rlhf/config.py)."""
+placement bundles vs the cluster's nodes (rlhf/resources.py), model paths (rlhf/models.py),
+batches that do not split over a role's ranks (rlhf/config.py), and data sources, task names and
+reward functions (rlhf/preflight.py; its attacks are in tests/safety/test_config_and_data.py)."""
+from pathlib import Path
+
 import pytest
 
 from rlhf.config import ConfigError, ResourcesConfig, load_config, validate_config
@@ -10,6 +13,7 @@ from rlhf.resources import ResourceError, check_fit, fit_problems, placement_set
 LAPTOP = {"total": {"CPU": 2.0, "memory": 1e9}, "nodes": [{"CPU": 2.0, "memory": 1e9}]}
 GPU_CLUSTER = {"total": {"CPU": 96.0, "GPU": 8.0}, "nodes": [{"CPU": 48.0, "GPU": 4.0}, {"CPU": 48.0, "GPU": 4.0}]}
 RL_ROLES = ["policy", "rollout", "reference"]
+CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 
 
 def res(**roles) -> ResourcesConfig:
@@ -138,3 +142,23 @@ def test_reward_model_training_checks_the_reward_ranks():
     with pytest.raises(ConfigError, match=r"resources.reward.num_actors \(3\)"):
         load_config(None, ["resources.reward.num_actors=3"], base=base)
     load_config(None, ["resources.reward.num_actors=2"], base=base)  # 16 pairs = 4 x 2 ranks x 2 micro-batches
+
+
+# ------------------------------------------------------------------------------ names and sources
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipe_configs_pass_the_preflight(path):
+    from rlhf.preflight import check_before_start
+
+    check_before_start(load_config(path))
+
+
+def test_run_stops_on_a_misspelt_reward_function_before_ray(tmp_path, monkeypatch):
+    import actors.launch as launch
+
+    (tmp_path / "reward.py").write_text("def length(completions, samples):\n    return [len(c) for c in completions]\n")
+    monkeypatch.setattr(launch, "ensure_ray", lambda: pytest.fail("Ray was started"))
+    base = MINIMAL | {"models": {"policy": {"path": "smollm2-135m-instruct"}}}
+    cfg = load_config(None, [f"rewards=[{{kind: python, function: '{tmp_path}/reward.py:lenght'}}]",
+                             f"logging.dir={tmp_path}"], base=base)
+    with pytest.raises(ConfigError, match=r"rewards.0.function = .*reward.py:lenght'.*did you mean 'length'\?"):
+        launch.run(cfg)
