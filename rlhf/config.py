@@ -73,8 +73,8 @@ class DataConfig(Section):
     seed: int = Field(0, description="data randomness: problems generated, file shuffle and held-out split, "
                                      "order of prompts / pairs drawn")
     prompt_field: str = Field("prompt", description="file column with the prompt text")
-    answer_field: str = Field("answer", description="file column with the gold answer that math / reasoning_gym "
-                                                    "rewards score against (RL; optional otherwise)")
+    answer_field: str = Field("answer", description="file column with the gold answer, kept with RL prompts; "
+                                                    "math and reasoning_gym rewards need it")
     response_field: str = Field("response", description="file column with the target response (sft)")
     chosen_field: str = Field("chosen", description="file column with the preferred response (dpo, reward_model)")
     rejected_field: str = Field("rejected", description="file column with the rejected response (dpo, reward_model)")
@@ -116,7 +116,7 @@ class RolloutConfig(Section):
                                                           "holding this probability (1: off)")
     max_new_tokens: int = Field(64, ge=1, description="longest response in tokens, in training and evaluation; "
                                                       "longer ones are cut")
-    stop: list[str] = Field(default_factory=list, description="strings that end a response (not kept in it)")
+    stop: list[str] = Field(default_factory=list, description="strings that end a response (vLLM stop strings)")
     seed: int = Field(0, description="sampling seed: each step and refill round derives its own from it, so a "
                                      "resumed run draws the same samples")
     eval_samples: int = Field(4, ge=0, description="held-out: also score this many samples per prompt at `temperature` (0: greedy only)")
@@ -265,8 +265,8 @@ class TrainerConfig(Section):
 
 # ------------------------------------------------------------------------------------ resources
 class RoleResources(Section):
-    num_actors: int = Field(1, ge=1, description="data-parallel ranks of a trained or scoring role; for rollout, "
-                                                 "vLLM engines (one per actor)")
+    num_actors: int = Field(1, ge=1, description="ranks of the role (a trained role splits each batch over them); "
+                                                 "for rollout: vLLM engines, one per actor")
     cpus_per_actor: float = Field(1.0, ge=0.0, description="Ray CPUs each actor reserves (fractions allowed; also "
                                                            "its default thread count)")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="Ray GPUs each actor reserves (0 on CPU machines; rollout "
