@@ -34,11 +34,6 @@ log = logging.getLogger("raylhf")
 def run_reward_model(cfg: RunConfig, run_dir: Path) -> dict:
     from actors.reward import RewardTrainerActor
 
-    if cfg.algorithm.reward_lm_coef:
-        # The reward model loads as a sequence classifier (a scalar head, no LM head), so there
-        # are no next-token log-probs to regularise with; refuse rather than silently ignore it.
-        raise ConfigError(f"algorithm.reward_lm_coef={cfg.algorithm.reward_lm_coef}: the LM term is not supported for "
-                          "sequence-classification reward models; set it to 0")
     train, heldout = _load_pairs(cfg.data)
     plan = PlacementPlan.create(cfg.resources, ["reward"])
     from actors.metrics import metric_sinks  # Ray dashboard metrics and wandb, as cfg.logging asks

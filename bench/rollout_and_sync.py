@@ -78,7 +78,7 @@ def bench_generation(path: str, args) -> dict:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     plan = PlacementPlan.create(ResourcesConfig(rollout={"cpus_per_actor": 1}), ["rollout"])
-    group = RolloutGroup(plan, path, dtype, RolloutConfig(num_engines=1), max_model_len=512)
+    group = RolloutGroup(plan, path, dtype, RolloutConfig(), max_model_len=512)
     through_group = lambda: group.merge_samples(ray.get(group.async_generate(prompts, sampling)), len(prompts))
     t = median_time(through_group, args.repeats)
     produced = sum(len(s["response_token_ids"]) for s in through_group())
@@ -132,7 +132,7 @@ def bench_sync(path: str, args) -> dict:
     policy = ActorGroup(PolicyActor, "policy", plan, model=ModelSpec(path=path).model_dump(),
                         trainer=TrainerConfig(global_batch_size=4, micro_batch_size=4).model_dump(),
                         algorithm=AlgorithmConfig(name="grpo").model_dump())
-    group = RolloutGroup(plan, path, None, RolloutConfig(num_engines=1), max_model_len=512)
+    group = RolloutGroup(plan, path, None, RolloutConfig(), max_model_len=512)
     ray.get(group.workers[0].__ray_ready__.remote())
     size = len(ray.get(policy.async_run("weights_blob"))[0])
 

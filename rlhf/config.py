@@ -36,18 +36,23 @@ class Section(BaseModel):
 
 # --------------------------------------------------------------------------------------- models
 class ModelSpec(Section):
-    path: str = Field(description="HF folder, or a built-in name: 'smollm2-135m-instruct'")
+    path: str = Field(description="Hugging Face model folder, or a built-in name: 'smollm2-135m-instruct', "
+                                   "'all-minilm-l6-v2'")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="'auto': bf16 on GPUs and AMX CPUs, else float32 (bf16 is emulated, ~8x slower)"
+        "auto", description="dtype of the role's weights (the policy's also in the vLLM engines). 'auto': bf16 on GPUs "
+        "(fp16 without bf16) and AMX CPUs, else float32 (other CPUs emulate bf16, ~8x slower)"
     )
     tokenizer: Optional[str] = Field(None, description="tokenizer folder; default: the model's")
 
 
 class ModelsConfig(Section):
     policy: Optional[ModelSpec] = Field(None, description="the model trained; every algorithm but reward_model needs it")
-    reference: Optional[ModelSpec] = Field(None, description="default: a frozen copy of policy")
-    reward: Optional[ModelSpec] = Field(None, description="sequence-classification reward model")
-    critic: Optional[ModelSpec] = Field(None, description="value model (PPO with GAE)")
+    reference: Optional[ModelSpec] = Field(
+        None, description="frozen model for DPO and the KL term (RL with algorithm.kl.coef > 0); default: the policy")
+    reward: Optional[ModelSpec] = Field(
+        None, description="sequence-classification reward model: scores RL samples, is what reward_model trains, "
+                          "and scores DPO's held-out samples")
+    critic: Optional[ModelSpec] = Field(None, description="value model; used only with algorithm.advantage='gae'")
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -55,23 +60,35 @@ class DataConfig(Section):
     source: str = Field(
         description="'reasoning_gym:<task>', 'imdb', a .jsonl/.parquet file, or a `datasets` name"
     )
-    split: str = "train"
-    eval_source: Optional[str] = Field(None, description="held-out source; default: same source, other seed")
-    task_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the task generator")
-    train_size: int = Field(1000, gt=0)
-    eval_size: int = Field(100, ge=0)
-    seed: int = 0
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    response_field: str = "response"
-    chosen_field: str = "chosen"
-    rejected_field: str = "rejected"
+    split: str = Field("train", description="split to read from a `datasets` name; local files ignore it")
+    eval_source: Optional[str] = Field(
+        None, description="held-out data, read whole (a built-in draws eval_size); default: held out of data.source "
+                          "(another seed, imdb's fixed split, or eval_size prompts of the file)")
+    task_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="options of the reasoning-gym task or the imdb builder; files take none")
+    train_size: int = Field(1000, gt=0, description="built-ins generate this many train rows; a file's are cut to it")
+    eval_size: int = Field(
+        100, ge=0, description="held-out rows a built-in generates, or distinct prompts held out of a file "
+                               "(0 and no eval_source: no held-out evaluation)")
+    seed: int = Field(0, description="data randomness: problems generated, file shuffle and held-out split, "
+                                     "order of prompts / pairs drawn")
+    prompt_field: str = Field("prompt", description="file column with the prompt text")
+    answer_field: str = Field("answer", description="file column with the gold answer, kept with RL prompts; "
+                                                    "math and reasoning_gym rewards need it")
+    response_field: str = Field("response", description="file column with the target response (sft)")
+    chosen_field: str = Field("chosen", description="file column with the preferred response (dpo, reward_model)")
+    rejected_field: str = Field("rejected", description="file column with the rejected response (dpo, reward_model)")
     chat_template: Literal["tokenizer", "none"] = Field(
         "tokenizer", description="'tokenizer': wrap prompts with the tokenizer's chat template"
     )
-    prompt_suffix: str = ""
-    max_prompt_len: int = Field(256, gt=0)
-    max_response_len: int = Field(64, gt=0)
+    prompt_suffix: str = Field("", description="text appended to every prompt, e.g. ' Give only the final number.'")
+    max_prompt_len: int = Field(
+        256, gt=0, description="prompt tokens, templated: sft / dpo keep the last this many; RL engines get "
+                               "max_prompt_len + rollout.max_new_tokens of context. File rows over 8 chars a token "
+                               "are bad rows")
+    max_response_len: int = Field(
+        64, gt=0, description="sft / dpo: response tokens kept (EOS included); file rows over 8 chars a token are bad "
+                              "rows. RL responses are capped by rollout.max_new_tokens")
     on_bad_row: Literal["strict", "skip"] = Field(
         "strict", description="'strict': stop before training; 'skip': drop and count bad rows"
     )
@@ -87,18 +104,26 @@ class DataConfig(Section):
 
 # -------------------------------------------------------------------------------------- rollout
 class RolloutConfig(Section):
-    num_engines: int = Field(1, ge=1)
-    tensor_parallel_size: int = Field(1, ge=1)
-    prompts_per_step: int = Field(16, ge=1)
-    samples_per_prompt: int = Field(8, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(64, ge=1)
-    stop: list[str] = Field(default_factory=list)
-    seed: int = 0
+    # The number of engines is resources.rollout.num_actors: one vLLM engine per rollout actor.
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one vLLM engine spans; > 1 needs resources.rollout.gpus_per_actor equal to it")
+    prompts_per_step: int = Field(16, ge=1, description="prompts drawn per RL step (and per dynamic-sampling refill)")
+    samples_per_prompt: int = Field(
+        8, ge=1, description="completions per prompt: the group that group advantages compare (>= 2 for them)")
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature of training samples and eval_samples "
+                                                        "(0: greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: sample from the smallest token set "
+                                                          "holding this probability (1: off)")
+    max_new_tokens: int = Field(64, ge=1, description="longest response in tokens, in training and evaluation; "
+                                                      "longer ones are cut")
+    stop: list[str] = Field(default_factory=list, description="strings that end a response (vLLM stop strings)")
+    seed: int = Field(0, description="sampling seed: each step and refill round derives its own from it, so a "
+                                     "resumed run draws the same samples")
     eval_samples: int = Field(4, ge=0, description="held-out: also score this many samples per prompt at `temperature` (0: greedy only)")
     kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
-    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0.0, le=1.0, description="GPU only: share of the GPU's memory an engine takes for weights and KV "
+                                         "cache; leave room for trainers colocated with it")
     async_rollouts: bool = Field(
         False, description="generate the next step's samples while this step trains (one-step off-policy; "
         "algorithm.importance_sampling corrects for the older weights that sampled)")
@@ -115,20 +140,27 @@ class RolloutConfig(Section):
 
 # ------------------------------------------------------------------------------------ algorithm
 class KLConfig(Section):
-    coef: float = Field(0.0, ge=0.0)
-    estimator: Literal["k1", "k2", "k3"] = "k3"
-    mode: Literal["reward", "loss"] = Field("loss", description="KL as a reward penalty or a loss term")
-    adaptive: bool = False
-    target: float = Field(6.0, gt=0.0, description="adaptive controller's target KL")
+    coef: float = Field(0.0, ge=0.0, description="RL: weight of KL(policy || reference); 0: no KL term and no "
+                                                 "reference model (with adaptive: the starting value)")
+    estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3", description="per-token KL estimator: k1 log-ratio, k2 half its square, k3 unbiased and >= 0 (GRPO)")
+    mode: Literal["reward", "loss"] = Field(
+        "loss", description="'reward': subtracted from the reward before advantages (PPO); 'loss': added to the "
+                            "policy loss (GRPO)")
+    adaptive: bool = Field(False, description="steer coef toward kl.target (Ziegler et al. 2019) instead of fixing it")
+    target: float = Field(6.0, gt=0.0, description="adaptive: the KL to steer toward, mean per response token (nats)")
     horizon: int = Field(10000, gt=0, description="adaptive controller's horizon (samples)")
 
 
 class ImportanceSamplingConfig(Section):
     """Truncated importance sampling against rollout-engine vs trainer log-prob mismatch."""
 
-    enabled: bool = False
-    cap: float = Field(2.0, gt=1.0)
-    level: Literal["token", "sequence"] = "token"
+    enabled: bool = Field(False, description="weight each token's policy loss by min(p_trainer / p_engine, cap); "
+                                             "the mismatch/* metrics are logged either way")
+    cap: float = Field(2.0, gt=1.0, description="upper bound of an importance weight (bounds the variance)")
+    level: Literal["token", "sequence"] = Field(
+        "token", description="'token': a weight per token; 'sequence': the product over the response, shared by its "
+                             "tokens (higher variance)")
 
 
 class DPOConfig(Section):
@@ -138,23 +170,35 @@ class DPOConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    name: Literal["ppo", "grpo", "rlvr", "dpo", "sft", "reward_model"]
-    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"] = "grpo"
-    gamma: float = Field(1.0, ge=0.0, le=1.0)
-    lam: float = Field(0.95, ge=0.0, le=1.0)
-    clip_low: float = Field(0.2, gt=0.0, lt=1.0)
-    clip_high: float = Field(0.2, gt=0.0, description="> clip_low is 'clip-higher' (DAPO)")
-    dual_clip: Optional[float] = Field(None, gt=1.0, description="dual-clip bound c > 1, or null")
-    value_clip: Optional[float] = Field(0.2, gt=0.0)
-    value_coef: float = Field(0.5, ge=0.0)
-    entropy_coef: float = Field(0.0, ge=0.0)
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = "token_mean"
+    name: Literal["ppo", "grpo", "rlvr", "dpo", "sft", "reward_model"] = Field(
+        description="the loop: ppo, grpo and rlvr run the same RL loop (a label: advantage, rewards and models decide "
+                    "what it does); dpo, sft and reward_model train without rollouts")
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"] = Field(
+        "grpo", description="RL advantage estimator: gae (critic), grpo (group z-score), dr_grpo (minus group mean), "
+                            "rloo (leave-one-out), reinforce++ (batch-whitened returns), reinforce++_baseline")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="per-token discount of gae and reinforce++ (1: none)")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda: lower trusts the critic more (1: Monte Carlo)")
+    clip_low: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range below 1: ratios under 1 - clip_low "
+                                                            "are clipped")
+    clip_high: float = Field(0.2, gt=0.0, description="PPO clip range above 1: ratios over 1 + clip_high are clipped; "
+                                                     "> clip_low is DAPO's 'clip-higher'")
+    dual_clip: Optional[float] = Field(None, gt=1.0, description="dual-clip bound c > 1 on negative-advantage "
+                                                                 "tokens' loss (-A x c), or null")
+    value_clip: Optional[float] = Field(0.2, gt=0.0, description="critic: clip each value's change from its "
+                                                                 "rollout-time value (null: no clip)")
+    value_coef: float = Field(0.5, ge=0.0, description="scales the critic's value loss (the critic has its own "
+                                                       "optimizer and trainer.critic_lr)")
+    entropy_coef: float = Field(0.0, ge=0.0, description="entropy bonus subtracted from the policy loss (0: off)")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = Field(
+        "token_mean", description="token losses to one number: token_mean (DAPO), seq_mean_token_mean (GRPO), "
+                                  "seq_mean_token_sum, token_sum_norm (Dr. GRPO: sum / (max_new_tokens x "
+                                  "global_batch_size))")
     dynamic_sampling: bool = Field(False, description="drop prompt groups whose rewards are all equal, draw more")
     max_refills: int = Field(3, ge=0, description="dynamic sampling: extra generation rounds per step, at most")
-    kl: KLConfig = Field(default_factory=KLConfig)
-    importance_sampling: ImportanceSamplingConfig = Field(default_factory=ImportanceSamplingConfig)
-    dpo: DPOConfig = Field(default_factory=DPOConfig)
-    reward_lm_coef: float = Field(0.0, ge=0.0, description="reward-model training: LM loss on chosen")
+    kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference model (RL)")
+    importance_sampling: ImportanceSamplingConfig = Field(
+        default_factory=ImportanceSamplingConfig, description="correction for engine vs trainer log-prob mismatch (RL)")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO loss settings (algorithm.name='dpo')")
 
 
 class RewardSpec(Section):
@@ -180,22 +224,30 @@ class RewardSpec(Section):
 
 # -------------------------------------------------------------------------------------- trainer
 class TrainerConfig(Section):
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage of trained roles; frozen ones (reference, reward) shard only at 3")
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer (and params at stage 3)")
-    lr: float = Field(1e-6, gt=0.0)
-    critic_lr: float = Field(1e-5, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    global_batch_size: int = Field(16, ge=1, description="samples per optimizer step, all ranks")
-    micro_batch_size: int = Field(4, ge=1, description="samples per forward/backward on one rank")
+    lr: float = Field(1e-6, gt=0.0, description="peak AdamW learning rate of the policy (of the reward model in "
+                                               "reward_model)")
+    critic_lr: float = Field(1e-5, gt=0.0, description="peak AdamW learning rate of the critic (gae)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="LR after warmup: constant, or linear / cosine decay to 0 at total_steps optimizer "
+                                "steps (an RL step takes epochs_per_rollout x samples / global_batch_size of them)")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear LR warmup")
+    global_batch_size: int = Field(16, ge=1, description="samples per optimizer step, all ranks (pairs for dpo and "
+                                                         "reward_model)")
+    micro_batch_size: int = Field(4, ge=1, description="samples per forward/backward on one rank (pairs for dpo and "
+                                                       "reward_model)")
     micro_batch_tokens: Optional[int] = Field(
         None, ge=1, description="token budget per forward/backward on one rank, instead of micro_batch_size rows: "
         "rows sorted by length are packed while rows x longest row <= budget (a longer row goes alone), "
-        "and ranks get token-balanced shares. None: micro_batch_size rows")
-    grad_clip: float = Field(1.0, gt=0.0)
-    epochs_per_rollout: int = Field(1, ge=1)
-    total_steps: int = Field(10, ge=1)
+        "and ranks get token-balanced shares. null: micro_batch_size rows")
+    grad_clip: float = Field(1.0, gt=0.0, description="clip the global gradient norm to this")
+    epochs_per_rollout: int = Field(1, ge=1, description="RL: passes over each step's samples, in global_batch_size "
+                                                         "optimizer steps")
+    total_steps: int = Field(10, ge=1, description="RL steps (generate, score, train, sync); optimizer steps for sft, "
+                                                   "dpo and reward_model")
     eval_every: int = Field(0, ge=0, description="RL: held-out evaluation every N steps too (0: before and after only)")
     max_nonfinite_steps: int = Field(
         3, ge=0, description="RL: stop, with a checkpoint, after this many consecutive steps whose update was skipped "
@@ -203,28 +255,33 @@ class TrainerConfig(Section):
     )
     step_timeout_s: Optional[float] = Field(
         None, gt=0.0, description="RL: a trainer call or generation that takes longer fails, naming the role and "
-                                  "ranks that did not answer (None: wait forever)")
+                                  "ranks that did not answer (null: wait forever)")
     collective_timeout_s: float = Field(
         600.0, gt=0.0, description="torch.distributed timeout: a collective (all-reduce, ...) stuck this long raises "
                                    "instead of hanging")
-    seed: int = 0
+    seed: int = Field(0, description="torch and Python RNGs of the driver and every rank (new heads' initial weights), "
+                                     "and the shuffle of each RL step's samples")
 
 
 # ------------------------------------------------------------------------------------ resources
 class RoleResources(Section):
-    num_actors: int = Field(1, ge=1, description="ranks (trainers) or engines' actors (rollout)")
-    cpus_per_actor: float = Field(1.0, ge=0.0)
-    gpus_per_actor: float = Field(0.0, ge=0.0)
+    num_actors: int = Field(1, ge=1, description="ranks of the role (a trained role splits each batch over them); "
+                                                 "for rollout: vLLM engines, one per actor")
+    cpus_per_actor: float = Field(1.0, ge=0.0, description="Ray CPUs each actor reserves (fractions allowed; also "
+                                                           "its default thread count)")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="Ray GPUs each actor reserves (0 on CPU machines; rollout "
+                                                           "with tensor_parallel_size > 1: that many)")
 
 
 class ResourcesConfig(Section):
-    policy: RoleResources = Field(default_factory=RoleResources)
-    reference: RoleResources = Field(default_factory=RoleResources)
-    reward: RoleResources = Field(default_factory=RoleResources)
-    critic: RoleResources = Field(default_factory=RoleResources)
-    rollout: RoleResources = Field(default_factory=RoleResources)
+    policy: RoleResources = Field(default_factory=RoleResources, description="policy trainer ranks")
+    reference: RoleResources = Field(default_factory=RoleResources, description="reference model ranks")
+    reward: RoleResources = Field(default_factory=RoleResources, description="reward model ranks (scoring or trained)")
+    critic: RoleResources = Field(default_factory=RoleResources, description="critic trainer ranks")
+    rollout: RoleResources = Field(default_factory=RoleResources, description="vLLM rollout engines")
     colocate: list[list[Role]] = Field(
-        default_factory=list, description="groups of roles that share one placement group"
+        default_factory=list, description="groups of roles that share one placement group: rank i of each shares "
+                                          "bundle i (e.g. [[policy, rollout]])"
     )
 
     @field_validator("colocate")
@@ -262,15 +319,17 @@ class LoggingConfig(Section):
 
 # ------------------------------------------------------------------------------------------ run
 class RunConfig(Section):
-    models: ModelsConfig
-    data: DataConfig
-    algorithm: AlgorithmConfig
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    rewards: list[RewardSpec] = Field(default_factory=list)
-    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    models: ModelsConfig = Field(description="the models of each role")
+    data: DataConfig = Field(description="where prompts, pairs or SFT examples come from, and their limits")
+    algorithm: AlgorithmConfig = Field(description="which loop runs, and its losses and estimators")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="sampling with the vLLM engines")
+    rewards: list[RewardSpec] = Field(default_factory=list, description="RL reward functions: a sample's reward is "
+                                                                        "their weighted sum (+ models.reward)")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="optimization under DeepSpeed")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray actors per role and what "
+                                                                                   "each reserves")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="RL checkpoints and restarts")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="where metrics go")
 
     @property
     def is_rl(self) -> bool:
@@ -316,7 +375,7 @@ class RunConfig(Section):
                 raise ValueError(
                     f"resources.rollout.num_actors={res.rollout.num_actors} engines share rollout.prompts_per_step="
                     f"{ro.prompts_per_step} prompts a step, so some would never generate; lower "
-                    f"resources.rollout.num_actors (and rollout.num_engines) or raise rollout.prompts_per_step"
+                    f"resources.rollout.num_actors or raise rollout.prompts_per_step"
                 )
         if algo.clip_high < algo.clip_low:
             raise ValueError(
@@ -341,11 +400,6 @@ class RunConfig(Section):
                 f"rollout.tensor_parallel_size={ro.tensor_parallel_size} spreads each engine over that many GPUs: "
                 f"set resources.rollout.gpus_per_actor={ro.tensor_parallel_size} (got {res.rollout.gpus_per_actor:g})"
             )
-        if ro.num_engines % res.rollout.num_actors and res.rollout.num_actors % ro.num_engines:
-            raise ValueError(
-                f"rollout.num_engines={ro.num_engines} and resources.rollout.num_actors="
-                f"{res.rollout.num_actors} must match (one engine per rollout actor)"
-            )
         return self
 
 
@@ -354,10 +408,20 @@ class ConfigError(ValueError):
     """A config that cannot run; the message lists every problem found, one per line."""
 
 
+# Keys that configs used to accept: what to do instead (an unknown key otherwise only lists the allowed ones).
+REMOVED_KEYS = {
+    "rollout.num_engines": "set resources.rollout.num_actors, the number of vLLM engines (one per rollout actor)",
+    "algorithm.reward_lm_coef": "it had no effect (any value but 0 stopped the run): delete it",
+}
+
+
 def _describe(error: dict, root: type[BaseModel]) -> str:
     where = ".".join(str(p) for p in error["loc"]) or "<root>"
     value = error.get("input")
     if error["type"] == "extra_forbidden":
+        key = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))
+        if key in REMOVED_KEYS:
+            return f"{where}: this key was removed; {REMOVED_KEYS[key]}"
         allowed = _allowed_keys(root, error["loc"][:-1])
         hint = did_you_mean(str(error["loc"][-1]), allowed)
         return f"{where}: unknown key (value {value!r}){hint}; allowed keys here: {', '.join(allowed)}"

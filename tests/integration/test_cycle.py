@@ -38,7 +38,7 @@ def start_runtime(model_path, resources):
         "reference": ActorGroup(ReferenceActor, "reference", plan, model=spec, trainer=trainer),
         "critic": ActorGroup(CriticActor, "critic", plan, model=spec, trainer=trainer, algorithm=algo),
         "reward": ActorGroup(RewardActor, "reward", plan, model=spec, trainer=trainer),
-        "rollout": RolloutGroup(plan, model_path, "float32", RolloutConfig(num_engines=2), max_model_len=256),
+        "rollout": RolloutGroup(plan, model_path, "float32", RolloutConfig(), max_model_len=256),
     }
     return rt
 

@@ -129,7 +129,7 @@ MINIMAL = {"models": {"policy": {"path": "p"}}, "data": {"source": "reasoning_gy
 @pytest.mark.parametrize("overrides, message", [
     (["algorithm.advantage=gae", "models.critic.path=c", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
       "resources.critic.num_actors=3"], r"resources.critic.num_actors \(3\)"),
-    (["resources.rollout.num_actors=4", "rollout.num_engines=4", "rollout.prompts_per_step=2",
+    (["resources.rollout.num_actors=4", "rollout.prompts_per_step=2",
       "trainer.global_batch_size=16"], "resources.rollout.num_actors=4 engines share rollout.prompts_per_step=2"),
 ])
 def test_batches_that_do_not_split_are_config_errors(overrides, message):
