@@ -51,8 +51,10 @@ def build_model(shape: str, device: str = "cpu", dtype: str = "fp32", attn: str 
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[spec.pop("family")]
     config = config_cls(**spec, attn_implementation=attn)
     torch.manual_seed(seed)
-    with torch.device(device):  # initialise in place: a 1.5B model's init on the CPU takes minutes
-        model = model_cls(config).to(DTYPES[dtype])
+    # initialised on the device (a 1.5B model's init on the CPU takes minutes) and in the dtype as
+    # from_pretrained does: the rotary frequencies stay float32, which `.to(bf16)` would round
+    with torch.device(device):
+        model = model_cls._from_config(config, dtype=DTYPES[dtype])
     return model.eval()
 
 
@@ -109,14 +111,14 @@ def run_path(path: str, model, batch, groups, repeats: int = 3, chunk_tokens: in
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(repeats + 1):  # the first run warms up (allocator, kernels, thread pools)
+    for i in range(repeats + 1 if repeats else 1):  # the first run warms up (allocator, kernels, thread pools)
         model.zero_grad(set_to_none=True)
         _sync(device)
         start = time.perf_counter()
         logprobs = path_logprobs(path, model, batch, groups, chunk_tokens)
         logprobs.sum().backward()
         _sync(device)
-        if i:
+        if i or not repeats:  # repeats=0: one untimed-warm-up run, for its values only
             times.append(time.perf_counter() - start)
     out = {"path": path, "seconds": statistics.median(times), "logprobs": logprobs.detach().float(),
            "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
