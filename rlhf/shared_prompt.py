@@ -19,7 +19,8 @@ Two layouts give the same (B, T) log-probs as `compute_token_logprobs(model(...)
 
 Models: decoder-only HF causal LMs whose logits are `lm_head(final hidden state)` (Llama, Qwen2,
 Mistral, SmolLM2, ...), also wrapped by peft. The mask is made for the model's attention
-implementation: boolean for sdpa (True = may attend), additive float for eager.
+implementation: boolean for sdpa (True = may attend), additive float for eager and flex
+(sdpa measured fastest on CPU: bench/shared_prompt.py --attn).
 """
 from __future__ import annotations
 
@@ -50,9 +51,14 @@ def attention_implementation(model: torch.nn.Module) -> str:
 
 
 def mask_for_model(allowed: torch.Tensor, model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The (B, 1, L, L) mask the model's attention takes as-is: sdpa and flex take booleans
-    (True = attend); eager adds the mask to the scores, so it gets 0 / the dtype's minimum."""
-    if attention_implementation(model) in ("sdpa", "flex_attention"):
+    """The (B, 1, L, L) mask the model's attention takes as-is: sdpa takes booleans (True =
+    attend); eager and flex add the mask to the scores, so they get 0 / the dtype's minimum.
+    Flash-attention kernels take no arbitrary mask at all."""
+    impl = attention_implementation(model)
+    if impl.startswith("flash"):
+        raise ValueError(f"attn_implementation={impl!r} cannot take the shared-prompt 4D mask; load the model "
+                         "with attn_implementation='sdpa' (or 'eager')")
+    if impl == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
