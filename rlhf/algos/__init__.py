@@ -4,6 +4,7 @@ No Ray, DeepSpeed or vLLM here; every function is unit-tested on CPU (tests/unit
 """
 
 from rlhf.algos.advantages import (
+    EQUAL_SCORE_TOL,
     ESTIMATORS,
     compute_advantages,
     broadcast_sequence_advantages,
@@ -14,6 +15,7 @@ from rlhf.algos.advantages import (
     compute_reinforce_plus_plus_returns,
     compute_rloo_advantages,
     compute_token_rewards,
+    equal_score_groups,
 )
 from rlhf.algos.aggregation import (
     AGG_MODES,
@@ -48,8 +50,10 @@ from rlhf.algos.losses import (
 __all__ = [
     "informative_group_rows",
     "whole_group_count",
+    "EQUAL_SCORE_TOL",
     "ESTIMATORS",
     "compute_advantages",
+    "equal_score_groups",
     "AGG_MODES",
     "KL_ESTIMATORS",
     "AdaptiveKLController",
