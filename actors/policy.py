@@ -9,6 +9,7 @@ from rlhf.algos import (
     compute_entropy,
     compute_kl,
     compute_policy_loss,
+    compute_sequence_logprobs,
     compute_token_logprobs,
     compute_truncated_is_weights,
     dpo_loss,
@@ -89,8 +90,9 @@ class PolicyActor(CausalLMRole):
             for micro in self.micro_batches(batch, rows_per_sample=2, train=True):
                 mask = micro["response_mask"]
                 logprobs = compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"])
-                seq = (logprobs * mask).sum(-1)  # (2P,)
-                ref = (micro["ref_logprobs"] * mask).sum(-1)  # (2P,)
+                # summed for DPO; IPO's margin is per token, on length-averaged log-probs by default
+                seq = compute_sequence_logprobs(logprobs, mask, a.logprob_reduction)  # (2P,)
+                ref = compute_sequence_logprobs(micro["ref_logprobs"], mask, a.logprob_reduction)  # (2P,)
                 losses, chosen, rejected = dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2],
                                                     beta=a.beta, loss_type=a.loss_type, label_smoothing=a.label_smoothing)
                 stats.append({"accuracy": float((chosen > rejected).float().mean()), "margin": float((chosen - rejected).mean())})

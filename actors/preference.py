@@ -20,6 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 from actors.group import ActorGroup, PlacementPlan
+from rlhf.algos import compute_sequence_logprobs
 from rlhf.batch import Batch, collate_samples
 from rlhf.config import ConfigError, DataConfig, RunConfig
 from rlhf.data.chat import apply_chat_template
@@ -119,7 +120,8 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
         groups += samples.groups if samples else []
 
         def evaluate() -> dict[str, float]:
-            return preference_eval(policy, heldout, cfg.algorithm.dpo.beta) | (samples() if samples else {})
+            return preference_eval(policy, heldout, cfg.algorithm.dpo.beta, cfg.algorithm.dpo.logprob_reduction) | (
+                samples() if samples else {})
 
         before = evaluate()
         log.info("held-out before training: %s", format_metrics(before))
@@ -146,13 +148,14 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
         plan.shutdown()
 
 
-def preference_eval(policy: ActorGroup, heldout: Batch, beta: float) -> dict[str, float]:
-    """Held-out DPO metrics from the implicit reward beta * (log pi - log ref) of each response."""
+def preference_eval(policy: ActorGroup, heldout: Batch, beta: float, reduction: str = "sum") -> dict[str, float]:
+    """Held-out DPO metrics from the implicit reward beta * (log pi - log ref) of each response,
+    on the sequence log-probs the loss trains (`reduction`: summed, or length-averaged for IPO)."""
     if not len(heldout):
         return {}
     logprobs = ray.get(policy.async_run("compute_logprobs", heldout))[0]  # (2P, T); all ranks join under ZeRO-3
     mask = heldout["response_mask"]
-    reward = beta * ((logprobs - heldout["ref_logprobs"]) * mask).sum(-1)  # (2P,)
+    reward = beta * compute_sequence_logprobs(logprobs - heldout["ref_logprobs"], mask, reduction)  # (2P,)
     chosen, rejected = reward[0::2], reward[1::2]
     return {"eval/preference_accuracy": preference_accuracy(chosen, rejected),
             "eval/reward_margin": float((chosen - rejected).mean()),

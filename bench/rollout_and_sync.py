@@ -34,7 +34,8 @@ def model_path(name: str) -> str:
     """SmolLM2-135M-Instruct, or the benchmarks' tiny model (a 4-layer, 128-wide Qwen2 with a BPE
     tokenizer trained on sums), built once into the model cache so every script and process of
     a suite run uses the same one."""
-    from rlhf.models import build_tiny_causal_lm, cache_root, smollm2_instruct_path
+    from rlhf.models import cache_root, smollm2_instruct_path
+    from tests.tiny_models import build_tiny_causal_lm
 
     if name == "smollm2":
         return smollm2_instruct_path()

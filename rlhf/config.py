@@ -167,6 +167,14 @@ class DPOConfig(Section):
     beta: float = Field(0.1, gt=0.0)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO; 0 = plain DPO")
+    ipo_logprobs: Literal["mean", "sum"] = Field(
+        "mean", description="IPO only: response log-probs averaged over tokens (the IPO paper, TRL) or summed; "
+        "the target margin 1/(2 beta) is per token with 'mean', per response with 'sum'. DPO always sums")
+
+    @property
+    def logprob_reduction(self) -> str:
+        """How token log-probs become one log-prob per response for this loss: 'sum' or 'mean'."""
+        return self.ipo_logprobs if self.loss_type == "ipo" else "sum"
 
 
 class AlgorithmConfig(Section):

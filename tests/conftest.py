@@ -20,6 +20,6 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from rlhf.models import build_tiny_causal_lm
+    from tests.tiny_models import build_tiny_causal_lm
 
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model", TEXTS, seed=0)

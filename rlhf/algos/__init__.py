@@ -4,6 +4,7 @@ No Ray, DeepSpeed or vLLM here; every function is unit-tested on CPU (tests/unit
 """
 
 from rlhf.algos.advantages import (
+    EQUAL_SCORE_TOL,
     ESTIMATORS,
     compute_advantages,
     broadcast_sequence_advantages,
@@ -14,6 +15,7 @@ from rlhf.algos.advantages import (
     compute_reinforce_plus_plus_returns,
     compute_rloo_advantages,
     compute_token_rewards,
+    equal_score_groups,
 )
 from rlhf.algos.aggregation import (
     AGG_MODES,
@@ -39,6 +41,7 @@ from rlhf.algos.losses import (
     compute_entropy_from_logprobs,
     compute_policy_loss,
     compute_token_logprobs,
+    compute_sequence_logprobs,
     compute_value_loss,
     dpo_loss,
     reward_model_loss,
@@ -48,8 +51,10 @@ from rlhf.algos.losses import (
 __all__ = [
     "informative_group_rows",
     "whole_group_count",
+    "EQUAL_SCORE_TOL",
     "ESTIMATORS",
     "compute_advantages",
+    "equal_score_groups",
     "AGG_MODES",
     "KL_ESTIMATORS",
     "AdaptiveKLController",
@@ -72,6 +77,7 @@ __all__ = [
     "compute_token_logprobs",
     "compute_token_rewards",
     "compute_truncated_is_weights",
+    "compute_sequence_logprobs",
     "compute_value_loss",
     "dpo_loss",
     "kl_loss",

@@ -9,6 +9,12 @@ Advantages are targets, never differentiated through: every function runs under 
 Masked positions (left padding, prompt tokens, right padding) are skipped by the recursions:
 the next valid token is the "next state", and nothing after the last valid token is
 bootstrapped (its value is 0). Outputs are 0 at masked positions.
+
+Group statistics (mean, std, leave-one-out baselines) are computed in float64, and a group whose
+scores are equal up to `EQUAL_SCORE_TOL` gets advantage 0 exactly (`equal_score_groups`, the
+same rule dynamic sampling uses to drop groups). In float32, eight copies of 0.3 have a mean that
+differs from 0.3 and a std of ~1e-8; divided by std + eps that rounding noise became an
+advantage of 0.03 (0.32 for 6.46): a signal where there is none.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from __future__ import annotations
 import torch
 
 from rlhf.algos.aggregation import masked_whiten
+
+# Scores that differ by at most this fraction of max(1, the group's largest |score|) are equal:
+# a few float32 rounding steps (float32 resolves ~6e-8 relative), far below any real reward gap.
+EQUAL_SCORE_TOL = 1e-6
 
 
 def _zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -73,35 +83,68 @@ def compute_gae_advantages(
 
 
 @torch.no_grad()
-def compute_grpo_advantages(
-    scores: torch.Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6
+def equal_score_groups(
+    scores: torch.Tensor, group_size: int, tol: float = EQUAL_SCORE_TOL
 ) -> torch.Tensor:
-    """GRPO (Shao et al. 2024): score minus its group's mean, divided by the group's std.
+    """Which groups' scores are all equal, (B,) -> (B // group_size,) bool.
 
-    scores (B,) with B = n_prompts * group_size, each group contiguous. Returns (B,).
-    `normalize_std=False` is Dr. GRPO (Liu et al. 2025), which drops the std division because
-    it up-weights prompts that are nearly always solved or failed. The std is the unbiased
-    sample std (as in the GRPO paper); a group of identical scores gets advantage 0.
+    Equal means max - min <= tol * max(1, max |score|) in float64: exact ties and ties up to
+    float32 rounding alike. Such a group carries no group-relative signal; the group estimators
+    give it advantage 0 and dynamic sampling drops it. A group with a NaN is not equal (the NaN
+    reaches the advantages, where the trainer's non-finite guard sees it).
     """
-    grouped = _group(scores, group_size)  # (n_prompts, G)
-    adv = grouped - grouped.mean(dim=1, keepdim=True)
-    if normalize_std and group_size > 1:
-        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
-    return adv.reshape(-1)
+    grouped = _group(scores, group_size)  # (n_prompts, G) float64
+    spread = grouped.max(dim=1).values - grouped.min(dim=1).values
+    scale = grouped.abs().max(dim=1).values.clamp(min=1.0)
+    return spread <= tol * scale
 
 
 @torch.no_grad()
-def compute_rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+def compute_grpo_advantages(
+    scores: torch.Tensor,
+    group_size: int,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+    tol: float = EQUAL_SCORE_TOL,
+) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): score minus its group's mean, divided by the group's std.
+
+    scores (B,) with B = n_prompts * group_size, each group contiguous. Returns (B,) float32.
+    `normalize_std=False` is Dr. GRPO (Liu et al. 2025), which drops the std division because
+    it up-weights prompts that are nearly always solved or failed. The std is the unbiased
+    sample std (as in the GRPO paper). A group of equal scores (`equal_score_groups`, `tol`)
+    gets advantage 0 exactly.
+    """
+    grouped = _group(scores, group_size)  # (n_prompts, G) float64
+    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    if normalize_std and group_size > 1:
+        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
+    return _zero_equal_groups(adv, scores, group_size, tol)
+
+
+@torch.no_grad()
+def compute_rloo_advantages(
+    scores: torch.Tensor, group_size: int, tol: float = EQUAL_SCORE_TOL
+) -> torch.Tensor:
     """REINFORCE Leave-One-Out (Ahmadian et al. 2024): baseline = mean of the group's others.
 
-    scores (B,), groups contiguous, group_size >= 2. Returns (B,):
+    scores (B,), groups contiguous, group_size >= 2. Returns (B,) float32:
         A_i = s_i - (sum_group - s_i) / (G - 1)
+    and 0 exactly for a group of equal scores (`equal_score_groups`, `tol`).
     """
     if group_size < 2:
         raise ValueError("RLOO needs group_size >= 2 (the baseline is the mean of the others)")
-    grouped = _group(scores, group_size)  # (n_prompts, G)
+    grouped = _group(scores, group_size)  # (n_prompts, G) float64
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - baseline).reshape(-1)
+    return _zero_equal_groups(grouped - baseline, scores, group_size, tol)
+
+
+def _zero_equal_groups(
+    adv: torch.Tensor, scores: torch.Tensor, group_size: int, tol: float
+) -> torch.Tensor:
+    """(n_prompts, G) float64 advantages -> (B,) float32, 0 on the groups of equal scores."""
+    equal = equal_score_groups(scores, group_size, tol).unsqueeze(1)  # (n_prompts, 1)
+    return torch.where(equal, 0.0, adv).reshape(-1).float()
 
 
 @torch.no_grad()
@@ -141,14 +184,14 @@ def compute_reinforce_plus_plus_advantages(
 
 @torch.no_grad()
 def compute_reinforce_plus_plus_baseline_scores(
-    scores: torch.Tensor, group_size: int
+    scores: torch.Tensor, group_size: int, tol: float = EQUAL_SCORE_TOL
 ) -> torch.Tensor:
     """Scores (B,) minus their group mean, the baseline of REINFORCE++-baseline. (B,).
 
-    The same arithmetic as Dr. GRPO's advantage; here it reshapes the reward before the
-    token-level return and the batch-wide whitening.
+    The same arithmetic as Dr. GRPO's advantage (0 for a group of equal scores); here it
+    reshapes the reward before the token-level return and the batch-wide whitening.
     """
-    return compute_grpo_advantages(scores, group_size, normalize_std=False)
+    return compute_grpo_advantages(scores, group_size, normalize_std=False, tol=tol)
 
 
 def broadcast_sequence_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -158,12 +201,12 @@ def broadcast_sequence_advantages(advantages: torch.Tensor, mask: torch.Tensor) 
 
 
 def _group(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B,) -> (B // group_size, group_size), checking that the groups tile the batch."""
+    """(B,) -> (B // group_size, group_size) float64, checking that the groups tile the batch."""
     if group_size < 1 or scores.numel() % group_size != 0:
         raise ValueError(
             f"batch of {scores.numel()} scores is not a whole number of groups of {group_size}"
         )
-    return scores.float().reshape(-1, group_size)
+    return scores.double().reshape(-1, group_size)
 
 
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline")
@@ -193,7 +236,7 @@ def compute_advantages(
         raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {ESTIMATORS}")
     penalty = _zero_masked(kl_penalty, m) if kl_penalty is not None else torch.zeros(m.shape)
     if estimator in ("grpo", "dr_grpo", "rloo"):
-        seq_scores = scores.float() - penalty.sum(-1)  # (B,)
+        seq_scores = scores.double() - penalty.double().sum(-1)  # (B,) float64, as the group statistics
         if estimator == "rloo":
             adv = compute_rloo_advantages(seq_scores, group_size)
         else:

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.algos.advantages import EQUAL_SCORE_TOL, equal_score_groups
 
-def informative_group_rows(scores: torch.Tensor, n: int, eps: float = 1e-6) -> torch.Tensor:
+
+def informative_group_rows(scores: torch.Tensor, n: int, tol: float = EQUAL_SCORE_TOL) -> torch.Tensor:
     """Row indices (long) of the groups whose n scores are not all equal.
 
     scores (B,) with B = P * n. A group whose samples all get the same reward has zero
-    group-relative advantage, so it adds no signal, only cost (DAPO, Yu et al. 2025).
+    group-relative advantage, so it adds no signal, only cost (DAPO, Yu et al. 2025). "All
+    equal" is `equal_score_groups`, the rule that gives such a group advantage 0, so a group
+    is dropped here exactly when the group estimators would give it no signal.
     """
-    groups = scores.reshape(-1, n)  # (P, n)
-    keep = (groups.max(-1).values - groups.min(-1).values) > eps  # (P,)
+    keep = ~equal_score_groups(scores, n, tol)  # (P,)
     return keep.repeat_interleave(n).nonzero().flatten()
 
 

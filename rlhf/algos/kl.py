@@ -12,11 +12,17 @@ the reference, which is the direction the penalty pushes against.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rlhf.algos.aggregation import aggregate_loss
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+
+# k3's exp(log r) overflows float32 past log r ~ 88. Above this cap exp is continued by its
+# tangent line, so value and gradient stay finite and keep their sign (a clamp would zero both).
+K3_EXP_CAP = 20.0
 
 
 def compute_kl(
@@ -38,12 +44,20 @@ def compute_kl(
     elif estimator == "k2":
         kl = 0.5 * log_r**2
     elif estimator == "k3":
-        # Clamp before exp: one token with a huge ratio would otherwise overflow to inf.
-        log_r = log_r.clamp(-20.0, 20.0)
-        kl = torch.exp(log_r) - 1.0 - log_r
+        kl = _exp_capped(log_r) - 1.0 - log_r
     else:
         raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
     return kl
+
+
+def _exp_capped(x: torch.Tensor, cap: float = K3_EXP_CAP) -> torch.Tensor:
+    """exp(x) for x <= cap; above it the tangent line exp(cap) * (1 + x - cap): finite for any
+    finite log-ratio, never above exp(x) (so k3 stays >= 0), and with a gradient exp(cap) that
+    still points the right way. Below there is no clamp:
+    exp underflows to 0 harmlessly, and the gradient of k3 there (~1 per token, from -log r) is
+    exactly where a policy that moved far from the reference is pulled back."""
+    linear = math.exp(cap) * (1.0 + x - cap)
+    return torch.where(x > cap, linear, torch.exp(x.clamp(max=cap)))
 
 
 def apply_kl_penalty(

@@ -152,6 +152,24 @@ def compute_entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
     return -(logprobs.exp() * logprobs).sum(dim=-1)
 
 
+def compute_sequence_logprobs(
+    token_logprobs: torch.Tensor, mask: torch.Tensor, reduction: str = "sum"
+) -> torch.Tensor:
+    """Log-prob of each whole response from its token log-probs: (B, T) -> (B,).
+
+    "sum":  log pi(y) = sum_t log pi(y_t), what DPO's implicit reward is defined on.
+    "mean": the sum divided by the response's token count (the mask's row sum), the
+            length-averaged log-prob IPO is defined on. A row with no tokens gives 0.
+    """
+    m = mask.bool()
+    total = _zero_masked(token_logprobs, m).sum(-1)  # (B,)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / m.sum(-1).clamp(min=1)
+    raise ValueError(f"unknown sequence log-prob reduction {reduction!r}; choose 'sum' or 'mean'")
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -163,12 +181,14 @@ def dpo_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Direct Preference Optimisation (Rafailov et al. 2023). All inputs (B,) -> three (B,).
 
-    Inputs are summed log-probs of each whole response. With
+    Inputs are sequence log-probs of each whole response (`compute_sequence_logprobs`). With
         logits = (pi_c - ref_c) - (pi_r - ref_r)
-    "sigmoid": -(1 - ls) * log sigmoid(beta * logits) - ls * log sigmoid(-beta * logits).
-               label_smoothing ls > 0 is conservative DPO (cDPO): labels flipped w.p. ls.
-    "ipo":     (logits - 1 / (2 * beta))^2 (Azar et al. 2023); the paper uses length-averaged
-               log-probs, so pass those for IPO.
+    "sigmoid": -(1 - ls) * log sigmoid(beta * logits) - ls * log sigmoid(-beta * logits), on
+               summed log-probs. label_smoothing ls > 0 is conservative DPO (cDPO): labels
+               flipped w.p. ls.
+    "ipo":     (logits - 1 / (2 * beta))^2 (Azar et al. 2023), on length-averaged log-probs
+               (reduction "mean") as in the paper and TRL: on sums, the target margin 1 / (2 beta)
+               would ask for a different per-token change at every response length.
     Returns (losses, chosen_rewards, rejected_rewards); rewards = beta * (pi - ref), detached,
     for logging (reward accuracy = chosen > rejected). Take losses.mean() to train.
     """

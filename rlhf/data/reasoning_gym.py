@@ -24,7 +24,7 @@ DEFAULT_SUFFIX = " Give only the final number."
 HELDOUT_SEED_OFFSET = 1_000_003  # far from any seed a run would use for training
 
 # chain_sum difficulty at which SmolLM2-135M-Instruct gets ~17% greedy, enough reward variance
-# across samples for GRPO (measured in STACK.md; the default difficulty gives ~2%).
+# across samples for GRPO (measured: docs/platform-notes.md; the default difficulty gives ~2%).
 CHAIN_SUM_EASY = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}
 
 

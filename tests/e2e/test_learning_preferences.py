@@ -20,7 +20,7 @@ import pytest
 
 from rlhf.config import validate_config
 from rlhf.data.imdb import imdb_reviews
-from rlhf.models import build_tiny_causal_lm
+from tests.tiny_models import build_tiny_causal_lm
 
 pytestmark = pytest.mark.integration
 

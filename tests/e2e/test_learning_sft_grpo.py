@@ -14,7 +14,7 @@ import pytest
 
 from rlhf.config import DataConfig, validate_config
 from rlhf.data.sources import load_prompts
-from rlhf.models import build_tiny_causal_lm
+from tests.tiny_models import build_tiny_causal_lm
 
 pytestmark = pytest.mark.integration
 

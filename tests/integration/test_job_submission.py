@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.models import build_tiny_causal_lm
+from tests.tiny_models import build_tiny_causal_lm
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.weight_sync import state_dict_to_bytes
 from rlhf.data.chat import apply_chat_template
-from rlhf.models import build_tiny_causal_lm
+from tests.tiny_models import build_tiny_causal_lm
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.integration

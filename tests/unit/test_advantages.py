@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rlhf.algos.advantages import (
+    EQUAL_SCORE_TOL,
     broadcast_sequence_advantages,
     compute_gae_advantages,
     compute_grpo_advantages,
@@ -12,7 +13,9 @@ from rlhf.algos.advantages import (
     compute_reinforce_plus_plus_returns,
     compute_rloo_advantages,
     compute_token_rewards,
+    equal_score_groups,
 )
+from rlhf.algos.dynamic_sampling import informative_group_rows
 
 
 def holey_mask(B, T, seed):
@@ -128,6 +131,78 @@ def test_grpo_identical_scores_give_zero():
     adv = compute_grpo_advantages(scores, 3)
     torch.testing.assert_close(adv[:6], torch.zeros(6))
     assert adv[6] > 0 and adv[7] < 0  # the better sample is pushed up, the worse down
+
+
+def loop_group_advantages(scores, G, kind, eps=1e-6, tol=EQUAL_SCORE_TOL):
+    """Plain-Python (float64) GRPO / Dr. GRPO / RLOO; a group equal up to tol gets exactly 0."""
+    out = []
+    for start in range(0, len(scores), G):
+        grp = [float(s) for s in scores[start:start + G]]
+        if max(grp) - min(grp) <= tol * max(1.0, max(abs(s) for s in grp)):
+            out += [0.0] * G
+            continue
+        mean = sum(grp) / G
+        for i, s in enumerate(grp):
+            if kind == "rloo":
+                out.append(s - (sum(grp) - s) / (G - 1))
+            elif kind == "dr_grpo":
+                out.append(s - mean)
+            else:
+                std = (sum((x - mean) ** 2 for x in grp) / (G - 1)) ** 0.5
+                out.append((s - mean) / (std + eps))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _noisy_groups(G, seed):
+    """float32 groups: random mixed ones, exact ties of values float32 cannot represent (the
+    issue's 0.3 and 6.46), ties up to float32 rounding (one ulp apart), and small real gaps."""
+    g = torch.Generator().manual_seed(seed)
+    groups = [torch.randn(G, generator=g), torch.full((G,), 0.3), torch.full((G,), 6.46),
+              torch.full((G,), -1234.5678), torch.randint(0, 2, (G,), generator=g).float()]
+    ulp = torch.full((G,), 6.46)
+    ulp[0] = torch.nextafter(ulp[0], torch.tensor(10.0))  # 6.46 and the next float32
+    near = torch.full((G,), 0.3)
+    near[-1] = 0.3 + 1e-4  # a real (if small) difference: must stay a signal
+    return torch.cat(groups + [ulp, near]).float()
+
+
+@pytest.mark.parametrize("G", [3, 6, 7, 8, 16])
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "rloo"])
+def test_group_estimators_match_float64_loop_and_zero_equal_groups(G, kind):
+    scores = _noisy_groups(G, seed=G)
+    if kind == "rloo":
+        adv = compute_rloo_advantages(scores, G)
+    else:
+        adv = compute_grpo_advantages(scores, G, normalize_std=kind == "grpo")
+    expected = loop_group_advantages(scores.tolist(), G, kind)
+    assert adv.dtype == torch.float32
+    torch.testing.assert_close(adv.double(), expected, rtol=1e-5, atol=1e-6)
+    # groups 1-3 are exact ties, group 5 a tie up to one float32 step: exactly 0, not noise / std
+    for k in (1, 2, 3, 5):
+        assert torch.equal(adv[k * G:(k + 1) * G], torch.zeros(G)), (k, adv[k * G:(k + 1) * G])
+    assert adv[6 * G:].abs().max() > 0  # a 1e-4 gap is a real difference
+
+
+def test_issue_examples_eight_equal_float32_scores_give_exact_zero():
+    # Before: 0.3 x 8 gave GRPO advantages of 0.029, 6.46 x 8 gave 0.32 (float32 std ~1e-8).
+    for value in (0.3, 6.46):
+        for G in (3, 6, 7, 8, 16):
+            scores = torch.full((2 * G,), value, dtype=torch.float32)
+            for adv in (compute_grpo_advantages(scores, G), compute_grpo_advantages(scores, G, normalize_std=False),
+                        compute_rloo_advantages(scores, G), compute_reinforce_plus_plus_baseline_scores(scores, G)):
+                assert torch.equal(adv, torch.zeros(2 * G)), (value, G, adv)
+
+
+def test_dynamic_sampling_and_advantages_share_one_equal_rule():
+    """A group is dropped by dynamic sampling exactly when the group estimators give it 0."""
+    for G in (3, 8):
+        scores = _noisy_groups(G, seed=100 + G)
+        equal = equal_score_groups(scores, G)
+        kept_groups = (informative_group_rows(scores, G).view(-1, G)[:, 0] // G).tolist()
+        assert kept_groups == [i for i in range(len(equal)) if not equal[i]]
+        zero = (compute_grpo_advantages(scores, G).view(-1, G) == 0).all(1)
+        assert torch.equal(zero, equal)
+        assert [bool(equal[k]) for k in (0, 1, 2, 3, 5, 6)] == [False, True, True, True, True, False]
 
 
 def test_grpo_rejects_ragged_groups():

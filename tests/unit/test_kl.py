@@ -51,6 +51,44 @@ def test_mask_zeroes_and_ignores_padding():
     assert kl[0, 1].item() == 0.0 and kl[0, 0].item() == pytest.approx(math.exp(-1) - 1 + 1)
 
 
+def loop_k3_and_grad(log_r: float) -> tuple[float, float]:
+    """k3 = e^x - 1 - x at x = log r = ref - logp, and its derivative in logp: 1 - e^x."""
+    return math.exp(log_r) - 1 - log_r, 1 - math.exp(log_r)
+
+
+def test_k3_value_and_gradient_match_loop_far_from_the_reference():
+    """The policy far above the reference (log r = -30) is where the penalty matters most:
+    the gradient must be ~1 per token (a clamp at -20 made it 0 and the value 19 instead of 29)."""
+    log_rs = [-80.0, -30.0, -20.5, -5.0, -0.3, 0.0, 0.7, 5.0, 15.0, 19.9]
+    lp = torch.full((1, len(log_rs)), -2.0, requires_grad=True)
+    ref = lp.detach() + torch.tensor([log_rs])
+    kl = compute_kl(lp, ref, "k3")
+    kl.sum().backward()
+    for i, x in enumerate(log_rs):
+        value, grad = loop_k3_and_grad(x)
+        assert kl[0, i].item() == pytest.approx(value, rel=1e-5, abs=1e-5), x
+        assert lp.grad[0, i].item() == pytest.approx(grad, rel=1e-4, abs=1e-5), x
+    assert lp.grad[0, 1].item() == pytest.approx(1.0)  # log r = -30
+
+
+def test_k3_cannot_overflow_and_keeps_its_gradient_sign_above_the_cap():
+    """Far below the reference (log r >> 0) exp would overflow float32 (log r > 88); beyond the
+    cap k3 grows linearly instead, stays finite and >= 0, and still pushes the log-prob up."""
+    log_rs = torch.tensor([[20.5, 30.0, 100.0, 1000.0]])
+    lp = torch.zeros_like(log_rs, requires_grad=True)
+    kl = compute_kl(lp, log_rs, "k3")
+    kl.sum().backward()
+    assert torch.isfinite(kl).all() and (kl > 0).all() and torch.isfinite(lp.grad).all()
+    assert (lp.grad < -1e8).all()  # analytically 1 - e^(log r): large and negative
+    assert (kl.diff() > 0).all()  # still increasing in log r
+    for x in (19.9, 20.0, 20.1):  # value and gradient continuous at the cap
+        p = torch.zeros(1, 1, requires_grad=True)
+        k = compute_kl(p, torch.tensor([[x]]), "k3")
+        k.sum().backward()
+        value, grad = loop_k3_and_grad(x)
+        assert k.item() == pytest.approx(value, rel=1e-2) and p.grad.item() == pytest.approx(grad, rel=0.11)
+
+
 def test_apply_kl_penalty():
     rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 9.0]])
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], requires_grad=True)

@@ -12,6 +12,7 @@ from rlhf.algos.losses import (
     compute_entropy,
     compute_entropy_from_logprobs,
     compute_policy_loss,
+    compute_sequence_logprobs,
     compute_token_logprobs,
     compute_value_loss,
     dpo_loss,
@@ -248,6 +249,50 @@ def test_ipo_formula():
     t = torch.tensor
     losses, _, _ = dpo_loss(t([-1.0]), t([-2.0]), t([-1.5]), t([-1.5]), beta=0.25, loss_type="ipo")
     assert losses.item() == pytest.approx((1.0 - 2.0) ** 2)
+
+
+def loop_sequence_logprobs(token_logprobs, mask, reduction):
+    out = []
+    for row, m in zip(token_logprobs.tolist(), mask.tolist()):
+        picked = [x for x, keep in zip(row, m) if keep]
+        total = sum(picked)
+        out.append(total / len(picked) if reduction == "mean" and picked else total)
+    return torch.tensor(out)
+
+
+def test_sequence_logprobs_match_loop_and_ignore_padding():
+    lp = -torch.rand(3, 5, generator=gen(30)) * 4
+    lp[0, 0] = float("nan")  # padding / prompt positions never leak in, even as NaN
+    for reduction in ("sum", "mean"):
+        got = compute_sequence_logprobs(lp, MASK, reduction)
+        torch.testing.assert_close(got, loop_sequence_logprobs(lp, MASK, reduction))
+    assert compute_sequence_logprobs(lp, torch.zeros(3, 5), "mean").eq(0).all()  # empty rows give 0, not NaN
+    with pytest.raises(ValueError, match="reduction"):
+        compute_sequence_logprobs(lp, MASK, "max")
+
+
+def test_ipo_on_averaged_logprobs_has_the_same_target_at_every_length():
+    """IPO's target margin 1/(2 beta) is per token: the same per-token log-ratio gives the same
+    loss for a 2-token and a 40-token pair when averaged (the default), not when summed."""
+    beta, per_token = 0.5, 0.25  # chosen up by 0.25 nats per token, rejected unchanged
+    losses = {}
+    for reduction in ("mean", "sum"):
+        for length in (2, 40):
+            policy, ref, mask = torch.full((2, length), -1.0), torch.full((2, length), -1.0), torch.ones(2, length)
+            policy[0] += per_token
+            seq, ref_seq = (compute_sequence_logprobs(x, mask, reduction) for x in (policy, ref))
+            losses[reduction, length] = dpo_loss(seq[0:1], seq[1:2], ref_seq[0:1], ref_seq[1:2], beta, "ipo")[0].item()
+    assert losses["mean", 2] == pytest.approx(losses["mean", 40]) == pytest.approx((per_token - 1 / (2 * beta)) ** 2)
+    assert losses["sum", 2] == pytest.approx((2 * per_token - 1) ** 2)
+    assert losses["sum", 40] == pytest.approx((40 * per_token - 1) ** 2)
+
+
+def test_dpo_config_feeds_ipo_averaged_logprobs_by_default():
+    from rlhf.config import DPOConfig
+
+    assert DPOConfig(loss_type="ipo").logprob_reduction == "mean"
+    assert DPOConfig(loss_type="ipo", ipo_logprobs="sum").logprob_reduction == "sum"
+    assert DPOConfig().logprob_reduction == DPOConfig(ipo_logprobs="mean").logprob_reduction == "sum"  # DPO sums
 
 
 # --- reward model ----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.data.chat import apply_chat_template
-from rlhf.models import build_tiny_causal_lm
+from tests.tiny_models import build_tiny_causal_lm
 
 TEXTS = ["State the final answer to the following arithmetic problem: 4 - 1 = Give only the final number. 3"] * 20
 
