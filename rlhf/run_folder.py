@@ -86,7 +86,7 @@ def open_run_folder(parent: str | Path, name: str, resume: bool) -> RunFolder:
             except BaseException:
                 folder.close()
                 raise
-            log.info("run folder: %s (run %s, resumed on purpose)", path, folder.run_id)
+            log.info("run folder: %s (run %s, reopened to resume it)", path, folder.run_id)
             return folder
         log.info("checkpoint.resume=true: %s holds no run yet; starting a new run there", path)
     for n in itertools.count(1):

@@ -9,6 +9,7 @@ fallback or a clear error, with every run's files intact.
 """
 import hashlib
 import logging
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,7 +164,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ti
         assert resume_point(resumed, again, restarted=False) == (2, checkpoints.root / "step_00000002")
     if file == MANIFEST:
         reason = r"manifest.json (is unreadable|does not match its own checksum)"
-    assert len(__import__("re").findall(f"step_00000003 is damaged, skipped: .*{reason}", caplog.text)) == 1
+    assert len(re.findall(f"step_00000003 is damaged, skipped: .*{reason}", caplog.text)) == 1
     assert "resuming from" in caplog.text and "skipped 1 damaged newer one(s)" in caplog.text
     assert snapshot(checkpoints.root) == before  # the damaged one is kept, for a look
 
@@ -247,7 +248,9 @@ def test_two_processes_never_share_a_run_folder(tmp_path, tiny_model):
         live.begin()
         with pytest.raises(RunFolderError, match=r"runs/a is in use by another live run \(run [0-9a-f]{32}, status running"):
             open_run_folder(cfg.logging.dir, "a", resume=True)
-        assert open_run_folder(cfg.logging.dir, "a", resume=False).name == "a-2"  # a new run goes elsewhere
+        elsewhere = open_run_folder(cfg.logging.dir, "a", resume=False)  # a new run goes elsewhere
+        elsewhere.close()
+        assert elsewhere.name == "a-2"
     open_run_folder(cfg.logging.dir, "a", resume=True).close()  # free again once the first ends
 
 
