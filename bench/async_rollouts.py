@@ -50,7 +50,7 @@ def main() -> None:
             cfg.algorithm.importance_sampling.enabled = True
         result = run(cfg)
         results[name] = {"before": result["before"]["eval/reward/reasoning_gym"],
-                         "after": result["after"]["eval/reward/reasoning_gym"]} | medians(out / f"grpo-{name}")
+                         "after": result["after"]["eval/reward/reasoning_gym"]} | medians(Path(result["run_dir"]))
     print(f"\nGRPO, {args.steps} steps, 16 prompts x 8 samples x <= 8 tokens; medians over steps 2..{args.steps}")
     print(f"| metric | {' | '.join(results)} |\n|---|{'---|' * len(results)}")
     for key in ("before", "after", *KEYS):

@@ -306,13 +306,25 @@ class ResourcesConfig(Section):
 
 # ---------------------------------------------------------------------------- checkpoint, logging
 class CheckpointConfig(Section):
-    dir: Optional[str] = Field(None, description="default <logging.dir>/<run_name>/checkpoints; shared storage on a cluster")
+    dir: Optional[str] = Field(None, description="default <logging.dir>/<run_name>/checkpoints; shared storage on a "
+                                                 "cluster (each run writes into its own <run_name>-<run id> folder there)")
     every_n_steps: int = Field(0, ge=0, description="0 = only at the end")
-    keep_last: int = Field(2, ge=1)
-    resume: bool = Field(False, description="continue from the newest checkpoint in dir (else start fresh, replacing them)")
+    keep_last: int = Field(2, ge=1, description="this run's newest checkpoints kept; older ones of this run are deleted")
+    resume: bool = Field(False, description="continue the run in <logging.dir>/<run_name> from its newest intact "
+                                            "checkpoint (else a new run, in a new folder if that one is taken)")
+    resume_from: Optional[str] = Field(
+        None, description="a new run that starts from this checkpoint (a step_<k> folder), whichever run wrote it; "
+                          "differences in model or data are logged, not refused")
     max_restarts: int = Field(
         2, ge=0, description="RL: when an actor dies or hangs, restart every group and resume from the newest "
                              "checkpoint (step 1 if none) at most this many times per run (0: stop)")
+
+    @model_validator(mode="after")
+    def _one_way_to_resume(self) -> "CheckpointConfig":
+        if self.resume and self.resume_from:
+            raise ValueError("checkpoint.resume continues the run named logging.run_name from its own newest "
+                             "checkpoint; checkpoint.resume_from starts a new run from the checkpoint given: set one")
+        return self
 
 
 class LoggingConfig(Section):
