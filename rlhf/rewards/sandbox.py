@@ -34,6 +34,7 @@ import math
 import os
 import reprlib
 import resource
+import secrets
 import select
 import shutil
 import signal
@@ -92,7 +93,8 @@ class Sandbox:
     def call(self, completions: list[str], samples: list[dict], timeout_s: float) -> dict:
         """The server's validated-shape reply {"values", "errors", "batch_error"}. TimeoutError past
         `timeout_s`, SandboxError if the sandbox died or misbehaved (it is then replaced)."""
-        request = json.dumps({"completions": completions, "samples": samples}, default=str).encode() + b"\n"
+        nonce = secrets.token_hex(8)  # the reply must echo it: a stale or forged line is caught
+        request = json.dumps({"id": nonce, "completions": completions, "samples": samples}, default=str).encode() + b"\n"
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
                 self._start_locked()
@@ -100,6 +102,8 @@ class Sandbox:
             try:
                 self._write(request, deadline)
                 reply = self._read_reply(deadline, max_reply_bytes(len(completions)))
+                if reply.get("id") != nonce:
+                    raise SandboxError("the reward sandbox answered with a line that is not the reply to this request")
             except BaseException:
                 self._kill_locked()
                 raise
@@ -368,10 +372,21 @@ def _as_values(raw: Any, n: int) -> tuple[list, list, str | None]:
     return values, errors, None
 
 
+_SERVER_PID = 0  # set in _serve
+
+
+def _run(fn, completions: list, samples: list) -> Any:
+    try:
+        return fn(completions, samples)
+    finally:
+        if os.getpid() != _SERVER_PID:  # a process the reward forked came back to us: it must not answer
+            os._exit(0)
+
+
 def _score(fn, completions: list, samples: list, retry_alone: bool) -> dict:
     n = len(completions)
     try:
-        values, errors, batch_error = _as_values(fn(completions, samples), n)
+        values, errors, batch_error = _as_values(_run(fn, completions, samples), n)
         return {"values": values, "errors": errors, "batch_error": batch_error}
     except BaseException as e:  # SystemExit and MemoryError included: a reward's failure, not ours
         batch_error = _message(e)
@@ -379,7 +394,7 @@ def _score(fn, completions: list, samples: list, retry_alone: bool) -> dict:
     if retry_alone and n > 1:  # each sample alone: only the ones that still fail lose their reward
         for i in range(n):
             try:
-                one, one_errors, one_error = _as_values(fn(completions[i:i + 1], samples[i:i + 1]), 1)
+                one, one_errors, one_error = _as_values(_run(fn, completions[i:i + 1], samples[i:i + 1]), 1)
                 values[i] = one[0]
                 if one_error or one_errors:
                     errors.append([i, f"sample {i}: {one_error or one_errors[0][1]}"])
@@ -406,10 +421,9 @@ def _kill_leftovers(in_pid_namespace: bool) -> None:
                         os.kill(int(entry), signal.SIGKILL)
                 except OSError:
                     pass
-    while True:
+    while True:  # SIGKILL cannot be ignored: each child exits soon (grandchildren are init's to reap)
         try:
-            if os.waitpid(-1, os.WNOHANG) == (0, 0):
-                break
+            os.waitpid(-1, 0)
         except ChildProcessError:
             break
 
@@ -420,6 +434,8 @@ def _build(config: dict):
 
 
 def _serve(config: dict, isolation: list[str]) -> None:
+    global _SERVER_PID
+    _SERVER_PID = os.getpid()
     reply_fd = os.dup(1)  # replies go here; what the reward prints goes to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -431,18 +447,21 @@ def _serve(config: dict, isolation: list[str]) -> None:
         if fn is None:
             fn = _build(config)
     except BaseException as e:
+        if os.getpid() != _SERVER_PID:  # forked while importing the user's file
+            os._exit(0)
         _write_line(reply_fd, {"ready": False, "error": str(e) if isinstance(e, ValueError) else _message(e)})
         return
+    if os.getpid() != _SERVER_PID:
+        os._exit(0)
     _write_line(reply_fd, {"ready": True, "isolation": isolation})
-    me, cpu_limit = os.getpid(), config["limits"]["cpu_time_s"]
+    cpu_limit = config["limits"]["cpu_time_s"]
     for line in sys.stdin.buffer:
         request = json.loads(line)
         reply = _score(fn, request["completions"], request["samples"], config["retry_alone"])
-        if os.getpid() != me:  # a process the reward forked returned into this loop: it must not answer
-            os._exit(0)
         _kill_leftovers("pid namespace" in isolation)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         reply["recycle"] = usage.ru_utime + usage.ru_stime > cpu_limit / 2
+        reply["id"] = request["id"]
         _write_line(reply_fd, reply)
 
 
