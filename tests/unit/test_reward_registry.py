@@ -185,7 +185,7 @@ def test_http_reward_gives_up_after_retries(reward_server, monkeypatch):
     ((x for x in [1.0, 2.0, 3.0]), [1.0, 2.0, 3.0], [], None),
 ])
 def test_what_a_reward_returns_becomes_numbers_or_named_failures(raw, values, errors, batch_error):
-    from rlhf.rewards.sandbox import _as_values
+    from rlhf.rewards.sandbox_server import _as_values
 
     assert _as_values(raw, 3) == (values, errors, batch_error)
 
