@@ -14,6 +14,7 @@ import math
 import os
 import reprlib
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -284,7 +285,9 @@ def main() -> None:
     isolation = _enter_namespaces(config["limits"]["network"])
     child = os.fork()  # in a new PID namespace, the child is its pid 1 (init)
     if child:
-        os._exit(_wait_for(child, trainer))
+        status = _wait_for(child, trainer)
+        shutil.rmtree(config["home"], ignore_errors=True)  # the trainer may be gone and not do it
+        os._exit(status)
     _die_with_parent()
     if "pid namespace" in isolation:  # init stays a reaper; the server is its child
         server = os.fork()
