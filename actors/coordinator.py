@@ -44,6 +44,7 @@ from rlhf.batch import Batch, collate_samples
 from rlhf.config import RunConfig
 from rlhf.data.chat import apply_chat_template
 from rlhf.models import resolve_model_path
+from rlhf.rewards.alarms import CONSTANT_REWARD_BATCHES, constant_reward_message, constant_rewards
 from rlhf.rewards.registry import build_reward_functions, combine_rewards, run_reward_function
 from rlhf.run_log import PhaseTimer
 from rlhf.schedule import steps_to_prefetch
@@ -90,6 +91,8 @@ class RLCoordinator:
         self.rollout = RolloutGroup(self.plan, self.policy_path, dtype, cfg.rollout, max_model_len=max_len, timeout_s=self.timeout_s)
         task = cfg.data.source.removeprefix("reasoning_gym:") if cfg.data.source.startswith("reasoning_gym:") else None
         self.rewards = build_reward_functions(cfg.rewards, task)
+        self.first_batches: list[dict[str, list[float]]] = []  # per-function rewards of the first scored batches
+        self.constant_reward = 0.0  # 1.0 once a reward was constant over them (reward/constant_warning)
         self.kl_ctl = (AdaptiveKLController(a.kl.coef, a.kl.target, a.kl.horizon) if a.kl.adaptive
                        else FixedKLController(a.kl.coef))
         # With a token budget, ranks get token-balanced rows (not contiguous ones), so they pack
@@ -214,7 +217,8 @@ class RLCoordinator:
             for s in batch_samples:
                 s["policy_version"] = gen.version
             with timer("score"):
-                batch_scores, reward_metrics = self.score(prompts, batch_samples)
+                batch_scores, reward_metrics, per_function = self.score(prompts, batch_samples)
+            self.watch_for_constant_rewards(per_function)
             for k, v in reward_metrics.items():  # means weighted by samples so refills average correctly
                 metrics[k] = metrics.get(k, 0.0) + (v if k.startswith(COUNTS) else v * len(batch_samples))
             if a.dynamic_sampling:
@@ -229,6 +233,7 @@ class RLCoordinator:
             if not k.startswith(COUNTS):  # error and timeout counts add up over rounds
                 metrics[k] /= total
         metrics["rollout/worker_restarts"] = float(self.rollout.restarts - restarts)
+        metrics["reward/constant_warning"] = self.constant_reward
         if a.dynamic_sampling:
             metrics["dynamic_sampling/kept_fraction"] = len(samples) / total
             metrics["dynamic_sampling/prompts_drawn"] = float(drawn)
@@ -302,8 +307,19 @@ class RLCoordinator:
             self.tokenizer.pad_token_id, {"rollout_logprobs": [s["logprobs"] for s in samples]},
         )
 
-    def score(self, prompts: list[dict], samples: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted sum of every reward function (and the reward model) per sample: (B,)."""
+    def watch_for_constant_rewards(self, per_function: dict[str, list[float]]) -> None:
+        """Over the first CONSTANT_REWARD_BATCHES training batches: a reward that gave every sample the
+        same value is logged loudly and sets `reward/constant_warning` (a gauge on the dashboard) to 1."""
+        if len(self.first_batches) >= CONSTANT_REWARD_BATCHES:
+            return
+        self.first_batches.append(per_function)
+        if len(self.first_batches) == CONSTANT_REWARD_BATCHES and (constant := constant_rewards(self.first_batches)):
+            log.warning(constant_reward_message(constant, CONSTANT_REWARD_BATCHES))
+            self.constant_reward = 1.0
+
+    def score(self, prompts: list[dict], samples: list[dict]) -> tuple[torch.Tensor, dict[str, float], dict[str, list[float]]]:
+        """Weighted sum of every reward function (and the reward model) per sample: (B,), the
+        reward metrics, and each function's per-sample values."""
         completions = [s["text"] for s in samples]
         rows = [prompts[s["prompt_index"]] for s in samples]
         model_ref = None
@@ -324,7 +340,7 @@ class RLCoordinator:
             per_function["model"] = ray_get(self.timeout_s, reward=[model_ref])[0].tolist()
             metrics["reward/model"] = sum(per_function["model"]) / len(per_function["model"])
         weights = {r.name: r.weight for r in self.rewards} | ({"model": 1.0} if "model" not in {r.name for r in self.rewards} else {})
-        return torch.tensor(combine_rewards(per_function, weights), dtype=torch.float32), metrics
+        return torch.tensor(combine_rewards(per_function, weights), dtype=torch.float32), metrics, per_function
 
     def evaluate(self, prompts: list[dict]) -> dict[str, float]:
         """Held-out prompts answered greedily (`eval/reward/<fn>`, `eval/reward_mean`) and, with
@@ -341,8 +357,9 @@ class RLCoordinator:
         out = {}
         for prefix, sampling in modes.items():
             samples = self.rollout.generate(texts, sampling, weights_from=self.policy)
-            scores, per_fn = self.score(prompts, samples)
-            out |= {f"eval/{prefix}{name}": v for name, v in per_fn.items() if name.startswith("reward/")}
+            scores, per_fn, _ = self.score(prompts, samples)
+            # each reward's mean and, next to it, the samples it failed on (given its fallback) and timed out on
+            out |= {f"eval/{prefix}{name}": v for name, v in per_fn.items() if name.startswith(("reward/",) + COUNTS)}
             out[f"eval/{prefix}reward_mean"] = float(scores.mean())
             out[f"eval/{prefix}response_length"] = sum(len(s["response_token_ids"]) for s in samples) / len(samples)
         return out

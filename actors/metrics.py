@@ -12,6 +12,7 @@ from our metric keys (`records` below, a pure function the unit tests check):
     reward/mean, reward/std                raylhf_reward_mean, _std          reward
     reward/<fn>                            raylhf_reward_function_mean{function=<fn>}
     reward_errors/<fn>, reward_timeouts/<fn>  raylhf_reward_errors{function}, raylhf_reward_timeouts{function}
+    reward/constant_warning                raylhf_reward_constant_warning    reward (1: a reward was constant early on)
     kl, entropy, clip_fraction, policy_loss, grad_norm   raylhf_<same>            policy
     kl_coef                                raylhf_kl_coef                    coordinator
     value_loss, critic_clip_fraction, critic_grad_norm   raylhf_value_loss, raylhf_clip_fraction,
@@ -51,6 +52,8 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
                              ("function",)),
     "raylhf_reward_timeouts": ("Samples whose reward-function call timed out this step (also in raylhf_reward_errors)",
                                ("function",)),
+    "raylhf_reward_constant_warning": ("1 when a reward function gave every sample the same value over the run's "
+                                       "first batches (it teaches nothing; see the log), else 0", ()),
     "raylhf_worker_restarts": ("Rollout engine actors that died and were restarted this step", ()),
     "raylhf_kl": ("KL(policy || reference) of the sampled tokens", ()),
     "raylhf_kl_coef": ("KL coefficient (the adaptive controller's current value)", ()),
@@ -73,6 +76,7 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
 EXACT = {
     "reward/mean": ("raylhf_reward_mean", "reward"),
     "reward/std": ("raylhf_reward_std", "reward"),
+    "reward/constant_warning": ("raylhf_reward_constant_warning", "reward"),
     "kl": ("raylhf_kl", "policy"),
     "kl_coef": ("raylhf_kl_coef", "coordinator"),
     "entropy": ("raylhf_entropy", "policy"),

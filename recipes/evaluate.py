@@ -18,10 +18,11 @@ import ray
 from transformers import AutoTokenizer
 
 from actors.rollout import RolloutWorker
+from rlhf.config import RewardSpec
 from rlhf.data.chat import apply_chat_template
 from rlhf.data.reasoning_gym import CHAIN_SUM_EASY, train_heldout_split
 from rlhf.models import smollm2_instruct_path
-from rlhf.rewards.verifiers import reasoning_gym_reward
+from rlhf.rewards.registry import build_reward_functions, run_reward_function
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,12 +56,15 @@ def main() -> None:
     generated = time.perf_counter()
 
     completions = [s["text"] for s in samples]
-    rewards = reasoning_gym_reward()(completions, heldout)
+    # the run's reward path: the verifier in its sandbox; its failures are counted, not silently 0
+    (verifier,) = build_reward_functions([RewardSpec(kind="reasoning_gym")], task="chain_sum")
+    rewards, errors, first_error, _ = run_reward_function(verifier, completions, heldout)
     new_tokens = sum(len(s["response_token_ids"]) for s in samples)
 
     for sample, completion, reward in list(zip(heldout, completions, rewards))[: args.show]:
         print(f"Q: {sample['prompt']}\nA: {completion.strip()!r}  (gold {sample['answer']}, reward {reward:.0f})\n")
-    print(f"held-out accuracy: {sum(rewards) / len(rewards):.1%} on {len(rewards)} chain_sum problems (greedy)")
+    print(f"held-out accuracy: {sum(rewards) / len(rewards):.1%} on {len(rewards)} chain_sum problems (greedy); "
+          f"reward errors: {errors}" + (f" (first: {first_error})" if first_error else ""))
     print(
         f"generation: {new_tokens} tokens in {generated - engine_ready:.1f} s "
         f"({new_tokens / (generated - engine_ready):.0f} tokens/s, includes the first call's warm-up); "

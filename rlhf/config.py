@@ -218,6 +218,16 @@ class RewardSpec(Section):
     url: Optional[str] = Field(None, description="endpoint for kind=http")
     timeout_s: float = Field(30.0, gt=0.0)
     fallback: float = Field(0.0, description="reward given when the function fails or times out")
+    # The sandbox each reward function runs in (rlhf/rewards/sandbox.py); defaults suit the built-ins.
+    memory_mb: int = Field(4096, ge=64, description="address-space limit of each sandbox process (RLIMIT_AS)")
+    cpu_time_s: int = Field(600, ge=1, description="CPU seconds of the sandbox (RLIMIT_CPU); it is replaced "
+                                                    "once it has used half")
+    max_processes: int = Field(32, ge=1, description="processes and threads the sandbox may have (RLIMIT_NPROC; "
+                                                     "as root the sandbox runs as 'nobody' so that it binds)")
+    max_open_files: int = Field(256, ge=16, description="RLIMIT_NOFILE of the sandbox")
+    max_file_mb: int = Field(64, ge=1, description="largest file the sandbox may write (RLIMIT_FSIZE)")
+    network: bool = Field(False, description="kind=python: allow network access (default: an empty network "
+                                             "namespace where the OS allows one; kind=http always has network)")
 
     @model_validator(mode="after")
     def _needs_target(self) -> "RewardSpec":

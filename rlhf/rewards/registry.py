@@ -10,33 +10,33 @@ rlhf.rewards.verifiers). `build_reward_functions` maps each RewardSpec kind to o
     http           POST {"completions": [...], "samples": [...]} to `url`, read {"rewards": [...]}
     model          scored by the reward-model Ray actor elsewhere: `remote=True`, no function here
 
-`run_reward_function` never raises: an exception, a result of the wrong length, or values that
-are not finite numbers give the spec's `fallback` for the samples affected, and are counted.
+`run_reward_function` never raises for a reward's failure and loses no sample: each sample gets
+its reward or the spec's `fallback`, and every fallback is counted with the first error's text.
 
-Isolation: functions run in one long-lived worker process (spawned lazily, reused across calls,
-~1 s to start), so a call that hangs past `timeout_s` can be abandoned: the worker is killed and
-the next call starts a fresh one. This also keeps users' code out of the trainer's process and
-gives math-verify the main thread its SIGALRM timeouts need. Functions cross to the worker by
-pickle, so reward functions are `RewardFactory` objects: a module-level builder plus its
-arguments, built once per process on first call. HTTP rewards run in the caller's process: they
-run no user code, and urllib's timeouts with retries already bound them.
+Every function runs in a sandbox process of its own (rlhf.rewards.sandbox: resource limits, no
+network unless asked, `nobody` when started as root, killed as a whole at the deadline); it is
+named by `RewardFactory` ("module:builder" plus JSON arguments) and its results come back as
+JSON, checked here. One call has one deadline, `timeout_s`, for everything (HTTP retries too).
+When a python reward raises on a batch, the sandbox retries each sample alone within that same
+deadline, and only the samples that raise again get the fallback; a timeout costs the batch.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import atexit
+import importlib
 import json
 import math
-import multiprocessing
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
-from rlhf.rewards import verifiers
+from rlhf.rewards.sandbox import Sandbox, SandboxError, SandboxLimits
 
 if TYPE_CHECKING:
     from rlhf.config import RewardSpec
@@ -44,23 +44,26 @@ if TYPE_CHECKING:
 RewardFn = Callable[[list[str], list[dict]], list[float]]
 HTTP_RETRIES = 3
 HTTP_FIRST_BACKOFF_S = 0.5
+HTTP_MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 
 # ------------------------------------------------------------------------------ reward functions
-_BUILT: dict["RewardFactory", RewardFn] = {}  # per process: a user module is imported once
+_BUILT: dict["RewardFactory", RewardFn] = {}  # in-process use only (tests, scripts): built once
 
 
 @dataclass(frozen=True)
 class RewardFactory:
-    """A picklable reward function: `build(*args)` makes the real one on first call in a process."""
+    """A reward function by name: `build` ("module:function") called with `args` (JSON values)
+    makes it. This is what crosses to the sandbox, as JSON; calling it here builds it in-process."""
 
-    build: Callable[..., RewardFn]  # module-level, so pickle sends it by name
+    build: str
     args: tuple = ()
 
     def __call__(self, completions: list[str], samples: list[dict]) -> Sequence[float]:
         fn = _BUILT.get(self)
         if fn is None:
-            fn = _BUILT[self] = self.build(*self.args)
+            module, _, name = self.build.partition(":")
+            fn = _BUILT[self] = getattr(importlib.import_module(module), name)(*self.args)
         return fn(completions, samples)
 
 
@@ -70,27 +73,25 @@ class NamedReward:
 
     name: str
     weight: float
-    fn: Optional[RewardFn]
-    timeout_s: float
+    fn: Optional[RewardFactory]
+    timeout_s: float  # one deadline per call, retries and per-sample retries included
     fallback: float
     remote: bool = False
-    # True: run in the worker process, abandoned after `timeout_s`. False (http): each request
-    # waits up to `timeout_s` and is retried, so a call can take ~4 x timeout_s + 3.5 s.
-    isolate: bool = True
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    trusted: bool = True  # our code (built before the sandbox drops privileges); False: a user's file
+    retry_alone: bool = False  # a batch that raises is retried one sample at a time (python rewards)
 
 
-def load_python_reward(path: str, function: str) -> RewardFn:
-    """The callable `function` defined in the Python file `path`; ValueError naming what is missing."""
-    file = Path(path)
+def load_python_reward(path: str, function: str, source: str | None = None) -> RewardFn:
+    """The callable `function` defined in the Python file `path` (whose text is `source` when
+    given: the sandbox may not be allowed to read the file); ValueError naming what is missing."""
     where = f"rewards: kind=python function='{path}:{function}'"
-    if not file.is_file():
-        raise ValueError(f"{where}: file {str(file.resolve())!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"rlhf_user_reward_{file.stem}", file)
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"{where}: {path!r} cannot be imported as a Python module (is it a .py file?)")
-    module = importlib.util.module_from_spec(module_spec)
+    if source is None:
+        source = read_reward_file(path, function)
+    module = types.ModuleType(f"rlhf_user_reward_{Path(path).stem}")
+    module.__file__ = path
     try:
-        module_spec.loader.exec_module(module)
+        exec(compile(source, path, "exec"), module.__dict__)
     except Exception as e:
         raise ValueError(f"{where}: importing the file failed: {type(e).__name__}: {e}") from e
     if not hasattr(module, function):
@@ -102,21 +103,40 @@ def load_python_reward(path: str, function: str) -> RewardFn:
     return fn
 
 
-def http_reward(url: str, timeout_s: float) -> RewardFn:
+def read_reward_file(path: str, function: str) -> str:
+    file = Path(path)
+    where = f"rewards: kind=python function='{path}:{function}'"
+    if not file.is_file():
+        raise ValueError(f"{where}: file {str(file.resolve())!r} does not exist")
+    if file.suffix != ".py":
+        raise ValueError(f"{where}: {path!r} cannot be imported as a Python module (is it a .py file?)")
+    try:
+        return file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: cannot read the file: {type(e).__name__}: {e}") from e
+
+
+def http_reward(url: str, timeout_s: float, first_backoff_s: float = HTTP_FIRST_BACKOFF_S) -> RewardFn:
     """POST the batch as JSON to `url`; the reply must be `{"rewards": [float, ...]}`.
 
-    Each attempt waits up to `timeout_s`. Connection errors, timeouts, 429 and 5xx are retried
-    HTTP_RETRIES times with exponential backoff; other errors, and the last failure, raise.
+    One deadline, `timeout_s`, for the whole call: connecting, every read, the retries and the
+    waits between them (a server that drips its reply a byte at a time runs out of it too; the
+    sandbox's kill at the same deadline backs this up). Connection errors, timeouts, 429 and
+    5xx are retried up to HTTP_RETRIES times with exponential backoff; the rest raise.
     """
 
     def http_reward(completions: list[str], samples: list[dict]) -> list[float]:
         # default=str: sample metadata may hold values JSON has no type for (sets, dates)
         body = json.dumps({"completions": completions, "samples": samples}, default=str).encode()
         request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        deadline = time.monotonic() + timeout_s
         for attempt in range(HTTP_RETRIES + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{url}: no reply within timeout_s={timeout_s:g} ({attempt} attempts)")
             try:
-                with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                    reply = json.loads(response.read())
+                with urllib.request.urlopen(request, timeout=left) as response:
+                    reply = json.loads(_read_before(response, deadline, url))
                 break
             except urllib.error.HTTPError as e:
                 if (e.code != 429 and e.code < 500) or attempt == HTTP_RETRIES:
@@ -124,7 +144,7 @@ def http_reward(url: str, timeout_s: float) -> RewardFn:
             except (urllib.error.URLError, TimeoutError, ConnectionError):
                 if attempt == HTTP_RETRIES:
                     raise
-            time.sleep(HTTP_FIRST_BACKOFF_S * 2**attempt)
+            time.sleep(max(0.0, min(first_backoff_s * 2**attempt, deadline - time.monotonic())))
         if not isinstance(reply, dict) or "rewards" not in reply:
             raise ValueError(f"{url} replied {str(reply)[:200]!r}; expected a JSON object with a 'rewards' list")
         return reply["rewards"]
@@ -132,45 +152,68 @@ def http_reward(url: str, timeout_s: float) -> RewardFn:
     return http_reward
 
 
+def _read_before(response, deadline: float, url: str) -> bytes:
+    """The body, read a chunk at a time while time is left and under HTTP_MAX_REPLY_BYTES."""
+    body = b""
+    while chunk := response.read1(65536):
+        body += chunk
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}: the reply was still arriving at the deadline ({len(body)} bytes so far)")
+        if len(body) > HTTP_MAX_REPLY_BYTES:
+            raise ValueError(f"{url}: reply over {HTTP_MAX_REPLY_BYTES} bytes")
+    return body
+
+
 def _split_target(function: str) -> tuple[str, str]:
     path, _, name = function.rpartition(":")
     return path, name
+
+
+def sandbox_limits(spec: RewardSpec, network: bool) -> SandboxLimits:
+    return SandboxLimits(memory_mb=spec.memory_mb, cpu_time_s=spec.cpu_time_s, max_processes=spec.max_processes,
+                         max_open_files=spec.max_open_files, max_file_mb=spec.max_file_mb, network=network)
 
 
 def build_reward_functions(specs: list[RewardSpec], task: str | None = None) -> list[NamedReward]:
     """One NamedReward per spec, named by kind ("python:<fn>" for python; "#2", "#3" on repeats).
 
     `task` is the reasoning-gym task ("chain_sum" or "reasoning_gym:chain_sum") for kind
-    reasoning_gym; None scores each sample with its own `metadata["source_dataset"]`. Python
-    rewards are imported once in the worker process here, so a missing file or function, or one
-    that is not callable, fails now with a ValueError instead of mid-run.
+    reasoning_gym; None scores each sample with its own `metadata["source_dataset"]`. A python
+    reward's sandbox starts here, so a missing file or function, one that is not callable, or a
+    file that fails to import fails now with a ValueError instead of mid-run.
     """
     task = task.removeprefix("reasoning_gym:") if task else None
     rewards: list[NamedReward] = []
     for spec in specs:
-        name, fn, isolate = spec.kind, None, True
+        name, fn, trusted, network = spec.kind, None, True, False
         if spec.kind == "reasoning_gym":
-            fn = RewardFactory(verifiers.reasoning_gym_reward, (task,))
+            fn = RewardFactory("rlhf.rewards.verifiers:reasoning_gym_reward", (task,))
         elif spec.kind == "math":
-            fn = RewardFactory(verifiers.math_answer_reward)
+            fn = RewardFactory("rlhf.rewards.verifiers:math_answer_reward")
         elif spec.kind == "format":
-            fn = RewardFactory(verifiers.format_reward)
+            fn = RewardFactory("rlhf.rewards.verifiers:format_reward")
         elif spec.kind == "python":
             path, function = _split_target(spec.function)
-            name, fn = f"python:{function}", RewardFactory(load_python_reward, (path, function))
-            try:
-                problem = _worker_call(_check_builds, (fn,), spec.timeout_s)
-            except TimeoutError:
-                problem = f"rewards: importing {spec.function!r} took longer than timeout_s={spec.timeout_s:g}"
-            if problem:
-                raise ValueError(problem)
+            path = str(Path(path).resolve())  # the sandbox runs elsewhere
+            source = read_reward_file(path, function)
+            name, trusted, network = f"python:{function}", False, spec.network
+            fn = RewardFactory("rlhf.rewards.registry:load_python_reward", (path, function, source))
         elif spec.kind == "http":
-            fn, isolate = RewardFactory(http_reward, (spec.url, spec.timeout_s)), False
+            fn, network = RewardFactory("rlhf.rewards.registry:http_reward", (spec.url, spec.timeout_s, HTTP_FIRST_BACKOFF_S)), True
         elif spec.kind != "model":
             raise ValueError(f"rewards: unknown kind {spec.kind!r}")
         taken = sum(r.name == name or r.name.startswith(name + "#") for r in rewards)
         name = f"{name}#{taken + 1}" if taken else name
-        rewards.append(NamedReward(name, spec.weight, fn, spec.timeout_s, spec.fallback, spec.kind == "model", isolate))
+        reward = NamedReward(name, spec.weight, fn, spec.timeout_s, spec.fallback, spec.kind == "model",
+                             sandbox_limits(spec, network), trusted, retry_alone=spec.kind == "python")
+        if spec.kind == "python":
+            try:
+                _sandbox(reward).start()
+            except TimeoutError:
+                raise ValueError(f"rewards: importing {spec.function!r} did not finish in time") from None
+            except SandboxError as e:
+                raise ValueError(f"rewards: {spec.function!r}: {e}") from None
+        rewards.append(reward)
     return rewards
 
 
@@ -197,8 +240,9 @@ class RewardRun(NamedTuple):
 def run_reward_function(reward: NamedReward, completions: list[str], samples: list[dict]) -> RewardRun:
     """(values, errors, first_error, timeouts) for one batch: see RewardRun.
 
-    Never raises for the reward's failures: an exception or a timeout costs the whole batch, a
-    result of the wrong length too, and each NaN, inf or non-number costs its own sample.
+    Never raises for the reward's failures. A timeout, a dead or misbehaving sandbox, or a
+    result that is not a list of n values costs the whole batch; each NaN, inf or non-number
+    costs its own sample, and so does each sample that raises when retried alone (python).
     """
     if reward.remote or reward.fn is None:
         raise ValueError(f"reward {reward.name!r} is scored by the reward-model actor, not run here")
@@ -209,128 +253,54 @@ def run_reward_function(reward: NamedReward, completions: list[str], samples: li
         return RewardRun([], 0, None)
     whole_batch_failed = [reward.fallback] * n, n
     try:
-        if reward.isolate:
-            raw = _worker_call(_call_reward, (reward.fn, completions, samples), reward.timeout_s)
-        else:
-            raw = list(reward.fn(completions, samples))
+        reply = _sandbox(reward).call(completions, samples, reward.timeout_s)
     except TimeoutError:
         return RewardRun(*whole_batch_failed, f"{reward.name}: timed out after {reward.timeout_s:g}s", timeouts=n)
-    except FailedInWorker as e:  # already reads "SomeError: message"
+    except (SandboxError, ValueError, OSError) as e:  # ValueError: it failed to start (a user's file broke since)
         return RewardRun(*whole_batch_failed, f"{reward.name}: {e}")
-    except Exception as e:
-        return RewardRun(*whole_batch_failed, f"{reward.name}: {type(e).__name__}: {e}")
-    if len(raw) != n:
-        return RewardRun(*whole_batch_failed, f"{reward.name}: returned {len(raw)} values for {n} completions")
-    values, errors, first_error = [], 0, None
-    for i, value in enumerate(raw):
-        number = _as_finite_float(value)
-        if number is None:
-            errors += 1
-            first_error = first_error or f"{reward.name}: sample {i}: {value!r} is not a finite number"
-            number = reward.fallback
-        values.append(number)
-    return RewardRun(values, errors, first_error)
+    values, messages = checked_reply(reply, n)
+    errors = [i for i, v in enumerate(values) if v is None]
+    first_error = messages[0] if messages else None
+    if first_error:
+        first_error = f"{reward.name}: {first_error}"
+    return RewardRun([reward.fallback if v is None else v for v in values], len(errors), first_error)
 
 
-def _as_finite_float(value: Any) -> float | None:
-    if isinstance(value, (str, bytes)):  # float("1") would pass; a reward must be a number
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+def checked_reply(reply: dict, n: int) -> tuple[list[float | None], list[str]]:
+    """(n finite floats or None, error messages) from a sandbox reply, trusting nothing in it."""
+    values, errors, batch_error = reply.get("values"), reply.get("errors"), reply.get("batch_error")
+    if not isinstance(values, list) or len(values) != n:
+        return [None] * n, ["the reward sandbox sent a malformed reply (no list of values)"]
+    checked = [float(v) if _is_finite_number(v) else None for v in values]
+    messages = [str(batch_error)[:1000]] if batch_error is not None else []
+    if isinstance(errors, list):
+        messages += [str(e[1])[:1000] for e in errors if isinstance(e, list) and len(e) == 2]
+    if any(v is None for v in checked) and not messages:
+        messages = [f"sample {checked.index(None)}: the reward sandbox sent no number"]
+    return checked, messages
 
 
-# --------------------------------------------------------------------------- the worker process
-class FailedInWorker(RuntimeError):
-    """The function raised inside the worker; the message is the original "Type: message"."""
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _call_reward(fn: RewardFn, completions: list[str], samples: list[dict]) -> list:
-    return list(fn(completions, samples))  # a list pickles whatever sequence type fn returned
+# ---------------------------------------------------------------------------------- sandboxes
+_sandboxes: dict[tuple, Sandbox] = {}
+_sandboxes_lock = threading.Lock()
 
 
-def _check_builds(fn: RewardFactory) -> str | None:
-    """Build `fn` in the worker now (and keep it), so load errors surface at start-up; the error text or None."""
-    try:
-        _BUILT[fn] = _BUILT.get(fn) or fn.build(*fn.args)
-    except ValueError as e:
-        return str(e)
-    return None
+def _sandbox(reward: NamedReward) -> Sandbox:
+    """The sandbox of this reward (one per function and limits, shared by equal rewards); not started yet."""
+    key = (reward.fn, reward.limits, reward.trusted, reward.retry_alone)
+    with _sandboxes_lock:
+        if key not in _sandboxes:
+            _sandboxes[key] = Sandbox(reward.fn.build, reward.fn.args, reward.limits, reward.trusted, reward.retry_alone)
+        return _sandboxes[key]
 
 
-def _serve(conn) -> None:
-    """Worker loop: say ready, then answer each (function, args) with (True, result) or (False, error)."""
-    conn.send("ready")
-    while True:
-        try:
-            fn, args = conn.recv()
-        except EOFError:  # the parent is gone: exit instead of lingering
-            return
-        try:
-            reply = (True, fn(*args))
-        except Exception as e:
-            reply = (False, f"{type(e).__name__}: {e}")
-        try:
-            conn.send(reply)
-        except Exception as e:  # e.g. a result pickle cannot carry
-            conn.send((False, f"result could not be sent back: {type(e).__name__}: {e}"))
-
-
-class _Worker:
-    """One spawned process serving calls over a pipe; killed and replaced when a call hangs."""
-
-    START_TIMEOUT_S = 120.0
-
-    def __init__(self) -> None:
-        context = multiprocessing.get_context("spawn")  # fork would copy a trainer's threads and locks
-        self.conn, child_conn = context.Pipe()
-        # daemon: it dies with the trainer (so a user reward cannot start processes with multiprocessing)
-        self.process = context.Process(target=_serve, args=(child_conn,), daemon=True, name="rlhf-reward-worker")
-        self.process.start()
-        child_conn.close()
-        # Wait for start-up (~1 s of imports) here, so it does not eat into the first call's timeout.
-        try:
-            ready = self.conn.poll(self.START_TIMEOUT_S) and self.conn.recv() == "ready"
-        except EOFError:  # it died while starting
-            ready = False
-        if not ready:
-            self.kill()
-            raise RuntimeError(f"the reward worker process did not start within {self.START_TIMEOUT_S:g}s")
-
-    def call(self, fn: Callable, args: tuple, timeout_s: float) -> Any:
-        self.conn.send((fn, args))
-        if not self.conn.poll(timeout_s):
-            raise TimeoutError(f"no result within {timeout_s:g}s")
-        try:
-            ok, value = self.conn.recv()
-        except EOFError:
-            raise ProcessLookupError(f"the reward worker process died (exit code {self.process.exitcode})") from None
-        if not ok:
-            raise FailedInWorker(value)
-        return value
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.join()
-        self.conn.close()
-
-
-_worker: _Worker | None = None
-_worker_lock = threading.Lock()  # one call at a time: the pipe carries one request and its reply
-
-
-def _worker_call(fn: Callable, args: tuple, timeout_s: float) -> Any:
-    """fn(*args) in the worker process. TimeoutError after `timeout_s`, FailedInWorker if fn raised."""
-    global _worker
-    with _worker_lock:
-        if _worker is None or not _worker.process.is_alive():
-            _worker = _Worker()
-        try:
-            return _worker.call(fn, args, timeout_s)
-        except (TimeoutError, ProcessLookupError, OSError):
-            # hung or died: kill it so nothing leaks; the next call spawns a fresh worker
-            _worker.kill()
-            _worker = None
-            raise
+@atexit.register
+def shutdown_sandboxes() -> None:
+    """Kill every reward sandbox of this process (they also die with it: PR_SET_PDEATHSIG)."""
+    with _sandboxes_lock:
+        for sandbox in _sandboxes.values():
+            sandbox.kill()

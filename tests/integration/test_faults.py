@@ -107,6 +107,9 @@ def test_rollout_worker_killed_mid_generation_and_bad_rewards(ray_cluster, tiny_
             assert r[f"reward/python:{fn}"] == 0.0  # the fallback
         assert r["reward/mean"] == pytest.approx(r["reward/python:length"])  # the bad ones added their fallback, 0
     assert "python:raises: ValueError: a bug in the reward" in caplog.text  # the first error, in full
+    # the three bad rewards gave every sample the fallback: constant over the first 3 batches, said loudly
+    assert [r["reward/constant_warning"] for r in rows] == [0.0, 0.0, 1.0]
+    assert "python:hangs (always 0), python:nan (always 0), python:raises (always 0)" in caplog.text
     assert checkpoints(tmp_path / "rollout-kill") == [f"step_{s:08d}" for s in (1, 2, 3)]
     assert not live_placement_groups()
 

@@ -169,3 +169,45 @@ def test_http_reward_gives_up_after_retries(reward_server, monkeypatch):
     values, errors, first_error, _ = run_reward_function(reward, COMPLETIONS, SAMPLES)
     assert (values, errors, handler.calls) == ([0.5] * 3, 3, 1 + registry.HTTP_RETRIES)
     assert "503" in first_error
+
+
+# ------------------------------------------------------------------------------ reply validation
+@pytest.mark.parametrize("raw, values, errors, batch_error", [
+    ([1, 0.5, True], [1.0, 0.5, 1.0], [], None),  # ints and bools are numbers
+    ([float("nan"), float("inf"), "1.0"], [None] * 3,
+     [[0, "sample 0: nan is not a finite number"], [1, "sample 1: inf is not a finite number"],
+      [2, "sample 2: '1.0' is not a finite number"]], None),
+    ({0: 1.0, 1: 1.0, 2: 1.0}, [None] * 3, [], "returned a dict; expected a list of 3 numbers"),
+    (None, [None] * 3, [], "returned a NoneType; expected a list of 3 numbers"),
+    ("abc", [None] * 3, [], "returned a str; expected a list of 3 numbers"),
+    ([1.0] * 4, [None] * 3, [], "returned 4 values for 3 completions"),
+    (iter(lambda: 1.0, None), [None] * 3, [], "returned more values for 3 completions"),  # endless, bounded
+    ((x for x in [1.0, 2.0, 3.0]), [1.0, 2.0, 3.0], [], None),
+])
+def test_what_a_reward_returns_becomes_numbers_or_named_failures(raw, values, errors, batch_error):
+    from rlhf.rewards.sandbox_server import _as_values
+
+    assert _as_values(raw, 3) == (values, errors, batch_error)
+
+
+@pytest.mark.parametrize("reply, values, first", [
+    ({"values": [1.0, 2, None], "errors": [[2, "sample 2: boom"]], "batch_error": None}, [1.0, 2.0, None], "sample 2: boom"),
+    ({"values": [1.0, True, "1"]}, [1.0, None, None], "sample 1: the reward sandbox sent no number"),  # forged: checked again
+    ({"values": [1e309, float("nan"), 0.0]}, [None, None, 0.0], "sample 0: the reward sandbox sent no number"),
+    ({"values": [1.0, 2.0]}, [None] * 3, "the reward sandbox sent a malformed reply (no list of values)"),
+    ({"values": {"0": 1.0}}, [None] * 3, "the reward sandbox sent a malformed reply (no list of values)"),
+    ({"values": [0.0] * 3, "batch_error": "x" * 5000}, [0.0] * 3, "x" * 1000),  # messages are cut
+])
+def test_the_trainer_trusts_no_part_of_a_sandbox_reply(reply, values, first):
+    from rlhf.rewards.registry import checked_reply
+
+    checked, messages = checked_reply(reply, 3)
+    assert checked == values and messages[0] == first
+
+
+def test_reward_specs_carry_sandbox_limits(user_file):
+    reward = python_reward(user_file, "length")
+    assert (reward.limits.memory_mb, reward.limits.max_processes, reward.limits.network) == (4096, 32, False)
+    assert not reward.trusted and reward.retry_alone
+    (http,) = build_reward_functions([RewardSpec(kind="http", url="http://127.0.0.1:1/x", memory_mb=256)])
+    assert http.limits.network and http.limits.memory_mb == 256 and http.trusted and not http.retry_alone
