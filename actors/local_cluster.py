@@ -3,7 +3,7 @@
 With `RAY_ADDRESS` set (as under `ray job submit`) the process joins that cluster with token
 authentication. Otherwise it starts the project's private local cluster:
 - token authentication on, with a fresh random token for this cluster (`RAY_AUTH_TOKEN` in this
-  process's environment, which every process of the cluster inherits); `RAY_AUTH_MODE=disabled`
+  process's environment, which every process of the cluster inherits); any other `RAY_AUTH_MODE`
   is overridden, never honoured;
 - every port on loopback (GCS, raylet, object manager, workers, dashboard and runtime-env agents,
   metrics, the dashboard if asked for). Ray turns a node address of 127.0.0.1 into the machine's
@@ -73,6 +73,7 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = False,
 def join_cluster(address: str) -> None:
     """ray.init on the cluster at `address`, with token authentication."""
     import ray
+    from ray._raylet import Config
     from ray.exceptions import AuthenticationError
 
     mode = os.environ.get("RAY_AUTH_MODE")
@@ -80,6 +81,7 @@ def join_cluster(address: str) -> None:
         raise RuntimeError(f"RAY_AUTH_MODE={mode}: raylhf only joins clusters with token authentication; "
                            f"start the cluster with RAY_AUTH_MODE=token and {TOKEN_HELP}")
     os.environ["RAY_AUTH_MODE"] = "token"  # unset means off for an explicit address in Ray 2.60
+    Config.initialize("")  # Ray caches the mode per process: re-read it
     host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
     if host == "localhost" or _is_loopback(host):
         _keep_loopback_node_address()  # else this driver looks for a node at the machine's other address

@@ -7,7 +7,7 @@ be attached to the session's cluster and the export interval must be set before 
 one step, waits for a line on stdin, logs a second; the test reads the endpoint after each, the
 way Prometheus would scrape it, and again seconds later: Ray forgets a gauge series that is not
 re-reported every export interval, so RayMetrics must keep re-reporting between steps. Ray's
-Prometheus endpoint takes no token (Prometheus scrapes it); the node's job API next to it does.
+Prometheus endpoint takes no token (Prometheus scrapes it); the node's other HTTP APIs do.
 """
 import json
 import os
@@ -34,7 +34,7 @@ from actors.metrics import RayMetrics
 
 cluster = init_ray(num_cpus=1)
 node = next(n for n in ray.nodes() if n["Alive"])
-port, agent = node["MetricsExportPort"], node["DashboardAgentListenPort"]
+port, runtime_env_agent = node["MetricsExportPort"], node["RuntimeEnvAgentPort"]
 sink = RayMetrics("metrics-test", default_role="coordinator")
 steps = [
     {"reward/mean": 0.25, "reward/std": 0.5, "reward/accuracy": 0.25, "reward_errors/accuracy": 3.0, "kl": 0.125,
@@ -46,7 +46,7 @@ steps = [
 ]
 for step, metrics in enumerate(steps, start=1):
     sink.log(step, metrics)
-    print(json.dumps({"port": port, "agent": agent, "temp_dir": str(cluster.temp_dir), "step": step}), flush=True)
+    print(json.dumps({"port": port, "runtime_env_agent": runtime_env_agent, "temp_dir": str(cluster.temp_dir), "step": step}), flush=True)
     sys.stdin.readline()  # the test has read this step back
 sink.close()
 ray.shutdown()
@@ -89,7 +89,7 @@ def series(gauge, **labels):
 
 def status_without_token(url: str) -> int:
     try:
-        return urllib.request.urlopen(url, timeout=5).status
+        return urllib.request.urlopen(urllib.request.Request(url, data=b"{}"), timeout=5).status
     except urllib.error.HTTPError as e:
         return e.code
 
@@ -105,9 +105,10 @@ def test_driver_gauges_reach_the_prometheus_endpoint():
         assert line, f"driver exited: {driver.stderr.read()[-3000:]}"
         first = json.loads(line)
         port, temp_dir = int(first["port"]), first["temp_dir"]
-        # the cluster runs with token authentication: its job API refuses a request without one
-        assert first["agent"] > 0, "the dashboard agent's HTTP server did not start (port 52365 taken?)"
-        assert status_without_token(f"http://127.0.0.1:{first['agent']}/api/job_agent/jobs/x/logs") == 401
+        # the cluster runs with token authentication: its runtime-env agent (which installs
+        # packages on request) refuses a request without one
+        runtime_env_url = f"http://127.0.0.1:{first['runtime_env_agent']}/get_or_create_runtime_env"
+        assert status_without_token(runtime_env_url) == 401
 
         got = wait_for(port, {
             series("step", role="coordinator"): 1,
