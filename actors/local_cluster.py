@@ -108,6 +108,7 @@ def start_local_cluster(num_cpus: int | None = None, log_to_driver: bool = False
         log.warning("RAY_AUTH_MODE=%s ignored: a raylhf local cluster always uses token authentication", mode)
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # 256 bits, as `ray get-auth-token --generate`
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)  # this cluster's token only, whatever the user's other ones
     Config.initialize("")  # Ray caches the mode and the token per process: re-read both
     AuthenticationTokenLoader.instance().reset_cache()
 
