@@ -30,17 +30,13 @@ from rlhf.run_log import RunLogger, format_metrics
 log = logging.getLogger("raylhf")
 
 
-def ensure_ray() -> None:
-    import ray
+def ensure_ray():
+    """Join RAY_ADDRESS's cluster, or start the private local one (token auth, loopback only,
+    stopped with this process however it ends: actors/local_cluster.py); returns the local
+    cluster it started (its temp dir and watchdog), else None."""
+    from actors.local_cluster import init_ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # join the cluster this job was submitted to
-    else:
-        # A private local cluster: no dashboard auth token dance, quiet workers.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, log_to_driver=os.environ.get("RAYLHF_WORKER_LOGS") == "1")
+    return init_ray(log_to_driver=os.environ.get("RAYLHF_WORKER_LOGS") == "1")
 
 
 def parse(argv: list[str] | None, default_config: str) -> RunConfig:

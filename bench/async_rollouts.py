@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
-
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 KEYS = ("time/step", "time/generate", "time/score", "time/train", "time/sync", "async/generate_s",
         "async/overlap_s", "async/overlap_fraction", "async/staleness", "mismatch/mean_abs_logprob_diff",
@@ -33,6 +30,7 @@ def main() -> None:
     import ray
 
     from actors.launch import run
+    from actors.local_cluster import init_ray
     from tests.e2e.test_learning_sft_grpo import GRPO_STEPS, grpo_config, train_sft
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,7 +38,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-async")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the test suite's 2-core cluster
+    init_ray(num_cpus=2)  # the test suite's 2-core cluster
     sft = train_sft(out)
     modes = {"sync": {}, "async": {"async_rollouts": True}}
     results = {}

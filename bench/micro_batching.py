@@ -19,8 +19,6 @@ import statistics
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
 
 def rl_like_batch(rows: int, vocab: int, seed: int = 0):
     from rlhf.batch import collate_samples
@@ -85,9 +83,10 @@ def main() -> None:
     parser.add_argument("--json", help="also write {model: results} to this file")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    from actors.local_cluster import start_local_cluster
     from bench.rollout_and_sync import model_path
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    start_local_cluster(num_cpus=os.cpu_count())  # always a fresh local cluster, even with RAY_ADDRESS set
     try:
         rows = [(name, bench_model(model_path(name), args))
                 for name in (["tiny", "smollm2"] if args.model == "both" else [args.model])]

@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
@@ -67,6 +66,7 @@ def bench_generation(path: str, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.group import PlacementPlan
+    from actors.local_cluster import init_ray
     from actors.rollout import RolloutGroup
     from rlhf.config import ResourcesConfig, RolloutConfig
     from rlhf.models import preferred_dtype
@@ -77,7 +77,7 @@ def bench_generation(path: str, args) -> dict:
     dtype = preferred_dtype()
     out = {}
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=os.cpu_count())
     plan = PlacementPlan.create(ResourcesConfig(rollout={"cpus_per_actor": 1}), ["rollout"])
     group = RolloutGroup(plan, path, dtype, RolloutConfig(), max_model_len=512)
     through_group = lambda: group.merge_samples(ray.get(group.async_generate(prompts, sampling)), len(prompts))
@@ -123,11 +123,12 @@ def bench_sync(path: str, args) -> dict:
     import ray
 
     from actors.group import ActorGroup, PlacementPlan
+    from actors.local_cluster import init_ray
     from actors.policy import PolicyActor
     from actors.rollout import RolloutGroup
     from rlhf.config import AlgorithmConfig, ModelSpec, ResourcesConfig, RolloutConfig, TrainerConfig
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=os.cpu_count())
     res = ResourcesConfig(policy={"cpus_per_actor": 0.5}, rollout={"cpus_per_actor": 0.5})
     plan = PlacementPlan.create(res, ["policy", "rollout"])
     policy = ActorGroup(PolicyActor, "policy", plan, model=ModelSpec(path=path).model_dump(),

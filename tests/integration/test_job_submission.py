@@ -1,24 +1,19 @@
 """A recipe submitted as a Ray job, the way a cluster runs it (README: "Submitting a job").
 
-The test starts its own head node (`ray start --head --block`, its own ports and temp dir: it
-does not touch the session's `ray_cluster` fixture or any other Ray on the machine), submits
-`python -m recipes.sft` with the repository as `working_dir` through `JobSubmissionClient`, and
-checks the job's logs and run directory. The job's driver is a separate process on that head; the
-pytest process never calls `ray.init`.
-
-It stops the head by ending the `ray start --block` process it started (which takes its raylet,
-GCS, dashboard and workers down with it), never with `ray stop`: that kills every Ray on the
-machine, including other tests' clusters.
+The test starts its own head node (tests/conftest.py `ray_head`: `ray start --head --block` with
+token authentication, on 127.0.0.1, its own ports and temp dir: it does not touch the session's
+`ray_cluster` fixture or any other Ray on the machine), shows that a submission without the token
+is refused, submits `python -m recipes.sft` with the token and the repository as `working_dir`
+through `JobSubmissionClient`, and checks the job's logs and run directory. The job's driver is a
+separate process on that head (it joins the cluster with the token the head's processes inherit);
+the pytest process never calls `ray.init`.
 """
 import json
-import os
 import shlex
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,82 +24,19 @@ from tests.tiny_models import build_tiny_causal_lm
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
 STEPS = 3
 ROWS = [{"prompt": f"{a} + {b} =", "response": str(a + b)} for a in range(8) for b in range(8)]
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free right now (all bound at once, so no two are the same)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture
-def head_node():
-    """A private head node; yields (a JobSubmissionClient for it, its `ray start` log)."""
-    # Short path: Ray's unix sockets live under the temp dir and must stay under ~107 characters.
-    temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")
-    gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics, node_mgr, obj_mgr = free_ports(9)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"  # a private test cluster, as in tests/conftest.py
-    log_path = Path(temp_dir) / "ray_start.log"
-    # Every port is given: the defaults (6379, 8265, 10001, 52365, ...) may belong to another Ray.
-    cmd = [RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats",
-           f"--temp-dir={temp_dir}", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-           f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir)
-    try:
-        yield connect(f"http://127.0.0.1:{dashboard}", proc, log_path), log_path
-    finally:
-        stop_head(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)  # session logs: a failed assertion above quotes their tail
-
-
-def stop_head(proc: subprocess.Popen) -> None:
-    import psutil
-
-    # Everything this head started (GCS, raylet, dashboard, agents, workers, the job's driver)
-    # descends from the `ray start` process; take the list before it goes, since orphans are
-    # re-parented. Other Rays' processes are never on it.
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    proc.terminate()  # `ray start --block` then stops the processes it started
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    _, alive = psutil.wait_procs(family, timeout=15)
-    for p in alive:  # a safety net: in trials SIGTERM left nothing behind
-        p.kill()
-    psutil.wait_procs(alive, timeout=5)
-
-
-def connect(address: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 90):
+def head_node(ray_head):
+    """The conftest's private head (token auth, loopback); yields (a JobSubmissionClient that sends
+    the token, the head's `ray start` log)."""
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.time() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-        try:
-            return JobSubmissionClient(address)
-        except Exception:  # the dashboard is not up yet
-            if time.time() > deadline:
-                raise
-            time.sleep(1)
+    # An explicit Authorization header: this process may hold another cluster's token (the
+    # session's ray_cluster), and Ray's client would otherwise send that one.
+    yield JobSubmissionClient(ray_head.dashboard, headers=ray_head.auth), ray_head.log_path
 
 
 def wait_for_job(client, job_id: str, timeout_s: float):
@@ -119,7 +51,17 @@ def wait_for_job(client, job_id: str, timeout_s: float):
     return status
 
 
-def test_sft_recipe_runs_as_a_submitted_job(head_node, tmp_path):
+def post_job(url: str, entrypoint: str, headers: dict) -> int:
+    """The HTTP status of a raw job submission (what `ray job submit` sends)."""
+    request = urllib.request.Request(f"{url}/api/jobs/", data=json.dumps({"entrypoint": entrypoint}).encode(),
+                                     headers={"Content-Type": "application/json", **headers})
+    try:
+        return urllib.request.urlopen(request, timeout=30).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_sft_recipe_runs_as_a_submitted_job(head_node, ray_head, tmp_path):
     from ray.job_submission import JobStatus
 
     client, head_log = head_node
@@ -144,6 +86,11 @@ def test_sft_recipe_runs_as_a_submitted_job(head_node, tmp_path):
     entrypoint = shlex.join(["ls", "-a"]) + " && " + shlex.join(
         [sys.executable, "-m", "recipes.sft", "--config", str(config), *overrides])
 
+    # Without the token (or with a wrong one) the job API refuses, and nothing runs.
+    intruder = tmp_path / "ran_without_token"
+    assert post_job(ray_head.dashboard, f"touch {intruder}", {}) == 401
+    assert post_job(ray_head.dashboard, f"touch {intruder}", {"Authorization": "Bearer " + "0" * 64}) == 403
+
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
     status = wait_for_job(client, job_id, timeout_s=240)
     logs = client.get_job_logs(job_id)
@@ -155,6 +102,8 @@ def test_sft_recipe_runs_as_a_submitted_job(head_node, tmp_path):
     assert not {".venv", "runs", ".git"} & listing, "the upload should leave out .venv, runs and .git"
     assert "held-out before training" in logs
     assert f"step {STEPS}/{STEPS} | sft_loss" in logs  # the driver's progress lines reach the job logs
+
+    assert [j.submission_id for j in client.list_jobs()] == [job_id] and not intruder.exists()
 
     run_dir = logs_dir / "job"
     result = json.loads((run_dir / "result.json").read_text())

@@ -1,12 +1,13 @@
 """RayMetrics end to end: gauges set in a Ray *driver* reach the node's Prometheus endpoint.
 
 The driver runs in a subprocess with a Ray of its own, started the way a local run starts one
-(actors/launch.py: ray.init(include_dashboard=False)), because this process may already be
-attached to the session's cluster and the export interval must be set before Ray starts
+(actors/local_cluster.py: token authentication, loopback only), because this process may already
+be attached to the session's cluster and the export interval must be set before Ray starts
 (RAY_metrics_report_interval_ms; Ray floors it at 1 s, the default is 10 s). The subprocess logs
 one step, waits for a line on stdin, logs a second; the test reads the endpoint after each, the
 way Prometheus would scrape it, and again seconds later: Ray forgets a gauge series that is not
-re-reported every export interval, so RayMetrics must keep re-reporting between steps.
+re-reported every export interval, so RayMetrics must keep re-reporting between steps. Ray's
+Prometheus endpoint takes no token (Prometheus scrapes it); the node's other HTTP APIs do.
 """
 import json
 import os
@@ -14,8 +15,8 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -28,10 +29,12 @@ ROOT = Path(__file__).resolve().parents[2]
 DRIVER = r"""
 import json, sys
 import ray
+from actors.local_cluster import init_ray
 from actors.metrics import RayMetrics
 
-ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _temp_dir=sys.argv[1])
-port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+cluster = init_ray(num_cpus=1)
+node = next(n for n in ray.nodes() if n["Alive"])
+port, runtime_env_agent = node["MetricsExportPort"], node["RuntimeEnvAgentPort"]
 sink = RayMetrics("metrics-test", default_role="coordinator")
 steps = [
     {"reward/mean": 0.25, "reward/std": 0.5, "reward/accuracy": 0.25, "reward_errors/accuracy": 3.0, "kl": 0.125,
@@ -43,7 +46,7 @@ steps = [
 ]
 for step, metrics in enumerate(steps, start=1):
     sink.log(step, metrics)
-    print(json.dumps({"port": port, "step": step}), flush=True)
+    print(json.dumps({"port": port, "runtime_env_agent": runtime_env_agent, "temp_dir": str(cluster.temp_dir), "step": step}), flush=True)
     sys.stdin.readline()  # the test has read this step back
 sink.close()
 ray.shutdown()
@@ -84,16 +87,28 @@ def series(gauge, **labels):
     return ("ray_raylhf_" + gauge, frozenset({"run": "metrics-test", **labels}.items()))
 
 
+def status_without_token(url: str) -> int:
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, data=b"{}"), timeout=5).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def test_driver_gauges_reach_the_prometheus_endpoint():
-    temp_dir = tempfile.mkdtemp(prefix="/tmp/rlm-")  # short: Ray's socket paths must fit in 107 bytes
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray, never a shared one
-    env |= {"RAY_metrics_report_interval_ms": "1000", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, temp_dir], cwd=ROOT, env=env, text=True,
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_TOKEN"))}
+    env |= {"RAY_metrics_report_interval_ms": "1000", "PYTHONPATH": str(ROOT)}  # a fresh local Ray, never a shared one
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=ROOT, env=env, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    temp_dir = None
     try:
         line = driver.stdout.readline()
         assert line, f"driver exited: {driver.stderr.read()[-3000:]}"
-        port = int(json.loads(line)["port"])
+        first = json.loads(line)
+        port, temp_dir = int(first["port"]), first["temp_dir"]
+        # the cluster runs with token authentication: its runtime-env agent (which installs
+        # packages on request) refuses a request without one
+        runtime_env_url = f"http://127.0.0.1:{first['runtime_env_agent']}/get_or_create_runtime_env"
+        assert status_without_token(runtime_env_url) == 401
 
         got = wait_for(port, {
             series("step", role="coordinator"): 1,
@@ -141,4 +156,5 @@ def test_driver_gauges_reach_the_prometheus_endpoint():
             except subprocess.TimeoutExpired:
                 driver.kill()
                 driver.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)

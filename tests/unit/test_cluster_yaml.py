@@ -123,15 +123,20 @@ def test_validation_rejects_a_broken_config(breakage):
         validate_config(prepare_config(raw))
 
 
-def test_declares_gpu_workers_dashboard_metrics_and_the_gpu_install():
+def test_declares_gpu_workers_dashboard_metrics_token_auth_and_the_gpu_install():
     cluster = raw_cluster()
     types = node_types(cluster)
     assert any(t["GPU"] > 0 for t in types.values())
     for name, t in cluster["available_node_types"].items():
         assert {"CPU", "GPU"} <= set(t["resources"]), f"{name}: declare CPU and GPU for the autoscaler"
-    head = " ".join(cluster["head_start_ray_commands"])
-    assert "--dashboard-host=0.0.0.0" in head and "--dashboard-port=8265" in head
-    assert "--metrics-export-port=" in head and "--metrics-export-port=" in " ".join(cluster["worker_start_ray_commands"])
+    head, worker = " ".join(cluster["head_start_ray_commands"]), " ".join(cluster["worker_start_ray_commands"])
+    # the dashboard (job API) on the head's loopback only: `ray dashboard cluster.yaml` forwards it
+    assert "--dashboard-host=127.0.0.1" in head and "--dashboard-port=8265" in head
+    assert "--metrics-export-port=" in head and "--metrics-export-port=" in worker
+    # token authentication on every node, with the token file that file_mounts copies there
+    assert "export RAY_AUTH_MODE=token;" in head and "export RAY_AUTH_MODE=token;" in worker
+    assert "~/.ray/auth_token" in cluster["file_mounts"]
+    assert "disabled" not in CLUSTER_YAML.read_text()
     assert any('pip install -q -e ".[gpu]"' in c for c in cluster["setup_commands"])
     text = CLUSTER_YAML.read_text()
     assert all(o in text for o in GPU_OVERRIDES), "cluster.yaml's GPU overrides and this test's disagree"
