@@ -164,8 +164,10 @@ class ImportanceSamplingConfig(Section):
 
 
 class DPOConfig(Section):
-    beta: float = Field(0.1, gt=0.0)
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    beta: float = Field(0.1, gt=0.0, description="pull toward the reference: higher keeps the policy closer "
+                                                "(implicit reward = beta x log-ratio to the reference)")
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="'sigmoid': DPO; 'ipo': squared loss toward 1 / (2 beta), on summed log-probs here")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO; 0 = plain DPO")
     ipo_logprobs: Literal["mean", "sum"] = Field(
         "mean", description="IPO only: response log-probs averaged over tokens (the IPO paper, TRL) or summed; "
@@ -212,11 +214,14 @@ class AlgorithmConfig(Section):
 class RewardSpec(Section):
     """One reward function; a run's reward is the weighted sum of its rewards."""
 
-    kind: Literal["reasoning_gym", "math", "format", "python", "model", "http"]
-    weight: float = 1.0
+    kind: Literal["reasoning_gym", "math", "format", "python", "model", "http"] = Field(
+        description="reasoning_gym: the task's verifier; math: math-verify against the answer; format: 1 if the "
+                    "completion is just a number; python: `function`; http: POST to `url`; model: models.reward")
+    weight: float = Field(1.0, description="multiplies this reward in the sum (negative: a penalty)")
     function: Optional[str] = Field(None, description="'path/to/file.py:function' for kind=python")
     url: Optional[str] = Field(None, description="endpoint for kind=http")
-    timeout_s: float = Field(30.0, gt=0.0)
+    timeout_s: float = Field(30.0, gt=0.0, description="seconds one call over a step's samples may take, else "
+                                                      "they get fallback; http: per attempt, retried")
     fallback: float = Field(0.0, description="reward given when the function fails or times out")
     # The sandbox each reward function runs in (rlhf/rewards/sandbox.py); defaults suit the built-ins.
     memory_mb: int = Field(4096, ge=64, description="address-space limit of each sandbox process (RLIMIT_AS)")
@@ -338,13 +343,14 @@ class CheckpointConfig(Section):
 
 
 class LoggingConfig(Section):
-    run_name: str = "run"
-    dir: str = "runs"
-    jsonl: bool = True
-    tensorboard: bool = True
-    wandb: bool = False
-    ray_metrics: bool = True
-    log_every: int = Field(1, ge=1)
+    run_name: str = Field("run", description="the run's folder under logging.dir; also the wandb name and the "
+                                             "Ray metrics' `run` tag")
+    dir: str = Field("runs", description="parent folder of run folders: config.yaml, metrics, checkpoints, final/")
+    jsonl: bool = Field(True, description="write every step's metrics to <run folder>/metrics.jsonl")
+    tensorboard: bool = Field(True, description="write TensorBoard events to <run folder>/tensorboard")
+    wandb: bool = Field(False, description="also log to Weights & Biases (pip install wandb; missing: a warning)")
+    ray_metrics: bool = Field(True, description="export metrics as Ray gauges (dashboard, Prometheus)")
+    log_every: int = Field(1, ge=1, description="print a progress line every N steps (the files get every step)")
 
 
 # ------------------------------------------------------------------------------------------ run
