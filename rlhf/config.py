@@ -221,7 +221,7 @@ class RewardSpec(Section):
     function: Optional[str] = Field(None, description="'path/to/file.py:function' for kind=python")
     url: Optional[str] = Field(None, description="endpoint for kind=http")
     timeout_s: float = Field(30.0, gt=0.0, description="seconds one call over a step's samples may take, else "
-                                                      "they get fallback; http: per attempt, retried")
+                                                      "they get fallback (one deadline, http retries included)")
     fallback: float = Field(0.0, description="reward given when the function fails or times out")
     # The sandbox each reward function runs in (rlhf/rewards/sandbox.py); defaults suit the built-ins.
     memory_mb: int = Field(4096, ge=64, description="address-space limit of each sandbox process (RLIMIT_AS)")
