@@ -1,6 +1,6 @@
 # The two commands a newcomer needs. Each creates or reuses ./.venv first.
 PY := .venv/bin/python
-.PHONY: demo test test-slow setup bench clean
+.PHONY: demo test lint test-slow setup bench clean
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -10,7 +10,12 @@ demo: export RAYLHF_CPU_THREADS ?= $(shell nproc)
 demo: setup   # the main job: RLVR on SmolLM2-135M-Instruct, held-out accuracy before and after
 	$(PY) -m recipes.rlvr $(ARGS)
 
-test: setup
+# Lint and format (ruff) first: seconds, and the habits every change is held to (CONTRIBUTING.md).
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q $(ARGS)
 
 test-slow: setup

@@ -12,13 +12,14 @@ weights one update older than the ones they train (rollout.max_staleness steps a
 A policy version counts the RL updates behind a set of weights; every sample carries the
 version that generated it, so `async/staleness` is measured, not assumed.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import ray
 import torch
@@ -79,22 +80,43 @@ class RLCoordinator:
         self.plan = PlacementPlan.create(cfg.resources, roles)
         common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
         algo = a.model_dump()
-        self.policy = ActorGroup(PolicyActor, "policy", self.plan, model=models.policy.model_dump(), algorithm=algo, **common)
+        self.policy = ActorGroup(
+            PolicyActor, "policy", self.plan, model=models.policy.model_dump(), algorithm=algo, **common
+        )
         reference = models.reference or models.policy
-        self.reference = ActorGroup(ReferenceActor, "reference", self.plan, model=reference.model_dump(), **common) if "reference" in roles else None
+        self.reference = (
+            ActorGroup(ReferenceActor, "reference", self.plan, model=reference.model_dump(), **common)
+            if "reference" in roles
+            else None
+        )
         critic = models.critic.model_dump() if models.critic and "critic" in roles else None  # only GAE uses it
-        self.critic = ActorGroup(CriticActor, "critic", self.plan, model=critic, algorithm=algo, lr=cfg.trainer.critic_lr, **common) if critic else None
-        self.reward_model = ActorGroup(RewardActor, "reward", self.plan, model=models.reward.model_dump(), **common) if models.reward else None
+        self.critic = (
+            ActorGroup(
+                CriticActor, "critic", self.plan, model=critic, algorithm=algo, lr=cfg.trainer.critic_lr, **common
+            )
+            if critic
+            else None
+        )
+        self.reward_model = (
+            ActorGroup(RewardActor, "reward", self.plan, model=models.reward.model_dump(), **common)
+            if models.reward
+            else None
+        )
         max_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
         dtype = None if models.policy.dtype == "auto" else models.policy.dtype  # None: the worker's node decides
         self.timeout_s = cfg.trainer.step_timeout_s
-        self.rollout = RolloutGroup(self.plan, self.policy_path, dtype, cfg.rollout, max_model_len=max_len, timeout_s=self.timeout_s)
+        self.rollout = RolloutGroup(
+            self.plan, self.policy_path, dtype, cfg.rollout, max_model_len=max_len, timeout_s=self.timeout_s
+        )
         task = cfg.data.source.removeprefix("reasoning_gym:") if cfg.data.source.startswith("reasoning_gym:") else None
         self.rewards = build_reward_functions(cfg.rewards, task)
         self.first_batches: list[dict[str, list[float]]] = []  # per-function rewards of the first scored batches
         self.constant_reward = 0.0  # 1.0 once a reward was constant over them (reward/constant_warning)
-        self.kl_ctl = (AdaptiveKLController(a.kl.coef, a.kl.target, a.kl.horizon) if a.kl.adaptive
-                       else FixedKLController(a.kl.coef))
+        self.kl_ctl = (
+            AdaptiveKLController(a.kl.coef, a.kl.target, a.kl.horizon)
+            if a.kl.adaptive
+            else FixedKLController(a.kl.coef)
+        )
         # With a token budget, ranks get token-balanced rows (not contiguous ones), so they pack
         # into about as many micro-batches and finish together.
         self.balance = cfg.trainer.micro_batch_tokens is not None
@@ -103,7 +125,12 @@ class RLCoordinator:
         self.pending_loads: tuple[list, list] = ([], [])  # async rollouts: weight loads queued behind generation
         # rollout.sleep_during_training: trainers on the engines' devices, which free cached memory for them
         shared = next((g for g in cfg.resources.colocate if "rollout" in g), [])
-        groups = {"policy": self.policy, "reference": self.reference, "critic": self.critic, "reward": self.reward_model}
+        groups = {
+            "policy": self.policy,
+            "reference": self.reference,
+            "critic": self.critic,
+            "reward": self.reward_model,
+        }
         self.neighbours = [groups[r] for r in shared if groups.get(r)] if cfg.rollout.sleep_during_training else []
         self.said_sleep_is_a_no_op = False
 
@@ -116,7 +143,9 @@ class RLCoordinator:
         samples, scores = self.generate_and_score(next_prompts, step, timer, metrics)  # (B,) scores
         if cfg.rollout.async_rollouts:  # the next steps' samples generate while this step trains
             for ahead in steps_to_prefetch(step, cfg.rollout.max_staleness, cfg.trainer.total_steps, self.prefetched):
-                self.prefetched[ahead] = self.launch(next_prompts(cfg.rollout.prompts_per_step), ahead, 0, prefetched=True)
+                self.prefetched[ahead] = self.launch(
+                    next_prompts(cfg.rollout.prompts_per_step), ahead, 0, prefetched=True
+                )
         if not samples:
             log.warning("step skipped: no prompt group had differing rewards")
             return metrics | {"skipped": 1.0}
@@ -149,11 +178,21 @@ class RLCoordinator:
                 batch["old_values"] = ray_get(self.timeout_s, critic=value_refs)[0]
 
         # advantages: pure functions on the driver
-        kl = compute_kl(batch["old_logprobs"], batch["ref_logprobs"], a.kl.estimator) if need_old and self.reference else None
+        kl = (
+            compute_kl(batch["old_logprobs"], batch["ref_logprobs"], a.kl.estimator)
+            if need_old and self.reference
+            else None
+        )
         penalty = self.kl_ctl.value * kl if a.kl.mode == "reward" and kl is not None else None
         batch["advantages"], returns = compute_advantages(
-            a.advantage, scores, mask, group_size=n, kl_penalty=penalty,
-            values=batch.get("old_values"), gamma=a.gamma, lam=a.lam,
+            a.advantage,
+            scores,
+            mask,
+            group_size=n,
+            kl_penalty=penalty,
+            values=batch.get("old_values"),
+            gamma=a.gamma,
+            lam=a.lam,
         )
         if returns is not None:
             batch["returns"] = returns
@@ -175,11 +214,16 @@ class RLCoordinator:
             self.kl_ctl.update(kl_mean, len(samples))
         lengths = mask.sum(-1)
         metrics.update(train_metrics)
-        metrics.update({
-            "reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
-            "kl": kl_mean, "kl_coef": self.kl_ctl.value, "response_length/mean": float(lengths.float().mean()),
-            "samples": float(len(samples)),
-        })
+        metrics.update(
+            {
+                "reward/mean": float(scores.mean()),
+                "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+                "kl": kl_mean,
+                "kl_coef": self.kl_ctl.value,
+                "response_length/mean": float(lengths.float().mean()),
+                "samples": float(len(samples)),
+            }
+        )
         if cfg.rollout.async_rollouts:
             metrics["async/staleness"] = sum(staleness) / len(staleness)
             metrics["async/staleness_max"] = float(max(staleness))
@@ -191,7 +235,9 @@ class RLCoordinator:
         return metrics
 
     # ------------------------------------------------------------------------------ pieces
-    def generate_and_score(self, next_prompts, step: int, timer: PhaseTimer, metrics: dict) -> tuple[list[dict], torch.Tensor]:
+    def generate_and_score(
+        self, next_prompts, step: int, timer: PhaseTimer, metrics: dict
+    ) -> tuple[list[dict], torch.Tensor]:
         """Sample n completions per prompt and score them. With dynamic sampling, groups whose
         samples all score the same are dropped and another prompts_per_step prompts are drawn,
         up to `max_refills` extra rounds, until the step has prompts_per_step informative groups
@@ -249,7 +295,9 @@ class RLCoordinator:
         runs its calls in order, so this round uses the last weights sent before it."""
         sampling = self.sampling(seed=self.sampling_seed(step, round_))
         texts = [self.format_prompt(p) for p in prompts]
-        return Generation(prompts, texts, sampling, self.rollout.start_generation(texts, sampling), self.version, prefetched)
+        return Generation(
+            prompts, texts, sampling, self.rollout.start_generation(texts, sampling), self.version, prefetched
+        )
 
     def collect(self, gen: Generation) -> tuple[list[dict], float]:
         """Wait for a launched generation. A worker that died is restarted with the policy's
@@ -268,10 +316,19 @@ class RLCoordinator:
         for _ in range(cfg.trainer.epochs_per_rollout):
             for mini in batch.select(order).split(cfg.trainer.global_batch_size):
                 norm = float(compute_loss_normalizer(mini["response_mask"], a.loss_agg, constant))
-                policy_refs = self.policy.async_scatter("train_step", mini.shard(self.policy.world_size, self.balance)[0],
-                                                        normalizer=norm, kl_coef=self.kl_ctl.value)
-                critic_refs = self.critic.async_scatter("train_step", mini.shard(self.critic.world_size, self.balance)[0],
-                                                        normalizer=norm) if self.critic else []
+                policy_refs = self.policy.async_scatter(
+                    "train_step",
+                    mini.shard(self.policy.world_size, self.balance)[0],
+                    normalizer=norm,
+                    kl_coef=self.kl_ctl.value,
+                )
+                critic_refs = (
+                    self.critic.async_scatter(
+                        "train_step", mini.shard(self.critic.world_size, self.balance)[0], normalizer=norm
+                    )
+                    if self.critic
+                    else []
+                )
                 for ranks_metrics in ray_get(self.timeout_s, policy=policy_refs, critic=critic_refs):
                     for k, v in ranks_metrics.items():
                         sums.setdefault(k, []).append(v)
@@ -279,7 +336,9 @@ class RLCoordinator:
         steps = cfg.trainer.epochs_per_rollout * (len(batch) // cfg.trainer.global_batch_size)
         skips = {"skipped_nonfinite": ("nonfinite_skips", self.policy)}
         skips |= {"critic_skipped_nonfinite": ("critic_nonfinite_skips", self.critic)} if self.critic else {}
-        out = {k: (sum(v) / steps if k.endswith("loss") else sum(v) / len(v)) for k, v in sums.items() if k not in skips}
+        out = {
+            k: (sum(v) / steps if k.endswith("loss") else sum(v) / len(v)) for k, v in sums.items() if k not in skips
+        }
         for key, (name, group) in skips.items():  # updates skipped for NaN/inf: the ranks agree, so sum / ranks
             out[name] = sum(sums.get(key, [])) / group.world_size
         return out
@@ -288,8 +347,14 @@ class RLCoordinator:
         r = self.cfg.rollout
         if greedy:
             return {"n": 1, "temperature": 0.0, "max_tokens": r.max_new_tokens, "stop": r.stop or None}
-        return {"n": r.samples_per_prompt, "temperature": r.temperature, "top_p": r.top_p,
-                "max_tokens": r.max_new_tokens, "stop": r.stop or None, "seed": seed}
+        return {
+            "n": r.samples_per_prompt,
+            "temperature": r.temperature,
+            "top_p": r.top_p,
+            "max_tokens": r.max_new_tokens,
+            "stop": r.stop or None,
+            "seed": seed,
+        }
 
     def sampling_seed(self, step: int, round_: int) -> int:
         """A seed per step and refill round, not the engine's running RNG: a resumed run (new
@@ -303,8 +368,10 @@ class RLCoordinator:
 
     def collate(self, samples: list[dict]) -> Batch:
         return collate_samples(
-            [s["prompt_token_ids"] for s in samples], [s["response_token_ids"] for s in samples],
-            self.tokenizer.pad_token_id, {"rollout_logprobs": [s["logprobs"] for s in samples]},
+            [s["prompt_token_ids"] for s in samples],
+            [s["response_token_ids"] for s in samples],
+            self.tokenizer.pad_token_id,
+            {"rollout_logprobs": [s["logprobs"] for s in samples]},
         )
 
     def watch_for_constant_rewards(self, per_function: dict[str, list[float]]) -> None:
@@ -317,7 +384,9 @@ class RLCoordinator:
             log.warning(constant_reward_message(constant, CONSTANT_REWARD_BATCHES))
             self.constant_reward = 1.0
 
-    def score(self, prompts: list[dict], samples: list[dict]) -> tuple[torch.Tensor, dict[str, float], dict[str, list[float]]]:
+    def score(
+        self, prompts: list[dict], samples: list[dict]
+    ) -> tuple[torch.Tensor, dict[str, float], dict[str, list[float]]]:
         """Weighted sum of every reward function (and the reward model) per sample: (B,), the
         reward metrics, and each function's per-sample values."""
         completions = [s["text"] for s in samples]
@@ -339,7 +408,9 @@ class RLCoordinator:
         if model_ref is not None:
             per_function["model"] = ray_get(self.timeout_s, reward=[model_ref])[0].tolist()
             metrics["reward/model"] = sum(per_function["model"]) / len(per_function["model"])
-        weights = {r.name: r.weight for r in self.rewards} | ({"model": 1.0} if "model" not in {r.name for r in self.rewards} else {})
+        weights = {r.name: r.weight for r in self.rewards} | (
+            {"model": 1.0} if "model" not in {r.name for r in self.rewards} else {}
+        )
         return torch.tensor(combine_rewards(per_function, weights), dtype=torch.float32), metrics, per_function
 
     def evaluate(self, prompts: list[dict]) -> dict[str, float]:
@@ -383,8 +454,10 @@ class RLCoordinator:
     def log_if_no_memory_freed(self, freed: list[bool]) -> None:
         if not any(freed) and not self.said_sleep_is_a_no_op:
             self.said_sleep_is_a_no_op = True
-            log.info("rollout.sleep_during_training: these engines have no sleep mode (vLLM-CPU); sleep and "
-                     "wake_up only mark their state and the engines keep their memory")
+            log.info(
+                "rollout.sleep_during_training: these engines have no sleep mode (vLLM-CPU); sleep and "
+                "wake_up only mark their state and the engines keep their memory"
+            )
 
     # ------------------------------------------------------------------------------ checkpoints
     def trainable_groups(self) -> dict[str, ActorGroup]:
@@ -398,32 +471,59 @@ class RLCoordinator:
         Async rollouts: the generation in flight for the next step(s) came from weights older
         than the saved ones. It is waited for and saved with its samples, so a resumed run trains
         on exactly the samples the uninterrupted run would have."""
-        ray_get(self.timeout_s, **{role: group.async_run("save_checkpoint", str(folder / role))
-                                   for role, group in self.trainable_groups().items()})
+        ray_get(
+            self.timeout_s,
+            **{
+                role: group.async_run("save_checkpoint", str(folder / role))
+                for role, group in self.trainable_groups().items()
+            },
+        )
         self.rollout.wait_loads(*self.pending_loads)
         self.pending_loads = ([], [])
-        prefetched = {step: {"prompts": g.prompts, "texts": g.texts, "sampling": g.sampling,
-                             "result": self.collect(g), "version": g.version}
-                      for step, g in self.prefetched.items()}
+        prefetched = {
+            step: {
+                "prompts": g.prompts,
+                "texts": g.texts,
+                "sampling": g.sampling,
+                "result": self.collect(g),
+                "version": g.version,
+            }
+            for step, g in self.prefetched.items()
+        }
         return {"kl_controller": self.kl_ctl.state_dict(), "policy_version": self.version, "prefetched": prefetched}
 
     def load_checkpoint(self, folder, driver_state: dict) -> None:
         """Restore every trainable role and the KL controller, then hand the engines the
         restored policy weights (they started from the base model)."""
-        ray_get(self.timeout_s, **{role: group.async_run("load_checkpoint", str(folder / role))
-                                   for role, group in self.trainable_groups().items()})
+        ray_get(
+            self.timeout_s,
+            **{
+                role: group.async_run("load_checkpoint", str(folder / role))
+                for role, group in self.trainable_groups().items()
+            },
+        )
         self.kl_ctl.load_state_dict(driver_state["kl_controller"])
         self.version = driver_state.get("policy_version", driver_state["step"])
-        self.prefetched = {step: Generation(g["prompts"], g["texts"], g["sampling"], {}, g["version"], prefetched=True,
-                                            result=g["result"])
-                           for step, g in driver_state.get("prefetched", {}).items()}
+        self.prefetched = {
+            step: Generation(
+                g["prompts"], g["texts"], g["sampling"], {}, g["version"], prefetched=True, result=g["result"]
+            )
+            for step, g in driver_state.get("prefetched", {}).items()
+        }
         self.sync_weights()
 
     def dead_actors(self) -> list[str]:
         """'policy rank 1', 'rollout rank 0', ...: the actors of this run that have died."""
-        groups = {"policy": self.policy, "reference": self.reference, "critic": self.critic,
-                  "reward": self.reward_model, "rollout": self.rollout}
-        return [f"{role} rank {rank}" for role, group in groups.items() if group is not None for rank in group.dead_ranks()]
+        groups = {
+            "policy": self.policy,
+            "reference": self.reference,
+            "critic": self.critic,
+            "reward": self.reward_model,
+            "rollout": self.rollout,
+        }
+        return [
+            f"{role} rank {rank}" for role, group in groups.items() if group is not None for rank in group.dead_ranks()
+        ]
 
     def shutdown(self) -> None:
         for group in (self.policy, self.reference, self.critic, self.reward_model, self.rollout):

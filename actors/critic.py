@@ -1,4 +1,5 @@
 """CriticActor: one rank of the value model (PPO with GAE): values per token and the value-loss update."""
+
 from __future__ import annotations
 
 import torch
@@ -41,13 +42,21 @@ class CriticActor(DeepSpeedRole):
         def losses():
             for micro in self.micro_batches(batch, train=True):
                 loss, metrics = compute_value_loss(
-                    self._values(micro), micro["old_values"], micro["returns"], micro["response_mask"],
-                    clip_range=self.algo.value_clip, agg_mode=self.algo.loss_agg, global_normalizer=normalizer,
+                    self._values(micro),
+                    micro["old_values"],
+                    micro["returns"],
+                    micro["response_mask"],
+                    clip_range=self.algo.value_clip,
+                    agg_mode=self.algo.loss_agg,
+                    global_normalizer=normalizer,
                 )
                 stats.append({k: float(v) for k, v in metrics.items()})
                 yield self.algo.value_coef * loss
 
         step = self.optimizer_step(losses())
-        out = {"value_loss": step["loss"], "critic_grad_norm": step["grad_norm"],
-               "critic_skipped_nonfinite": step["skipped_nonfinite"]}
+        out = {
+            "value_loss": step["loss"],
+            "critic_grad_norm": step["grad_norm"],
+            "critic_skipped_nonfinite": step["skipped_nonfinite"],
+        }
         return out | {f"critic_{k}": sum(s[k] for s in stats) / len(stats) for k in stats[0]}

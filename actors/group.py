@@ -5,6 +5,7 @@ bundle per actor, unless the config colocates roles: then those roles share one 
 and rank i of each colocated role lands in bundle i (so policy rank 0 and rollout engine 0 share
 a GPU, say). Resource amounts come from `ResourcesConfig`; GPUs are used when the cluster has them.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,6 +44,7 @@ def use_cpu_threads_from_env() -> None:
     if os.environ.get("RAYLHF_CPU_THREADS") and not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ["RAYLHF_CPU_THREADS"]))
 
+
 @dataclass
 class PlacementPlan:
     """One placement group per role or per colocated set of roles."""
@@ -51,7 +53,7 @@ class PlacementPlan:
     resources: dict[str, RoleResources] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, cfg: ResourcesConfig, roles: list[str], timeout_s: float = 120) -> "PlacementPlan":
+    def create(cls, cfg: ResourcesConfig, roles: list[str], timeout_s: float = 120) -> PlacementPlan:
         check_cluster_fits(cfg, roles)  # an impossible request fails now, not after timeout_s
         plan = cls(resources={role: getattr(cfg, role) for role in roles})
         for members, bundles in placement_sets(cfg, roles):  # bundle i holds rank i of every member role
@@ -71,7 +73,8 @@ class PlacementPlan:
 
     def strategy(self, role: str, rank: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(
-            placement_group=self.groups[role], placement_group_bundle_index=rank,
+            placement_group=self.groups[role],
+            placement_group_bundle_index=rank,
             placement_group_capture_child_tasks=True,
         )
 
@@ -108,8 +111,10 @@ class ActorGroup:
 
         def start(rank: int, addr: str, port: int):
             return remote_cls.options(
-                num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor,
-                scheduling_strategy=plan.strategy(role, rank), name=None,
+                num_cpus=res.cpus_per_actor,
+                num_gpus=res.gpus_per_actor,
+                scheduling_strategy=plan.strategy(role, rank),
+                name=None,
             ).remote(rank, self.world_size, addr, port, **init_kwargs)
 
         # Rank 0's node hosts the rendezvous. Ask a throwaway task placed in rank 0's bundle for
@@ -162,8 +167,11 @@ def ray_get(timeout_s: float | None, **refs_by_role: list[ray.ObjectRef] | dict[
     names each role and the ranks (index in its list, or key of its dict) that did not answer
     within timeout_s (None: no deadline). A rank that failed raises as soon as its answer
     arrives, not after its peers, which may be stuck in a collective waiting for it."""
-    labels = {ref: (role, rank) for role, refs in refs_by_role.items()
-              for rank, ref in (refs.items() if isinstance(refs, dict) else enumerate(refs))}
+    labels = {
+        ref: (role, rank)
+        for role, refs in refs_by_role.items()
+        for rank, ref in (refs.items() if isinstance(refs, dict) else enumerate(refs))
+    }
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     values, pending = {}, list(labels)
     while pending:

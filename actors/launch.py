@@ -3,6 +3,7 @@
 Recipes call `main(default_config)`. With `RAY_ADDRESS` set (as under `ray job submit`) the run
 joins that cluster; otherwise it starts a local one sized to this machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,15 @@ from pathlib import Path
 
 import torch
 
-from rlhf.checkpoint import (DRIVER_STATE, CheckpointDir, CheckpointError, RunIdentity, resume_fingerprint, rng_state,
-                             set_rng_state)
+from rlhf.checkpoint import (
+    DRIVER_STATE,
+    CheckpointDir,
+    CheckpointError,
+    RunIdentity,
+    resume_fingerprint,
+    rng_state,
+    set_rng_state,
+)
 from rlhf.config import ConfigError, RunConfig, dump_config, load_config
 from rlhf.data.sources import DataError, load_prompts
 from rlhf.data.stream import PromptStream
@@ -54,10 +62,10 @@ def main(default_config: str, argv: list[str] | None = None) -> dict:
         return run(cfg)
     except (ConfigError, DataError, RunFolderError, CheckpointError) as e:  # also model paths, cluster size
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except (NonFiniteError, ActorFailure) as e:  # the run stopped itself (NaNs: after a checkpoint)
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def run(cfg: RunConfig) -> dict:
@@ -66,8 +74,10 @@ def run(cfg: RunConfig) -> dict:
     check_model_paths(cfg.models)  # ConfigError before Ray or any actor starts
     check_before_start(cfg)  # data sources, task names, reward functions: also before Ray
     if not cfg.is_rl and (cfg.checkpoint.resume or cfg.checkpoint.resume_from):
-        raise ConfigError(f"algorithm.name={cfg.algorithm.name!r} does not checkpoint mid-run, so there is nothing "
-                          "to resume: drop checkpoint.resume / checkpoint.resume_from (a new run gets a new folder)")
+        raise ConfigError(
+            f"algorithm.name={cfg.algorithm.name!r} does not checkpoint mid-run, so there is nothing "
+            "to resume: drop checkpoint.resume / checkpoint.resume_from (a new run gets a new folder)"
+        )
     folder = open_run_folder(cfg.logging.dir, cfg.logging.run_name, resume=cfg.checkpoint.resume)
     began = False
     try:
@@ -121,9 +131,14 @@ def rl_checkpoints(cfg: RunConfig, folder: RunFolder) -> CheckpointDir:
     """This run's checkpoints: in its run folder, or on shared storage (checkpoint.dir) in a
     folder of its own there, so that two runs never write the same step's folder."""
     run_dir = folder.path
-    root = Path(cfg.checkpoint.dir) / f"{folder.name}-{folder.run_id[:8]}" if cfg.checkpoint.dir else run_dir / "checkpoints"
-    checkpoints = CheckpointDir(root, RunIdentity(folder.run_id, folder.name, resume_fingerprint(cfg)),
-                                cfg.checkpoint.keep_last)
+    root = (
+        Path(cfg.checkpoint.dir) / f"{folder.name}-{folder.run_id[:8]}"
+        if cfg.checkpoint.dir
+        else run_dir / "checkpoints"
+    )
+    checkpoints = CheckpointDir(
+        root, RunIdentity(folder.run_id, folder.name, resume_fingerprint(cfg)), cfg.checkpoint.keep_last
+    )
     folder.info["checkpoints"] = str(checkpoints.root)  # written to run.json when the run begins
     return checkpoints
 
@@ -134,8 +149,13 @@ def train_and_heldout(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
     return train, heldout
 
 
-def run_rl(cfg: RunConfig, run_dir: Path, data: tuple[list[dict], list[dict]], checkpoints: CheckpointDir,
-           start: tuple[int, Path] | None) -> dict:
+def run_rl(
+    cfg: RunConfig,
+    run_dir: Path,
+    data: tuple[list[dict], list[dict]],
+    checkpoints: CheckpointDir,
+    start: tuple[int, Path] | None,
+) -> dict:
     """The RL loop from `start` (a verified checkpoint, or step 1 if None), restarted when an actor
     dies or hangs: every group is shut down (placement groups freed), new ones are built and the
     run resumes from its newest intact checkpoint (from `start` if it wrote none yet), at most
@@ -151,11 +171,17 @@ def run_rl(cfg: RunConfig, run_dir: Path, data: tuple[list[dict], list[dict]], c
             return result | {"restarts": restarts}
         except ActorFailure as failure:
             if restarts >= cfg.checkpoint.max_restarts:
-                raise ActorFailure(f"{failure}; gave up after {restarts} restart(s) "
-                                   f"(checkpoint.max_restarts={cfg.checkpoint.max_restarts})") from failure.__cause__
+                raise ActorFailure(
+                    f"{failure}; gave up after {restarts} restart(s) "
+                    f"(checkpoint.max_restarts={cfg.checkpoint.max_restarts})"
+                ) from failure.__cause__
             restarts += 1
-            log.error("%s; restarting every actor group and resuming from the newest checkpoint (restart %d of at most %d)",
-                      failure, restarts, cfg.checkpoint.max_restarts)
+            log.error(
+                "%s; restarting every actor group and resuming from the newest checkpoint (restart %d of at most %d)",
+                failure,
+                restarts,
+                cfg.checkpoint.max_restarts,
+            )
 
 
 def resume_point(cfg: RunConfig, checkpoints: CheckpointDir, restarted: bool) -> tuple[int, Path] | None:
@@ -172,8 +198,14 @@ def resume_point(cfg: RunConfig, checkpoints: CheckpointDir, restarted: bool) ->
     return None
 
 
-def run_rl_once(cfg: RunConfig, run_dir: Path, train: list[dict], heldout: list[dict], checkpoints: CheckpointDir,
-                resume_from: tuple[int, Path] | None) -> dict:
+def run_rl_once(
+    cfg: RunConfig,
+    run_dir: Path,
+    train: list[dict],
+    heldout: list[dict],
+    checkpoints: CheckpointDir,
+    resume_from: tuple[int, Path] | None,
+) -> dict:
     """One attempt at the RL loop with fresh actors, from the checkpoint `resume_from` (step 1 if
     None); ActorFailure when one of them dies or hangs."""
     import ray
@@ -182,9 +214,14 @@ def run_rl_once(cfg: RunConfig, run_dir: Path, train: list[dict], heldout: list[
     from actors.group import StepTimeoutError
     from actors.metrics import metric_sinks  # Ray dashboard metrics and wandb, as cfg.logging asks
 
-    logger = RunLogger(run_dir, cfg.trainer.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard,
-                       resume_step=resume_from[0] if resume_from else None,
-                       sinks=metric_sinks(cfg, "coordinator", run_dir))
+    logger = RunLogger(
+        run_dir,
+        cfg.trainer.total_steps,
+        cfg.logging.jsonl,
+        cfg.logging.tensorboard,
+        resume_step=resume_from[0] if resume_from else None,
+        sinks=metric_sinks(cfg, "coordinator", run_dir),
+    )
     coordinator = RLCoordinator(cfg)
     stream = PromptStream(train, cfg.data.seed)
     step = resume_from[0] + 1 if resume_from else 1  # the step under way, for the failure message
@@ -207,7 +244,10 @@ def run_rl_once(cfg: RunConfig, run_dir: Path, train: list[dict], heldout: list[
         def save(step: int) -> Path:
             folder = checkpoints.staging(step)
             state = coordinator.save_checkpoint(folder) | {
-                "step": step, "data_position": stream.position, "heldout_before": before, "rng": rng_state(),
+                "step": step,
+                "data_position": stream.position,
+                "heldout_before": before,
+                "rng": rng_state(),
                 "config": dump_config(cfg),
             }
             torch.save(state, folder / DRIVER_STATE)  # written last: commit() checks for it, hashes, publishes
@@ -219,16 +259,25 @@ def run_rl_once(cfg: RunConfig, run_dir: Path, train: list[dict], heldout: list[
             metrics = coordinator.step(stream.next, step)
             logger.log(step, metrics)
             if step % cfg.logging.log_every == 0:
-                log.info(logger.progress(step, metrics, ("reward/mean", "kl", "policy_loss", "time/generate", "time/train")))
+                log.info(
+                    logger.progress(step, metrics, ("reward/mean", "kl", "policy_loss", "time/generate", "time/train"))
+                )
             for key in ("nonfinite_skips", "critic_nonfinite_skips"):
                 if metrics.get(key):
-                    log.warning("step %d: %s: %g update(s) skipped for a non-finite loss or gradient", step, key, metrics[key])
+                    log.warning(
+                        "step %d: %s: %g update(s) skipped for a non-finite loss or gradient", step, key, metrics[key]
+                    )
             if metrics.get("rollout/worker_restarts"):
                 log.warning("step %d: %g rollout worker(s) restarted", step, metrics["rollout/worker_restarts"])
             if failed := guard.update(step, metrics):
                 # the skipped updates changed nothing, so this state is the last good one
                 raise NonFiniteError(guard.message(failed, str(save(step))))
-            if heldout and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.total_steps:
+            if (
+                heldout
+                and cfg.trainer.eval_every
+                and step % cfg.trainer.eval_every == 0
+                and step < cfg.trainer.total_steps
+            ):
                 logger.log(step, coordinator.evaluate(heldout))
             if (every and step % every == 0) or step == cfg.trainer.total_steps:
                 save(step)

@@ -21,6 +21,7 @@ authentication. Otherwise it starts the project's private local cluster:
 This file also runs as that watchdog (`python -I actors/local_cluster.py --watch ...`): it needs
 only the standard library and psutil at import time.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -55,8 +56,9 @@ class LocalCluster:
     watchdog_pid: int
 
 
-def init_ray(num_cpus: int | None = None, log_to_driver: bool = False,
-             include_dashboard: bool = False) -> LocalCluster | None:
+def init_ray(
+    num_cpus: int | None = None, log_to_driver: bool = False, include_dashboard: bool = False
+) -> LocalCluster | None:
     """Connect this process to Ray, once: join RAY_ADDRESS's cluster, or start the private local
     cluster (returned; None when joining or already connected)."""
     import ray
@@ -78,8 +80,10 @@ def join_cluster(address: str) -> None:
 
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None and mode.lower() != "token":
-        raise RuntimeError(f"RAY_AUTH_MODE={mode}: raylhf only joins clusters with token authentication; "
-                           f"start the cluster with RAY_AUTH_MODE=token and {TOKEN_HELP}")
+        raise RuntimeError(
+            f"RAY_AUTH_MODE={mode}: raylhf only joins clusters with token authentication; "
+            f"start the cluster with RAY_AUTH_MODE=token and {TOKEN_HELP}"
+        )
     os.environ["RAY_AUTH_MODE"] = "token"  # unset means off for an explicit address in Ray 2.60
     Config.initialize("")  # Ray caches the mode per process: re-read it
     host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
@@ -90,12 +94,14 @@ def join_cluster(address: str) -> None:
     except AuthenticationError as e:
         raise RuntimeError(f"no Ray authentication token found to join the cluster at {address}: {TOKEN_HELP}") from e
     except ConnectionError as e:
-        raise ConnectionError(f"{e}. If that cluster is running, this process's token may not be its token: "
-                              f"{TOKEN_HELP}") from e
+        raise ConnectionError(
+            f"{e}. If that cluster is running, this process's token may not be its token: {TOKEN_HELP}"
+        ) from e
 
 
-def start_local_cluster(num_cpus: int | None = None, log_to_driver: bool = False,
-                        include_dashboard: bool = False) -> LocalCluster:
+def start_local_cluster(
+    num_cpus: int | None = None, log_to_driver: bool = False, include_dashboard: bool = False
+) -> LocalCluster:
     """Start the private local cluster described at the top of this file and connect to it."""
     import ray
     from ray._raylet import AuthenticationTokenLoader, Config
@@ -116,12 +122,20 @@ def start_local_cluster(num_cpus: int | None = None, log_to_driver: bool = False
     if loopback:
         _keep_loopback_node_address()
     else:
-        log.warning("%s=%s: Ray's gRPC servers listen on every interface of this machine (token required)",
-                    HOST_ENV, host)
+        log.warning(
+            "%s=%s: Ray's gRPC servers listen on every interface of this machine (token required)", HOST_ENV, host
+        )
     temp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir="/tmp"))  # 0700
     watchdog = _start_watchdog(temp_dir)  # first: a driver killed during ray.init leaves nothing either
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, dashboard_host=host,
-             log_to_driver=log_to_driver, _temp_dir=str(temp_dir), **({} if loopback else {"_node_ip_address": host}))
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=include_dashboard,
+        dashboard_host=host,
+        log_to_driver=log_to_driver,
+        _temp_dir=str(temp_dir),
+        **({} if loopback else {"_node_ip_address": host}),
+    )
     log.info("local Ray cluster on %s (token authentication; logs in %s/session_latest/logs)", host, temp_dir)
     return LocalCluster(temp_dir, host, watchdog)
 
@@ -153,12 +167,20 @@ def _start_watchdog(temp_dir: Path) -> int:
 
     me = psutil.Process()
     # -I: isolated, so neither PYTHONPATH nor this script's folder can shadow what it imports
-    cmd = [sys.executable, "-I", str(Path(__file__).resolve()), "--watch", str(me.pid), repr(me.create_time()),
-           str(temp_dir)]
+    cmd = [
+        sys.executable,
+        "-I",
+        str(Path(__file__).resolve()),
+        "--watch",
+        str(me.pid),
+        repr(me.create_time()),
+        str(temp_dir),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}  # it needs no secret
     with open(temp_dir / "watchdog.log", "ab") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                                start_new_session=True)  # a signal to the driver's group spares it
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True
+        )  # a signal to the driver's group spares it
     return proc.pid
 
 
@@ -175,8 +197,9 @@ def cluster_processes(temp_dir: str | Path) -> list:
         try:
             if p.pid == os.getpid() or p.info["uids"] is None or p.info["uids"].real != os.getuid():
                 continue
-            if any(root in arg or arg == root[:-1] for arg in p.info["cmdline"] or []) or \
-                    any(f.path.startswith(root) for f in p.open_files()):
+            if any(root in arg or arg == root[:-1] for arg in p.info["cmdline"] or []) or any(
+                f.path.startswith(root) for f in p.open_files()
+            ):
                 found.append(p)
         except psutil.Error:  # gone meanwhile, or not ours to read
             continue
@@ -220,8 +243,11 @@ def watch(driver_pid: int, driver_created: float, temp_dir: str) -> None:
             break
         time.sleep(0.5)
     stopped = stop_cluster(temp_dir)
-    print(f"{time.strftime('%H:%M:%S')} driver {driver_pid} ended; stopped {len(stopped)} process(es) "
-          f"of the cluster in {temp_dir}: {stopped}", flush=True)
+    print(
+        f"{time.strftime('%H:%M:%S')} driver {driver_pid} ended; stopped {len(stopped)} process(es) "
+        f"of the cluster in {temp_dir}: {stopped}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--watch":

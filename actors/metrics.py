@@ -33,6 +33,7 @@ that no process re-reports within two export intervals (2 x RAY_metrics_report_i
 default 20 s; ray-project/ray#56405, #64633), and its own emitters re-report every interval, so
 RayMetrics does the same from a background thread. After `close()` the run's series age out.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,12 +49,19 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "raylhf_reward_mean": ("Mean combined reward of the step's samples", ()),
     "raylhf_reward_std": ("Standard deviation of the combined reward of the step's samples", ()),
     "raylhf_reward_function_mean": ("Mean reward of one reward function over the step's samples", ("function",)),
-    "raylhf_reward_errors": ("Samples whose reward function raised, timed out or gave a non-finite value, this step",
-                             ("function",)),
-    "raylhf_reward_timeouts": ("Samples whose reward-function call timed out this step (also in raylhf_reward_errors)",
-                               ("function",)),
-    "raylhf_reward_constant_warning": ("1 when a reward function gave every sample the same value over the run's "
-                                       "first batches (it teaches nothing; see the log), else 0", ()),
+    "raylhf_reward_errors": (
+        "Samples whose reward function raised, timed out or gave a non-finite value, this step",
+        ("function",),
+    ),
+    "raylhf_reward_timeouts": (
+        "Samples whose reward-function call timed out this step (also in raylhf_reward_errors)",
+        ("function",),
+    ),
+    "raylhf_reward_constant_warning": (
+        "1 when a reward function gave every sample the same value over the run's "
+        "first batches (it teaches nothing; see the log), else 0",
+        (),
+    ),
     "raylhf_worker_restarts": ("Rollout engine actors that died and were restarted this step", ()),
     "raylhf_kl": ("KL(policy || reference) of the sampled tokens", ()),
     "raylhf_kl_coef": ("KL coefficient (the adaptive controller's current value)", ()),
@@ -99,11 +107,21 @@ PREFIXES = {
     "eval/": ("raylhf_eval", "coordinator", "name"),
 }
 # the role whose work each phase of RLCoordinator.step times
-PHASE_ROLES = {"generate": "rollout", "score": "reward", "reference": "reference", "train": "policy",
-               "sync": "rollout", "sleep": "rollout", "wake": "rollout", "step": "coordinator"}
+PHASE_ROLES = {
+    "generate": "rollout",
+    "score": "reward",
+    "reference": "reference",
+    "train": "policy",
+    "sync": "rollout",
+    "sleep": "rollout",
+    "wake": "rollout",
+    "step": "coordinator",
+}
 
 
-def records(step: int, metrics: dict[str, float], default_role: str = "coordinator") -> list[tuple[str, float, dict[str, str]]]:
+def records(
+    step: int, metrics: dict[str, float], default_role: str = "coordinator"
+) -> list[tuple[str, float, dict[str, str]]]:
     """(gauge name, value, tags except `run`) for one logged step. Pure: no Ray needed."""
     out = [("raylhf_step", float(step), {"role": "coordinator"})]
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
@@ -118,7 +136,9 @@ def records(step: int, metrics: dict[str, float], default_role: str = "coordinat
                 out.append(("raylhf_weight_sync_seconds", value, {"role": "rollout"}))
         elif key.startswith("throughput/") and key.endswith("_tokens_per_s"):
             phase = key.removeprefix("throughput/").removesuffix("_tokens_per_s")
-            out.append(("raylhf_tokens_per_second", value, {"role": PHASE_ROLES.get(phase, default_role), "phase": phase}))
+            out.append(
+                ("raylhf_tokens_per_second", value, {"role": PHASE_ROLES.get(phase, default_role), "phase": phase})
+            )
         elif prefix := next((p for p in PREFIXES if key.startswith(p)), None):
             gauge, role, tag = PREFIXES[prefix]
             out.append((gauge, value, {"role": role, tag: key.removeprefix(prefix)}))
@@ -164,7 +184,9 @@ class RayMetrics:
             interval_s = max(ray._config.metrics_report_interval_ms(), 1000) / 2000
         except Exception:
             interval_s = 5.0  # Ray's default interval is 10 s
-        self.thread = threading.Thread(target=self._keep_alive, args=(interval_s,), name="raylhf-ray-metrics", daemon=True)
+        self.thread = threading.Thread(
+            target=self._keep_alive, args=(interval_s,), name="raylhf-ray-metrics", daemon=True
+        )
         self.thread.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -218,8 +240,13 @@ def metric_sinks(cfg, role: str = "coordinator", run_dir: Path | None = None) ->
         sinks.append(RayMetrics(cfg.logging.run_name, role))
     if cfg.logging.wandb:
         try:
-            sinks.append(WandbSink(cfg.logging.run_name, run_dir or Path(cfg.logging.dir) / cfg.logging.run_name,
-                                   cfg.model_dump(mode="json")))
+            sinks.append(
+                WandbSink(
+                    cfg.logging.run_name,
+                    run_dir or Path(cfg.logging.dir) / cfg.logging.run_name,
+                    cfg.model_dump(mode="json"),
+                )
+            )
         except ImportError:
             log.warning("logging.wandb=true but wandb is not installed (pip install wandb); continuing without it")
         except Exception as e:  # e.g. no API key: the run's own logs still have every metric

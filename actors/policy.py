@@ -1,4 +1,5 @@
 """PolicyActor: one rank of the policy under DeepSpeed: log-probs, PPO/GRPO, DPO and SFT updates, weights out."""
+
 from __future__ import annotations
 
 import torch
@@ -52,12 +53,23 @@ class PolicyActor(CausalLMRole):
                 is_weights, mismatch = None, {}
                 if "rollout_logprobs" in micro:  # the engine's log-probs: measure (and correct) the gap
                     is_weights, mismatch = compute_truncated_is_weights(
-                        old, micro["rollout_logprobs"], mask, cap=a.importance_sampling.cap, level=a.importance_sampling.level)
+                        old,
+                        micro["rollout_logprobs"],
+                        mask,
+                        cap=a.importance_sampling.cap,
+                        level=a.importance_sampling.level,
+                    )
                 loss, metrics = compute_policy_loss(
-                    logprobs, old, micro["advantages"], mask,
-                    clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
+                    logprobs,
+                    old,
+                    micro["advantages"],
+                    mask,
+                    clip_low=a.clip_low,
+                    clip_high=a.clip_high,
+                    dual_clip=a.dual_clip,
                     is_weights=is_weights if a.importance_sampling.enabled else None,
-                    agg_mode=a.loss_agg, global_normalizer=normalizer,
+                    agg_mode=a.loss_agg,
+                    global_normalizer=normalizer,
                 )
                 metrics.update({f"mismatch/{k}": v for k, v in mismatch.items()})
                 if a.kl.mode == "loss" and kl_coef > 0:
@@ -67,15 +79,21 @@ class PolicyActor(CausalLMRole):
                 if a.entropy_coef > 0:
                     entropy = compute_entropy(logits[:, :-1].float())  # (B, T-1): position t predicts t+1
                     entropy = torch.nn.functional.pad(entropy, (1, 0))
-                    loss = loss - a.entropy_coef * aggregate_loss(entropy, mask, a.loss_agg, global_normalizer=normalizer)
+                    loss = loss - a.entropy_coef * aggregate_loss(
+                        entropy, mask, a.loss_agg, global_normalizer=normalizer
+                    )
                     metrics["entropy"] = masked_mean(entropy.detach(), mask)
                 stats.append({k: float(v) for k, v in metrics.items()})
                 yield loss
 
         step = self.optimizer_step(losses())
         out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        return out | {"policy_loss": step["loss"], "grad_norm": step["grad_norm"], "lr": self.scheduler.get_last_lr()[0],
-                      "skipped_nonfinite": step["skipped_nonfinite"]}
+        return out | {
+            "policy_loss": step["loss"],
+            "grad_norm": step["grad_norm"],
+            "lr": self.scheduler.get_last_lr()[0],
+            "skipped_nonfinite": step["skipped_nonfinite"],
+        }
 
     def dpo_step(self, batch: Batch, normalizer: float) -> dict[str, float]:
         """One optimizer step of DPO. Rows 2i / 2i+1 are the chosen / rejected response of pair i;
@@ -93,14 +111,27 @@ class PolicyActor(CausalLMRole):
                 # summed for DPO; IPO's margin is per token, on length-averaged log-probs by default
                 seq = compute_sequence_logprobs(logprobs, mask, a.logprob_reduction)  # (2P,)
                 ref = compute_sequence_logprobs(micro["ref_logprobs"], mask, a.logprob_reduction)  # (2P,)
-                losses, chosen, rejected = dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2],
-                                                    beta=a.beta, loss_type=a.loss_type, label_smoothing=a.label_smoothing)
-                stats.append({"accuracy": float((chosen > rejected).float().mean()), "margin": float((chosen - rejected).mean())})
+                losses, chosen, rejected = dpo_loss(
+                    seq[0::2],
+                    seq[1::2],
+                    ref[0::2],
+                    ref[1::2],
+                    beta=a.beta,
+                    loss_type=a.loss_type,
+                    label_smoothing=a.label_smoothing,
+                )
+                stats.append(
+                    {"accuracy": float((chosen > rejected).float().mean()), "margin": float((chosen - rejected).mean())}
+                )
                 yield losses.sum() / normalizer
 
         step = self.optimizer_step(losses())
-        return {"dpo_loss": step["loss"], "grad_norm": step["grad_norm"], "skipped_nonfinite": step["skipped_nonfinite"],
-                **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}}
+        return {
+            "dpo_loss": step["loss"],
+            "grad_norm": step["grad_norm"],
+            "skipped_nonfinite": step["skipped_nonfinite"],
+            **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
+        }
 
     def sft_step(self, batch: Batch, normalizer: float) -> dict[str, float]:
         """One optimizer step of supervised fine-tuning: cross-entropy on response tokens only.
@@ -115,11 +146,17 @@ class PolicyActor(CausalLMRole):
                 yield sft_loss(logprobs, micro["response_mask"], "token_mean", global_normalizer=normalizer)
 
         step = self.optimizer_step(losses())
-        return {"sft_loss": step["loss"], "grad_norm": step["grad_norm"], "lr": self.scheduler.get_last_lr()[0],
-                "skipped_nonfinite": step["skipped_nonfinite"]}
+        return {
+            "sft_loss": step["loss"],
+            "grad_norm": step["grad_norm"],
+            "lr": self.scheduler.get_last_lr()[0],
+            "skipped_nonfinite": step["skipped_nonfinite"],
+        }
 
     def _check_share(self, batch: Batch, rows_per_sample: int = 1) -> None:
         expected = rows_per_sample * self.cfg.global_batch_size // self.world_size
         if len(batch) != expected:  # another count would put the optimizer step mid-batch
-            raise ValueError(f"policy rank {self.rank}: got {len(batch)} rows, expected "
-                             f"{rows_per_sample} x global_batch_size / ranks = {expected}")
+            raise ValueError(
+                f"policy rank {self.rank}: got {len(batch)} rows, expected "
+                f"{rows_per_sample} x global_batch_size / ranks = {expected}"
+            )

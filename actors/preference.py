@@ -9,6 +9,7 @@ trained model as a Hugging Face folder `run_dir/final` that later runs load by p
 `models.reward.path`, or a DPO policy to sample from). `trainer.global_batch_size` and
 `micro_batch_size` count pairs in both loops.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,12 +40,23 @@ def run_reward_model(cfg: RunConfig, run_dir: Path) -> dict:
     plan = PlacementPlan.create(cfg.resources, ["reward"])
     from actors.metrics import metric_sinks  # Ray dashboard metrics and wandb, as cfg.logging asks
 
-    logger = RunLogger(run_dir, cfg.trainer.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard,
-                       sinks=metric_sinks(cfg, "reward", run_dir))
+    logger = RunLogger(
+        run_dir,
+        cfg.trainer.total_steps,
+        cfg.logging.jsonl,
+        cfg.logging.tensorboard,
+        sinks=metric_sinks(cfg, "reward", run_dir),
+    )
     group = None
     try:
-        group = ActorGroup(RewardTrainerActor, "reward", plan, model=cfg.models.reward.model_dump(),
-                           trainer=cfg.trainer.model_dump(), seed=cfg.trainer.seed)
+        group = ActorGroup(
+            RewardTrainerActor,
+            "reward",
+            plan,
+            model=cfg.models.reward.model_dump(),
+            trainer=cfg.trainer.model_dump(),
+            seed=cfg.trainer.seed,
+        )
         before = reward_model_eval(group, heldout)
         log.info("held-out before training: %s", format_metrics(before))
         logger.log(0, before)
@@ -76,9 +88,11 @@ def reward_model_eval(group: ActorGroup, pairs: list[dict]) -> dict[str, float]:
     texts = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     # Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0's answer is used.
     scores = ray.get(group.async_run("score", prompts + prompts, texts))[0]
-    chosen, rejected = scores[: len(pairs)], scores[len(pairs):]
-    return {"eval/pairwise_accuracy": preference_accuracy(chosen, rejected),
-            "eval/score_margin": float((chosen - rejected).mean())}
+    chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
+    return {
+        "eval/pairwise_accuracy": preference_accuracy(chosen, rejected),
+        "eval/score_margin": float((chosen - rejected).mean()),
+    }
 
 
 # --------------------------------------------------------------------------------------- DPO
@@ -89,13 +103,21 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
     models = cfg.models
     tokenizer = AutoTokenizer.from_pretrained(models.policy.tokenizer or resolve_model_path(models.policy.path))
     train_pairs, heldout_pairs = _load_pairs(cfg.data)
-    train, heldout = tokenize_pairs(train_pairs, tokenizer, cfg.data), tokenize_pairs(heldout_pairs, tokenizer, cfg.data)
+    train, heldout = (
+        tokenize_pairs(train_pairs, tokenizer, cfg.data),
+        tokenize_pairs(heldout_pairs, tokenizer, cfg.data),
+    )
     sample_eval = models.reward is not None  # also score fresh samples with the reward model
     plan = PlacementPlan.create(cfg.resources, ["policy", "reference"] + (["rollout", "reward"] if sample_eval else []))
     from actors.metrics import metric_sinks  # Ray dashboard metrics and wandb, as cfg.logging asks
 
-    logger = RunLogger(run_dir, cfg.trainer.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard,
-                       sinks=metric_sinks(cfg, "policy", run_dir))
+    logger = RunLogger(
+        run_dir,
+        cfg.trainer.total_steps,
+        cfg.logging.jsonl,
+        cfg.logging.tensorboard,
+        sinks=metric_sinks(cfg, "policy", run_dir),
+    )
     common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
     groups: list = []
     try:
@@ -105,7 +127,9 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
         # trains with the role's cores and memory to itself.
         steps = list(pair_batches(len(train_pairs), cfg))
         used = [r for i in sorted({i for pairs in steps for i in pairs}) for r in (2 * i, 2 * i + 1)]
-        reference = ActorGroup(ReferenceActor, "reference", plan, model=(models.reference or models.policy).model_dump(), **common)
+        reference = ActorGroup(
+            ReferenceActor, "reference", plan, model=(models.reference or models.policy).model_dump(), **common
+        )
         groups.append(reference)
         train["ref_logprobs"] = torch.full_like(train["response_mask"], float("nan"))  # NaN: never scored, never used
         train["ref_logprobs"][used] = ray.get(reference.async_run("compute_logprobs", train.select(used)))[0]
@@ -114,14 +138,22 @@ def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
             heldout["ref_logprobs"] = ray.get(reference.async_run("compute_logprobs", heldout))[0]
         if not sample_eval:
             reference.kill()
-        policy = ActorGroup(PolicyActor, "policy", plan, model=models.policy.model_dump(), algorithm=cfg.algorithm.model_dump(), **common)
+        policy = ActorGroup(
+            PolicyActor,
+            "policy",
+            plan,
+            model=models.policy.model_dump(),
+            algorithm=cfg.algorithm.model_dump(),
+            **common,
+        )
         groups.append(policy)
         samples = SampleEval(cfg, plan, tokenizer, policy, reference, heldout_pairs) if sample_eval else None
         groups += samples.groups if samples else []
 
         def evaluate() -> dict[str, float]:
             return preference_eval(policy, heldout, cfg.algorithm.dpo.beta, cfg.algorithm.dpo.logprob_reduction) | (
-                samples() if samples else {})
+                samples() if samples else {}
+            )
 
         before = evaluate()
         log.info("held-out before training: %s", format_metrics(before))
@@ -157,10 +189,12 @@ def preference_eval(policy: ActorGroup, heldout: Batch, beta: float, reduction: 
     mask = heldout["response_mask"]
     reward = beta * compute_sequence_logprobs(logprobs - heldout["ref_logprobs"], mask, reduction)  # (2P,)
     chosen, rejected = reward[0::2], reward[1::2]
-    return {"eval/preference_accuracy": preference_accuracy(chosen, rejected),
-            "eval/reward_margin": float((chosen - rejected).mean()),
-            # how far the policy moved, in nats per response token: DPO's implicit KL budget
-            "eval/logratio_per_token": float(((logprobs - heldout["ref_logprobs"]) * mask).sum() / mask.sum())}
+    return {
+        "eval/preference_accuracy": preference_accuracy(chosen, rejected),
+        "eval/reward_margin": float((chosen - rejected).mean()),
+        # how far the policy moved, in nats per response token: DPO's implicit KL budget
+        "eval/logratio_per_token": float(((logprobs - heldout["ref_logprobs"]) * mask).sum() / mask.sum()),
+    }
 
 
 class SampleEval:
@@ -169,37 +203,70 @@ class SampleEval:
     mean reward-model score, and their KL to the reference, sum over tokens of
     log pi(y_t) - log ref(y_t) with y ~ pi (the k1 estimate, in nats per sample and per token)."""
 
-    def __init__(self, cfg: RunConfig, plan: PlacementPlan, tokenizer, policy: ActorGroup, reference: ActorGroup,
-                 pairs: list[dict]):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        plan: PlacementPlan,
+        tokenizer,
+        policy: ActorGroup,
+        reference: ActorGroup,
+        pairs: list[dict],
+    ):
         from actors.reward import RewardActor
         from actors.rollout import RolloutGroup
 
         self.cfg, self.tokenizer, self.policy, self.reference = cfg, tokenizer, policy, reference
         self.prompts = list(dict.fromkeys(p["prompt"] for p in pairs))[: max(cfg.data.eval_size, 1)]
         spec = cfg.models.policy
-        self.rollout = RolloutGroup(plan, resolve_model_path(spec.path), None if spec.dtype == "auto" else spec.dtype,
-                                    cfg.rollout, max_model_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens)
-        self.reward = ActorGroup(RewardActor, "reward", plan, model=cfg.models.reward.model_dump(),
-                                 trainer=cfg.trainer.model_dump(), seed=cfg.trainer.seed)
+        self.rollout = RolloutGroup(
+            plan,
+            resolve_model_path(spec.path),
+            None if spec.dtype == "auto" else spec.dtype,
+            cfg.rollout,
+            max_model_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+        )
+        self.reward = ActorGroup(
+            RewardActor,
+            "reward",
+            plan,
+            model=cfg.models.reward.model_dump(),
+            trainer=cfg.trainer.model_dump(),
+            seed=cfg.trainer.seed,
+        )
         self.groups = [self.rollout, self.reward]
 
     def __call__(self) -> dict[str, float]:
         r, d = self.cfg.rollout, self.cfg.data
         self.rollout.sync_from(self.policy)  # the engines sample from the current policy
         texts = [apply_chat_template(self.tokenizer, p) if d.chat_template == "tokenizer" else p for p in self.prompts]
-        sampling = {"n": r.samples_per_prompt, "temperature": r.temperature, "top_p": r.top_p,
-                    "max_tokens": r.max_new_tokens, "seed": r.seed}  # the same seed before and after
+        sampling = {
+            "n": r.samples_per_prompt,
+            "temperature": r.temperature,
+            "top_p": r.top_p,
+            "max_tokens": r.max_new_tokens,
+            "seed": r.seed,
+        }  # the same seed before and after
         samples = self.rollout.generate(texts, sampling, weights_from=self.policy)
-        scores = ray.get(self.reward.async_run("score", [self.prompts[s["prompt_index"]] for s in samples],
-                                               [s["text"] for s in samples]))[0]
-        batch = collate_samples([s["prompt_token_ids"] for s in samples], [s["response_token_ids"] for s in samples],
-                                self.tokenizer.pad_token_id, {"rollout_logprobs": [s["logprobs"] for s in samples]})
+        scores = ray.get(
+            self.reward.async_run(
+                "score", [self.prompts[s["prompt_index"]] for s in samples], [s["text"] for s in samples]
+            )
+        )[0]
+        batch = collate_samples(
+            [s["prompt_token_ids"] for s in samples],
+            [s["response_token_ids"] for s in samples],
+            self.tokenizer.pad_token_id,
+            {"rollout_logprobs": [s["logprobs"] for s in samples]},
+        )
         ref = ray.get(self.reference.async_run("compute_logprobs", batch))[0]
         mask = batch["response_mask"]
         kl = ((batch["rollout_logprobs"] - ref) * mask).sum(-1)  # (B,)
-        return {"eval/sample_reward": float(scores.mean()), "eval/sample_kl": float(kl.mean()),
-                "eval/sample_kl_per_token": float(kl.sum() / mask.sum()),
-                "eval/sample_length": float(mask.sum(-1).float().mean())}
+        return {
+            "eval/sample_reward": float(scores.mean()),
+            "eval/sample_kl": float(kl.mean()),
+            "eval/sample_kl_per_token": float(kl.sum() / mask.sum()),
+            "eval/sample_length": float(mask.sum(-1).float().mean()),
+        }
 
 
 def tokenize_pairs(pairs: list[dict], tokenizer, data: DataConfig) -> Batch:
@@ -213,7 +280,7 @@ def tokenize_pairs(pairs: list[dict], tokenizer, data: DataConfig) -> Batch:
     prompts, responses = [], []
     for pair in pairs:
         text = apply_chat_template(tokenizer, pair["prompt"]) if data.chat_template == "tokenizer" else pair["prompt"]
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"][-data.max_prompt_len:]
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"][-data.max_prompt_len :]
         for key in ("chosen", "rejected"):
             response = tokenizer(pair[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             prompts.append(prompt)
@@ -253,7 +320,7 @@ def _load_pairs(data: DataConfig) -> tuple[list[dict], list[dict]]:
 
 def _chunk(items: list, n: int) -> list[list]:
     size = len(items) // n  # pair_batches yields global_batch_size, a multiple of the rank count
-    return [items[i * size:(i + 1) * size] for i in range(n)]
+    return [items[i * size : (i + 1) * size] for i in range(n)]
 
 
 def _merge(per_rank: list[dict[str, float]]) -> dict[str, float]:

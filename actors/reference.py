@@ -1,4 +1,5 @@
 """ReferenceActor: the frozen starting policy; log-probs only (ZeRO-3 keeps it sharded)."""
+
 from actors.trainer import CausalLMRole
 
 

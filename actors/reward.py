@@ -3,6 +3,7 @@
 It tokenizes text with its own tokenizer, so the reward model need not share the policy's
 vocabulary (e.g. an all-MiniLM encoder scoring a SmolLM2 policy).
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,7 +54,9 @@ class RewardTrainerActor(RewardActor):
         """One optimizer step on this rank's share of the global batch; normalizer = pairs in the global batch."""
         expected = self.cfg.global_batch_size // self.world_size
         if len(pairs) != expected:  # another count would put the optimizer step mid-batch
-            raise ValueError(f"reward rank {self.rank}: got {len(pairs)} pairs, expected global_batch_size/ranks = {expected}")
+            raise ValueError(
+                f"reward rank {self.rank}: got {len(pairs)} pairs, expected global_batch_size/ranks = {expected}"
+            )
         self.engine.train()
         # Interleave so each micro-batch holds whole pairs: rows 2i / 2i+1 = chosen / rejected.
         texts = [p[key] for p in pairs for key in ("chosen", "rejected")]
@@ -68,5 +71,10 @@ class RewardTrainerActor(RewardActor):
 
         step = self.optimizer_step(losses())
         lr = self.scheduler.get_last_lr()[0]
-        return {"rm_loss": step["loss"], "rm_grad_norm": step["grad_norm"], "rm_accuracy": sum(stats) / len(stats), "lr": lr,
-                "skipped_nonfinite": step["skipped_nonfinite"]}
+        return {
+            "rm_loss": step["loss"],
+            "rm_grad_norm": step["grad_norm"],
+            "rm_accuracy": sum(stats) / len(stats),
+            "lr": lr,
+            "skipped_nonfinite": step["skipped_nonfinite"],
+        }

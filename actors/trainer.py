@@ -15,11 +15,12 @@ Micro-batches hold trainer.micro_batch_size rows, or with trainer.micro_batch_to
 length-sorted rows as fit a token budget; `micro_batches` explains how DeepSpeed's accumulation
 boundary and the ranks' collectives stay in step when their number varies.
 """
+
 from __future__ import annotations
 
 import datetime
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -61,10 +62,24 @@ class DeepSpeedRole:
 
     trainable = False
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
-                 model: dict, trainer: dict, lr: float | None = None, seed: int = 0):
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
-                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        model: dict,
+        trainer: dict,
+        lr: float | None = None,
+        seed: int = 0,
+    ):
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
         import deepspeed  # after the env is set: DeepSpeed reads it at import on some accelerators
 
         self.rank, self.world_size = rank, world_size
@@ -72,8 +87,10 @@ class DeepSpeedRole:
         self.dtype = preferred_dtype() if self.spec.dtype == "auto" else self.spec.dtype
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         # a collective whose peer died or hangs raises after this instead of blocking the rank forever
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-                                   timeout=datetime.timedelta(seconds=self.cfg.collective_timeout_s))
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=self.cfg.collective_timeout_s),
+        )
         use_cpu_threads_from_env()
         torch.manual_seed(seed)
         module = self.load_model(resolve_model_path(self.spec.path))
@@ -90,7 +107,10 @@ class DeepSpeedRole:
                 ds_cfg["optimizer"]["params"]["lr"] = lr
             schedule = lr_lambda(self.cfg.scheduler, self.cfg.warmup_steps, self.cfg.total_steps)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=module, model_parameters=params, optimizer=optimizer, config=ds_cfg,
+                model=module,
+                model_parameters=params,
+                optimizer=optimizer,
+                config=ds_cfg,
                 lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             )
         else:
@@ -154,7 +174,9 @@ class DeepSpeedRole:
             return torch.zeros((0, width) if per_token else (0,))
         return torch.cat(outs)[torch.argsort(torch.tensor(rows))]  # rows: a permutation of 0..B-1
 
-    def _micro_batches(self, batch: Batch, rows_per_sample: int = 1, train: bool = False) -> Iterator[tuple[list[int], Batch]]:
+    def _micro_batches(
+        self, batch: Batch, rows_per_sample: int = 1, train: bool = False
+    ) -> Iterator[tuple[list[int], Batch]]:
         plan = self.micro_batch_rows(batch, rows_per_sample)
         for i, rows in enumerate(plan):
             if train:
@@ -187,8 +209,11 @@ class DeepSpeedRole:
                 self.engine.step()  # between boundaries: bookkeeping only
         if norm is None:
             norm = self.engine.get_global_grad_norm()
-        return {"loss": total, "grad_norm": float(norm) if norm is not None else float("nan"),
-                "skipped_nonfinite": float(skipped)}
+        return {
+            "loss": total,
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "skipped_nonfinite": float(skipped),
+        }
 
     def _boundary_step(self, bad_loss: bool) -> tuple[bool, float | None]:
         """engine.step() at the accumulation boundary (gradients reduced), as an update or, if any
@@ -210,7 +235,11 @@ class DeepSpeedRole:
         if own_check:
             grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
             # after the boundary's all-reduce every rank holds the same (global) gradients
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+            norm = (
+                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+                if grads
+                else 0.0
+            )
         flag = torch.tensor([float(bad_loss or (norm is not None and not math.isfinite(norm)))], device=self.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -230,8 +259,10 @@ class DeepSpeedRole:
             self.engine.step()
         applied = self.engine.was_step_applied()
         if nonfinite and applied:  # cannot happen with NaN gradients; never let it pass silently
-            raise RuntimeError(f"{type(self).__name__} rank {self.rank}: DeepSpeed applied an update whose loss "
-                               "was non-finite; the weights may be corrupt")
+            raise RuntimeError(
+                f"{type(self).__name__} rank {self.rank}: DeepSpeed applied an update whose loss "
+                "was non-finite; the weights may be corrupt"
+            )
         skipped = not applied and (nonfinite or self.dtype != "float16")
         return skipped, (float("inf") if skipped else norm)
 
@@ -291,8 +322,10 @@ class DeepSpeedRole:
         tied = getattr(plain, "_tied_weights_keys", None) or {}  # filled again by tying on load
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:
-            raise RuntimeError(f"save_pretrained: weights do not fit {type(module).__name__}: "
-                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise RuntimeError(
+                f"save_pretrained: weights do not fit {type(module).__name__}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         plain.save_pretrained(directory)
         tokenizer = getattr(self, "tokenizer", None)
         if tokenizer is None:
@@ -330,4 +363,7 @@ class CausalLMRole(DeepSpeedRole):
         """Log-probs (B, T) of the batch's tokens, aligned with input_ids (rlhf/batch.py)."""
         self.engine.eval()
         return self.forward_rows(
-            batch, lambda micro: compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"]), per_token=True)
+            batch,
+            lambda micro: compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"]),
+            per_token=True,
+        )

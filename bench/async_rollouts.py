@@ -8,6 +8,7 @@ once with rollout.async_rollouts (max_staleness 1) and truncated importance samp
 greedy accuracy before and after, the median step time and phases over the steps after the first
 (warm-up), and the async metrics (staleness, generation hidden behind training, IS mismatch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,20 @@ import json
 import statistics
 from pathlib import Path
 
-KEYS = ("time/step", "time/generate", "time/score", "time/train", "time/sync", "async/generate_s",
-        "async/overlap_s", "async/overlap_fraction", "async/staleness", "mismatch/mean_abs_logprob_diff",
-        "mismatch/kl_k3", "mismatch/truncated_fraction")
+KEYS = (
+    "time/step",
+    "time/generate",
+    "time/score",
+    "time/train",
+    "time/sync",
+    "async/generate_s",
+    "async/overlap_s",
+    "async/overlap_fraction",
+    "async/staleness",
+    "mismatch/mean_abs_logprob_diff",
+    "mismatch/kl_k3",
+    "mismatch/truncated_fraction",
+)
 
 
 def medians(run_dir: Path) -> dict[str, float]:
@@ -47,8 +59,10 @@ def main() -> None:
         if rollout:
             cfg.algorithm.importance_sampling.enabled = True
         result = run(cfg)
-        results[name] = {"before": result["before"]["eval/reward/reasoning_gym"],
-                         "after": result["after"]["eval/reward/reasoning_gym"]} | medians(Path(result["run_dir"]))
+        results[name] = {
+            "before": result["before"]["eval/reward/reasoning_gym"],
+            "after": result["after"]["eval/reward/reasoning_gym"],
+        } | medians(Path(result["run_dir"]))
     print(f"\nGRPO, {args.steps} steps, 16 prompts x 8 samples x <= 8 tokens; medians over steps 2..{args.steps}")
     print(f"| metric | {' | '.join(results)} |\n|---|{'---|' * len(results)}")
     for key in ("before", "after", *KEYS):

@@ -9,6 +9,7 @@ Tokens/s counts real (unpadded) tokens per second of `train_step`; "forwarded" c
 area the model actually computed. Each figure is the median of `--repeats` steps after a warm-up
 forward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,9 @@ def rl_like_batch(rows: int, vocab: int, seed: int = 0):
 
     rng = random.Random(seed)
     prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(30, 90))] for _ in range(rows)]
-    responses = [[rng.randrange(3, vocab) for _ in range(min(256, 8 + int(rng.expovariate(1 / 60))))] for _ in range(rows)]
+    responses = [
+        [rng.randrange(3, vocab) for _ in range(min(256, 8 + int(rng.expovariate(1 / 60))))] for _ in range(rows)
+    ]
     return collate_samples(prompts, responses, pad_id=0)
 
 
@@ -48,15 +51,25 @@ def bench_model(path: str, args) -> dict[str, float]:
     batch["advantages"] = torch.randn(len(batch), 1) * batch["response_mask"]
     norm = float(compute_loss_normalizer(batch["response_mask"], "token_mean"))
     lengths = batch.sample_lengths()
-    plans = {"padded": [list(range(i, min(i + args.micro_rows, len(batch)))) for i in range(0, len(batch), args.micro_rows)],
-             "packed": token_budget_micro_batches(lengths, args.budget)}
+    plans = {
+        "padded": [list(range(i, min(i + args.micro_rows, len(batch)))) for i in range(0, len(batch), args.micro_rows)],
+        "packed": token_budget_micro_batches(lengths, args.budget),
+    }
     out = {"real tokens": float(sum(lengths))}
     for mode, extra in (("padded", {}), ("packed", {"micro_batch_tokens": args.budget})):
         plan = PlacementPlan.create(ResourcesConfig(policy={"cpus_per_actor": 1}), ["policy"])
         try:
-            trainer = TrainerConfig(zero_stage=2, global_batch_size=args.rows, micro_batch_size=args.micro_rows, lr=1e-7, **extra)
-            group = ActorGroup(PolicyActor, "policy", plan, model=ModelSpec(path=path, dtype="float32").model_dump(),
-                               trainer=trainer.model_dump(), algorithm=AlgorithmConfig(name="grpo").model_dump())
+            trainer = TrainerConfig(
+                zero_stage=2, global_batch_size=args.rows, micro_batch_size=args.micro_rows, lr=1e-7, **extra
+            )
+            group = ActorGroup(
+                PolicyActor,
+                "policy",
+                plan,
+                model=ModelSpec(path=path, dtype="float32").model_dump(),
+                trainer=trainer.model_dump(),
+                algorithm=AlgorithmConfig(name="grpo").model_dump(),
+            )
             ray.get(group.async_run("compute_logprobs", batch.select([0, 1]).trim()))  # warm-up
             times = []
             for _ in range(args.repeats):
@@ -66,8 +79,12 @@ def bench_model(path: str, args) -> dict[str, float]:
         finally:
             plan.shutdown()
         seconds = statistics.median(times)
-        out |= {f"{mode}: micro-batches": float(len(plans[mode])), f"{mode}: forwarded tokens": float(padded_area(plans[mode], lengths)),
-                f"{mode}: s/step": seconds, f"{mode}: tokens/s": sum(lengths) / seconds}
+        out |= {
+            f"{mode}: micro-batches": float(len(plans[mode])),
+            f"{mode}: forwarded tokens": float(padded_area(plans[mode], lengths)),
+            f"{mode}: s/step": seconds,
+            f"{mode}: tokens/s": sum(lengths) / seconds,
+        }
     out["speed-up (packed / padded tokens/s)"] = out["packed: tokens/s"] / out["padded: tokens/s"]
     return out
 
@@ -88,12 +105,16 @@ def main() -> None:
 
     start_local_cluster(num_cpus=os.cpu_count())  # always a fresh local cluster, even with RAY_ADDRESS set
     try:
-        rows = [(name, bench_model(model_path(name), args))
-                for name in (["tiny", "smollm2"] if args.model == "both" else [args.model])]
+        rows = [
+            (name, bench_model(model_path(name), args))
+            for name in (["tiny", "smollm2"] if args.model == "both" else [args.model])
+        ]
     finally:
         ray.shutdown()
-    print(f"\nworkload: {args.rows} rows, {args.micro_rows} rows or {args.budget} tokens per micro-batch; "
-          f"median of {args.repeats} train steps; {os.cpu_count()} CPUs")
+    print(
+        f"\nworkload: {args.rows} rows, {args.micro_rows} rows or {args.budget} tokens per micro-batch; "
+        f"median of {args.repeats} train steps; {os.cpu_count()} CPUs"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(dict(rows)))
     print("| metric | " + " | ".join(n for n, _ in rows) + " |\n|---|" + "---|" * len(rows))

@@ -6,6 +6,7 @@
 - Load from others: CPU seconds used by processes outside this process's tree, per wall second,
   so a table can say whether other work shared the cores while it was measured.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         self._started = time.perf_counter()
         self._poll()  # first reading: CPU counters of everything now running are the baseline
         self._thread.start()

@@ -11,6 +11,7 @@ all samples of a step in micro-batches of 8, fp32, policy / reference / rollout 
 each. Step wall time comes from the run's own metrics.jsonl (the run clock at each step's log
 line); "other" is that minus the timed phases. Medians over the steps after the first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,19 +40,43 @@ def workload_config(path: str, args, run_dir: str, async_rollouts: bool = False)
     from rlhf.config import load_config
 
     batch = args.prompts * args.samples
-    return load_config(base={
-        "models": {"policy": {"path": path, "dtype": "float32"}},
-        "data": {"source": "reasoning_gym:chain_sum", "task_kwargs": TASK_KWARGS, "prompt_suffix": PROMPT_SUFFIX,
-                 "train_size": TRAIN_SIZE, "eval_size": 0, "max_prompt_len": 128, "max_response_len": args.tokens},
-        "algorithm": {"name": "grpo", "advantage": "grpo", "kl": {"coef": KL_COEF, "estimator": "k3", "mode": "loss"}},
-        "rollout": {"prompts_per_step": args.prompts, "samples_per_prompt": args.samples, "temperature": 1.0,
-                    "max_new_tokens": args.tokens, "eval_samples": 0, "async_rollouts": async_rollouts},
-        "rewards": [{"kind": "reasoning_gym"}],
-        "trainer": {"zero_stage": 2, "lr": LR, "global_batch_size": batch, "micro_batch_size": min(MICRO_BATCH, batch),
-                    "total_steps": args.steps},
-        "resources": {role: {"cpus_per_actor": 0.5} for role in ("policy", "reference", "rollout")},
-        "logging": {"dir": run_dir, "run_name": "bench"},
-    })
+    return load_config(
+        base={
+            "models": {"policy": {"path": path, "dtype": "float32"}},
+            "data": {
+                "source": "reasoning_gym:chain_sum",
+                "task_kwargs": TASK_KWARGS,
+                "prompt_suffix": PROMPT_SUFFIX,
+                "train_size": TRAIN_SIZE,
+                "eval_size": 0,
+                "max_prompt_len": 128,
+                "max_response_len": args.tokens,
+            },
+            "algorithm": {
+                "name": "grpo",
+                "advantage": "grpo",
+                "kl": {"coef": KL_COEF, "estimator": "k3", "mode": "loss"},
+            },
+            "rollout": {
+                "prompts_per_step": args.prompts,
+                "samples_per_prompt": args.samples,
+                "temperature": 1.0,
+                "max_new_tokens": args.tokens,
+                "eval_samples": 0,
+                "async_rollouts": async_rollouts,
+            },
+            "rewards": [{"kind": "reasoning_gym"}],
+            "trainer": {
+                "zero_stage": 2,
+                "lr": LR,
+                "global_batch_size": batch,
+                "micro_batch_size": min(MICRO_BATCH, batch),
+                "total_steps": args.steps,
+            },
+            "resources": {role: {"cpus_per_actor": 0.5} for role in ("policy", "reference", "rollout")},
+            "logging": {"dir": run_dir, "run_name": "bench"},
+        }
+    )
 
 
 def async_implemented() -> bool:
@@ -80,7 +105,9 @@ def bench_rl(path: str, args, async_rollouts: bool = False) -> dict:
     out["step_phases"] = [sum(x.get(f"time/{p}", 0.0) for p in PHASES) for x in steps]
     per_step = args.prompts * args.samples
     out["samples_per_s"] = per_step / out["time/step"]
-    out["generated_tokens_per_step"] = sum(x["response_length/mean"] * x["samples"] for x in steps[1:]) / (len(steps) - 1)
+    out["generated_tokens_per_step"] = sum(x["response_length/mean"] * x["samples"] for x in steps[1:]) / (
+        len(steps) - 1
+    )
     out |= {f"peak_rss_mib/{role}": mib for role, mib in sorted(monitor.peak_mib.items())}
     out["others_cores"] = monitor.others_cores
     # what the async implementation reports about itself (staleness, overlap), if it does

@@ -6,6 +6,7 @@ and weight-sync time from the policy trainer into the rollout engines.
 Each figure is the median of `--repeats` timed runs after one warm-up run, measured side by side
 in this process. Ratios are what to compare across machines; absolute numbers depend on load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,9 @@ def prompts_for(path: str, k: int) -> list[str]:
     from rlhf.data.reasoning_gym import reasoning_gym_prompts
 
     tok = AutoTokenizer.from_pretrained(path)
-    rows = reasoning_gym_prompts("chain_sum", k, seed=0, task_kwargs={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1})
+    rows = reasoning_gym_prompts(
+        "chain_sum", k, seed=0, task_kwargs={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}
+    )
     return [apply_chat_template(tok, r["prompt"]) for r in rows]
 
 
@@ -92,14 +95,21 @@ def bench_generation(path: str, args) -> dict:
 
     # The same engine settings the rollout worker uses on CPU (actors/rollout.py), in this process.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    llm = LLM(model=path, dtype=dtype, seed=0, max_model_len=512, enforce_eager=True,
-              enable_chunked_prefill=False, max_num_batched_tokens=4096)
+    llm = LLM(
+        model=path,
+        dtype=dtype,
+        seed=0,
+        max_model_len=512,
+        enforce_eager=True,
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=4096,
+    )
     params = SamplingParams(**sampling, logprobs=0)
     direct = lambda: llm.generate(prompts, params, use_tqdm=False)
     t = median_time(direct, args.repeats)
     produced_direct = sum(len(o.token_ids) for r in direct() for o in r.outputs)
     out["direct_tokens_per_s"] = produced_direct / t
-    del llm
+    llm = direct = None  # free the engine before the next part
 
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
@@ -108,8 +118,13 @@ def bench_generation(path: str, args) -> dict:
 
     def hf():
         with torch.no_grad():
-            return model.generate(**enc, do_sample=True, max_new_tokens=args.tokens, num_return_sequences=args.samples,
-                                  pad_token_id=tok.pad_token_id)
+            return model.generate(
+                **enc,
+                do_sample=True,
+                max_new_tokens=args.tokens,
+                num_return_sequences=args.samples,
+                pad_token_id=tok.pad_token_id,
+            )
 
     t = median_time(hf, 1)
     out["hf_tokens_per_s"] = n_tokens / t  # HF pads every sample to max_new_tokens: an upper bound
@@ -131,9 +146,14 @@ def bench_sync(path: str, args) -> dict:
     init_ray(num_cpus=os.cpu_count())
     res = ResourcesConfig(policy={"cpus_per_actor": 0.5}, rollout={"cpus_per_actor": 0.5})
     plan = PlacementPlan.create(res, ["policy", "rollout"])
-    policy = ActorGroup(PolicyActor, "policy", plan, model=ModelSpec(path=path).model_dump(),
-                        trainer=TrainerConfig(global_batch_size=4, micro_batch_size=4).model_dump(),
-                        algorithm=AlgorithmConfig(name="grpo").model_dump())
+    policy = ActorGroup(
+        PolicyActor,
+        "policy",
+        plan,
+        model=ModelSpec(path=path).model_dump(),
+        trainer=TrainerConfig(global_batch_size=4, micro_batch_size=4).model_dump(),
+        algorithm=AlgorithmConfig(name="grpo").model_dump(),
+    )
     group = RolloutGroup(plan, path, None, RolloutConfig(), max_model_len=512)
     ray.get(group.workers[0].__ray_ready__.remote())
     size = len(ray.get(policy.async_run("weights_blob"))[0])
@@ -164,8 +184,10 @@ def main() -> None:
     for name in names:
         path = model_path(name)
         rows.append((name, bench_generation(path, args) | bench_sync(path, args)))
-    print(f"\nworkload: {args.prompts} prompts x {args.samples} samples x <= {args.tokens} new tokens; "
-          f"median of {args.repeats}; {os.cpu_count()} CPUs")
+    print(
+        f"\nworkload: {args.prompts} prompts x {args.samples} samples x <= {args.tokens} new tokens; "
+        f"median of {args.repeats}; {os.cpu_count()} CPUs"
+    )
     keys = list(rows[0][1])
     if args.json:
         Path(args.json).write_text(json.dumps(dict(rows)))

@@ -16,6 +16,7 @@ warm-up; the differences are against the full path (log-probs at response positi
 parameter's gradient). The issue's GPU shapes: `--device cuda --dtype bf16 --prompts 4
 --samples 8 --prompt-len 512 --response-len 256`, with `--shape smollm2-135m` or `qwen2-1.5b`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,17 +28,43 @@ import torch
 
 SHAPES = {
     # SmolLM2-135M's architecture (HuggingFaceTB/SmolLM2-135M config.json)
-    "smollm2-135m": dict(family="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
-                         max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
+    "smollm2-135m": dict(
+        family="llama",
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
     # Qwen2-1.5B's architecture (Qwen/Qwen2-1.5B config.json)
-    "qwen2-1.5b": dict(family="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                       num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
-                       max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen2-1.5b": dict(
+        family="qwen2",
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
     # small enough for unit tests and --quick checks
-    "tiny": dict(family="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, vocab_size=1000,
-                 max_position_embeddings=4096, tie_word_embeddings=True),
+    "tiny": dict(
+        family="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=1000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PATHS = ("full", "response", "shared")
@@ -48,7 +75,9 @@ def build_model(shape: str, device: str = "cpu", dtype: str = "fp32", attn: str 
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     spec = dict(SHAPES[shape])
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[spec.pop("family")]
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        spec.pop("family")
+    ]
     config = config_cls(**spec, attn_implementation=attn)
     torch.manual_seed(seed)
     # initialised on the device (a 1.5B model's init on the CPU takes minutes) and in the dtype as
@@ -58,8 +87,9 @@ def build_model(shape: str, device: str = "cpu", dtype: str = "fp32", attn: str 
     return model.eval()
 
 
-def make_batch(prompts: int, samples: int, prompt_len: int, response_len: int, vocab: int,
-               ragged: bool = False, seed: int = 0):
+def make_batch(
+    prompts: int, samples: int, prompt_len: int, response_len: int, vocab: int, ragged: bool = False, seed: int = 0
+):
     """A right-padded Batch (rlhf/batch.py) of prompts x samples rows, and the row groups
     (consecutive rows share a prompt). ragged: prompt and response lengths vary (between half
     and all of the given length), so rows and groups need padding."""
@@ -120,9 +150,13 @@ def run_path(path: str, model, batch, groups, repeats: int = 3, chunk_tokens: in
         _sync(device)
         if i or not repeats:  # repeats=0: one untimed-warm-up run, for its values only
             times.append(time.perf_counter() - start)
-    out = {"path": path, "seconds": statistics.median(times), "logprobs": logprobs.detach().float(),
-           "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
-           "tokens": _forwarded_tokens(path, batch, groups)}
+    out = {
+        "path": path,
+        "seconds": statistics.median(times),
+        "logprobs": logprobs.detach().float(),
+        "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        "tokens": _forwarded_tokens(path, batch, groups),
+    }
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
@@ -148,12 +182,16 @@ def differences(result: dict, reference: dict, response_mask: torch.Tensor) -> d
         g = result["grads"].get(name)
         if g is None:  # a parameter the reference path reached and this one did not
             return {"logprob_max": float(lp.max()), "grad_max": float("inf"), "grad_rel": float("inf")}
-        delta = (g.float() - g_ref.float().to(g.device))
+        delta = g.float() - g_ref.float().to(g.device)
         worst = max(worst, float(delta.abs().max()))
         num += float(delta.square().sum())
         den += float(g_ref.float().square().sum())
-    return {"logprob_max": float(lp.max()), "logprob_mean": float(lp.mean()), "grad_max": worst,
-            "grad_rel": (num / den) ** 0.5 if den else 0.0}
+    return {
+        "logprob_max": float(lp.max()),
+        "logprob_mean": float(lp.mean()),
+        "grad_max": worst,
+        "grad_rel": (num / den) ** 0.5 if den else 0.0,
+    }
 
 
 def compare_paths(model, batch, groups, repeats: int = 3, chunk_tokens: int = 1024, paths=PATHS) -> list[dict]:
@@ -177,8 +215,10 @@ def format_table(rows: list[dict]) -> str:
     head += f" {'peak GiB':>9}" if has_mem else ""
     lines = [head]
     for r in rows:
-        line = (f"{r['path']:<9} {r['seconds']:>8.3f} {r['speedup']:>7.2f}x {r['tokens']:>7d} "
-                f"{r['logprob_max']:>11.2e} {r['grad_max']:>11.2e} {r['grad_rel']:>10.2e}")
+        line = (
+            f"{r['path']:<9} {r['seconds']:>8.3f} {r['speedup']:>7.2f}x {r['tokens']:>7d} "
+            f"{r['logprob_max']:>11.2e} {r['grad_max']:>11.2e} {r['grad_rel']:>10.2e}"
+        )
         line += f" {r['peak_gib']:>9.2f}" if has_mem else ""
         lines.append(line)
     return "\n".join(lines)
@@ -203,12 +243,15 @@ def main(argv=None) -> None:
         parser.error("--device cuda: no CUDA device visible to torch")
 
     model = build_model(args.shape, args.device, args.dtype, args.attn)
-    batch, groups = make_batch(args.prompts, args.samples, args.prompt_len, args.response_len,
-                               model.config.vocab_size, args.ragged)
+    batch, groups = make_batch(
+        args.prompts, args.samples, args.prompt_len, args.response_len, model.config.vocab_size, args.ragged
+    )
     rows = compare_paths(model, batch, groups, args.repeats, args.chunk_tokens)
-    print(f"{args.shape} {args.dtype} on {args.device} ({args.attn}, {torch.get_num_threads()} threads): "
-          f"{args.prompts} prompts x {args.samples} samples, {args.prompt_len} + {args.response_len} tokens, "
-          f"median of {args.repeats}")
+    print(
+        f"{args.shape} {args.dtype} on {args.device} ({args.attn}, {torch.get_num_threads()} threads): "
+        f"{args.prompts} prompts x {args.samples} samples, {args.prompt_len} + {args.response_len} tokens, "
+        f"median of {args.repeats}"
+    )
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,5 +1,6 @@
 """Pure helpers of the benchmark suite (no Ray, no torch): step-time breakdown, process roles,
 and the machine description. Unit-tested in tests/unit/test_bench_stats.py."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,13 @@ from pathlib import Path
 PHASES = ("generate", "score", "reference", "train", "sync")
 
 # Ray names an actor's worker process "ray::<Class>" ("ray::<Class>.<method>()" while it runs one).
-ROLE_OF_CLASS = {"PolicyActor": "policy", "ReferenceActor": "reference", "CriticActor": "critic",
-                 "RewardActor": "reward", "RolloutWorker": "rollout"}
+ROLE_OF_CLASS = {
+    "PolicyActor": "policy",
+    "ReferenceActor": "reference",
+    "CriticActor": "critic",
+    "RewardActor": "reward",
+    "RolloutWorker": "rollout",
+}
 
 
 def step_walls(times: list[float]) -> list[float]:

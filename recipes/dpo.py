@@ -1,4 +1,5 @@
 """DPO: `python -m recipes.dpo [--config recipes/configs/dpo.yaml] [dotted.key=value ...]`."""
+
 from pathlib import Path
 
 from actors.launch import main

@@ -41,7 +41,9 @@ def main() -> None:
     model_path = smollm2_instruct_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     # Held-out = drawn with another seed and minus anything in the train split a run would use.
-    _, heldout = train_heldout_split("chain_sum", heldout_size=args.num_prompts, seed=args.seed, task_kwargs=CHAIN_SUM_EASY)
+    _, heldout = train_heldout_split(
+        "chain_sum", heldout_size=args.num_prompts, seed=args.seed, task_kwargs=CHAIN_SUM_EASY
+    )
     prompts = [apply_chat_template(tokenizer, sample["prompt"]) for sample in heldout]
 
     init_ray()  # joins the cluster in RAY_ADDRESS, or starts a private local one (actors/local_cluster.py)
@@ -62,8 +64,10 @@ def main() -> None:
 
     for sample, completion, reward in list(zip(heldout, completions, rewards))[: args.show]:
         print(f"Q: {sample['prompt']}\nA: {completion.strip()!r}  (gold {sample['answer']}, reward {reward:.0f})\n")
-    print(f"held-out accuracy: {sum(rewards) / len(rewards):.1%} on {len(rewards)} chain_sum problems (greedy); "
-          f"reward errors: {errors}" + (f" (first: {first_error})" if first_error else ""))
+    print(
+        f"held-out accuracy: {sum(rewards) / len(rewards):.1%} on {len(rewards)} chain_sum problems (greedy); "
+        f"reward errors: {errors}" + (f" (first: {first_error})" if first_error else "")
+    )
     print(
         f"generation: {new_tokens} tokens in {generated - engine_ready:.1f} s "
         f"({new_tokens / (generated - engine_ready):.0f} tokens/s, includes the first call's warm-up); "

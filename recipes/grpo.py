@@ -1,4 +1,5 @@
 """GRPO: `python -m recipes.grpo [--config recipes/configs/grpo.yaml] [dotted.key=value ...]`."""
+
 from pathlib import Path
 
 from actors.launch import main

@@ -1,4 +1,5 @@
 """PPO: `python -m recipes.ppo [--config recipes/configs/ppo.yaml] [dotted.key=value ...]`."""
+
 from pathlib import Path
 
 from actors.launch import main

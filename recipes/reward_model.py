@@ -1,4 +1,5 @@
 """Reward model: `python -m recipes.reward_model [--config recipes/configs/reward_model.yaml] [dotted.key=value ...]`."""
+
 from pathlib import Path
 
 from actors.launch import main

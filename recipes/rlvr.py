@@ -1,4 +1,5 @@
 """RLVR: `python -m recipes.rlvr [--config recipes/configs/rlvr.yaml] [dotted.key=value ...]`."""
+
 from pathlib import Path
 
 from actors.launch import main

@@ -1,4 +1,5 @@
 """SFT: `python -m recipes.sft [--config recipes/configs/sft.yaml] [dotted.key=value ...]`."""
+
 from pathlib import Path
 
 from actors.launch import main

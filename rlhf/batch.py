@@ -8,9 +8,11 @@ Per-token values (log-probs, advantages, values) are aligned with the token they
 Right padding keeps position ids 0..T-1 correct for every real token in any HF causal LM, so no
 role needs to pass position ids.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -33,19 +35,19 @@ class Batch(dict):
     def num_tokens(self) -> int:
         return int(self["attention_mask"].sum())
 
-    def select(self, index: torch.Tensor | Sequence[int] | slice) -> "Batch":
+    def select(self, index: torch.Tensor | Sequence[int] | slice) -> Batch:
         if not isinstance(index, slice):
             index = torch.as_tensor(index, dtype=torch.long)
         return Batch({k: v[index] for k, v in self.items()})
 
-    def split(self, size: int) -> list["Batch"]:
+    def split(self, size: int) -> list[Batch]:
         """Consecutive chunks of at most `size` samples."""
         return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
 
-    def chunk(self, n: int) -> list["Batch"]:
+    def chunk(self, n: int) -> list[Batch]:
         """n contiguous, nearly equal parts (for scattering over n ranks)."""
         bounds = torch.linspace(0, len(self), n + 1).round().long().tolist()
-        return [self.select(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [self.select(slice(a, b)) for a, b in itertools.pairwise(bounds)]
 
     def sample_lengths(self, rows_per_sample: int = 1) -> list[int]:
         """Tokens per sample: the longest of its `rows_per_sample` consecutive rows (2 for the
@@ -53,7 +55,7 @@ class Batch(dict):
         lengths = self["attention_mask"].sum(-1).view(-1, rows_per_sample)  # (B / r, r)
         return lengths.max(-1).values.tolist()
 
-    def shard(self, n: int, balance_tokens: bool = False, rows_per_sample: int = 1) -> tuple[list["Batch"], torch.Tensor]:
+    def shard(self, n: int, balance_tokens: bool = False, rows_per_sample: int = 1) -> tuple[list[Batch], torch.Tensor]:
         """n parts for n ranks with equal sample counts (+-1), and `order`, the rows they hold
         one part after the other: `out[order] = torch.cat(per_part_results)` restores the batch's
         row order. Contiguous parts (`chunk`), or with balance_tokens, parts with balanced token
@@ -63,11 +65,11 @@ class Batch(dict):
             samples = balance_across_ranks(self.sample_lengths(rows_per_sample), n)
         else:
             bounds = torch.linspace(0, num_samples, n + 1).round().long().tolist()
-            samples = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+            samples = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
         rows = [[rows_per_sample * s + k for s in part for k in range(rows_per_sample)] for part in samples]
         return [self.select(r) for r in rows], torch.tensor([i for r in rows for i in r], dtype=torch.long)
 
-    def trim(self) -> "Batch":
+    def trim(self) -> Batch:
         """Drop trailing columns that are padding in every row (saves compute on short batches)."""
         width = int(self["attention_mask"].sum(-1).max()) if len(self) else 0
         return Batch({k: v[:, :width] if v.dim() >= 2 and k in self._token_keys() else v for k, v in self.items()})
@@ -77,7 +79,7 @@ class Batch(dict):
         return {k for k, v in self.items() if v.dim() >= 2 and v.shape[1] == width}
 
     @staticmethod
-    def concat(batches: Iterable["Batch"], pad_values: dict[str, float] | None = None) -> "Batch":
+    def concat(batches: Iterable[Batch], pad_values: dict[str, float] | None = None) -> Batch:
         """Concatenate along B, right-padding token tensors of different widths."""
         batches = [b for b in batches if len(b)]
         if not batches:
@@ -163,7 +165,7 @@ def split_micro_batches(groups: list[list[int]], lengths: Sequence[int], count: 
             raise ValueError(f"cannot make {count} micro-batches of {sum(map(len, groups))} rows")
         g = max(splittable, key=lambda g: len(g) * max(lengths[i] for i in g))
         k = groups.index(g)
-        groups[k: k + 1] = [g[: len(g) // 2], g[len(g) // 2:]]
+        groups[k : k + 1] = [g[: len(g) // 2], g[len(g) // 2 :]]
     return groups
 
 

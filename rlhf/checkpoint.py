@@ -19,6 +19,7 @@ refused, naming the difference; `on_purpose` loads a checkpoint the user named
 Cleanup deletes only this run's checkpoints (the manifest names the run) beyond the newest
 `keep_last`; another run's, or one whose manifest cannot be read, is left alone.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,13 +62,18 @@ def resume_fingerprint(cfg) -> dict[str, dict[str, Any]]:
     it is sharded (loading fails otherwise: always refused). 'model', 'data': what the weights and
     the saved data position mean (refused unless the user names the checkpoint on purpose)."""
     c = cfg.model_dump(mode="json")
-    layout = {"algorithm.name": c["algorithm"]["name"], "algorithm.advantage": c["algorithm"]["advantage"],
-              "trainer.zero_stage": c["trainer"]["zero_stage"],
-              "resources.policy.num_actors": c["resources"]["policy"]["num_actors"]}
+    layout = {
+        "algorithm.name": c["algorithm"]["name"],
+        "algorithm.advantage": c["algorithm"]["advantage"],
+        "trainer.zero_stage": c["trainer"]["zero_stage"],
+        "resources.policy.num_actors": c["resources"]["policy"]["num_actors"],
+    }
     if cfg.models.critic is not None:
         layout["resources.critic.num_actors"] = c["resources"]["critic"]["num_actors"]
     data = {f"data.{k}": c["data"][k] for k in ("source", "split", "task_kwargs", "train_size", "seed")}
-    return json.loads(json.dumps({"layout": layout, "model": _flatten(c["models"], "models"), "data": _flatten(data, "")}))
+    return json.loads(
+        json.dumps({"layout": layout, "model": _flatten(c["models"], "models"), "data": _flatten(data, "")})
+    )
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
@@ -82,8 +88,11 @@ def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
 def differences(saved: dict, current: dict) -> list[str]:
     """'field: checkpoint X, this config Y' for every field whose value differs."""
     missing = "<unset>"
-    return [f"{key}: checkpoint {saved.get(key, missing)!r}, this config {current.get(key, missing)!r}"
-            for key in sorted(set(saved) | set(current)) if saved.get(key, missing) != current.get(key, missing)]
+    return [
+        f"{key}: checkpoint {saved.get(key, missing)!r}, this config {current.get(key, missing)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key, missing) != current.get(key, missing)
+    ]
 
 
 class CheckpointDir:
@@ -121,9 +130,15 @@ class CheckpointDir:
             raise RuntimeError(f"{staged} has no {DRIVER_STATE}: the checkpoint was not fully written")
         files = _files(staged)
         digests = _sha256_all(staged, files, fsync=True)
-        manifest = {"format": FORMAT, "run_id": self.run.run_id, "run_name": self.run.run_name, "step": step,
-                    "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": self.run.fingerprint,
-                    "files": {rel: {"size": (staged / rel).stat().st_size, "sha256": digests[rel]} for rel in files}}
+        manifest = {
+            "format": FORMAT,
+            "run_id": self.run.run_id,
+            "run_name": self.run.run_name,
+            "step": step,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "fingerprint": self.run.fingerprint,
+            "files": {rel: {"size": (staged / rel).stat().st_size, "sha256": digests[rel]} for rel in files},
+        }
         _write_synced(staged / MANIFEST, json.dumps(manifest | {"manifest_sha256": _digest(manifest)}, indent=1))
         for folder, _, _ in os.walk(staged):  # the new entries themselves reach the disk
             _fsync_dir(Path(folder))
@@ -133,8 +148,13 @@ class CheckpointDir:
         if replaced:
             shutil.rmtree(replaced, ignore_errors=True)
         size = sum(m["size"] for m in manifest["files"].values())
-        log.info("checkpoint %s: %d files, %.0f MB, hashed and synced in %.1f s", final, len(files), size / 1e6,
-                 time.perf_counter() - started)
+        log.info(
+            "checkpoint %s: %d files, %.0f MB, hashed and synced in %.1f s",
+            final,
+            len(files),
+            size / 1e6,
+            time.perf_counter() - started,
+        )
         self._prune()
         return final
 
@@ -152,9 +172,11 @@ class CheckpointDir:
             log.warning("%s was in the way and cannot be verified (%s); kept as %s", final, e, aside)
             return None
         if manifest.get("run_id") != self.run.run_id:
-            raise CheckpointError(f"{final} belongs to another run ({_who(manifest)}); this run "
-                                  f"({self.run.run_name!r}, id {self.run.run_id}) never replaces it: "
-                                  "give each run its own checkpoint folder")
+            raise CheckpointError(
+                f"{final} belongs to another run ({_who(manifest)}); this run "
+                f"({self.run.run_name!r}, id {self.run.run_id}) never replaces it: "
+                "give each run its own checkpoint folder"
+            )
         old = final.with_name(f"{final.name}.{self.tag}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -193,26 +215,38 @@ class CheckpointDir:
                 raise CheckpointError(
                     f"cannot resume from {folder}: it was written under a different config ({'; '.join(refused)}). "
                     f"Resume with the config it was written with, or start a new run from it on purpose: "
-                    f"checkpoint.resume_from={folder}")
+                    f"checkpoint.resume_from={folder}"
+                )
             if skipped:
-                log.warning("resuming from %s, the newest intact checkpoint of this run; skipped %d damaged newer one(s)",
-                            folder, len(skipped))
+                log.warning(
+                    "resuming from %s, the newest intact checkpoint of this run; skipped %d damaged newer one(s)",
+                    folder,
+                    len(skipped),
+                )
             return step, folder
         if others:
-            log.info("%s: left alone %d checkpoint(s) of other runs (newest: %s, %s)", self.root, len(others),
-                     others[0][0].name, _who(others[0][1]))
+            log.info(
+                "%s: left alone %d checkpoint(s) of other runs (newest: %s, %s)",
+                self.root,
+                len(others),
+                others[0][0].name,
+                _who(others[0][1]),
+            )
         if skipped:
             raise CheckpointError(
-                f"no intact checkpoint of run {self.run.run_name!r} in {self.root}: " + "; ".join(skipped) +
-                ". Nothing was changed; start a new run, or a new run from a checkpoint you trust with "
-                "checkpoint.resume_from=<step folder>")
+                f"no intact checkpoint of run {self.run.run_name!r} in {self.root}: "
+                + "; ".join(skipped)
+                + ". Nothing was changed; start a new run, or a new run from a checkpoint you trust with "
+                "checkpoint.resume_from=<step folder>"
+            )
         if asked and others:
             folder, manifest = others[0]
             raise CheckpointError(
                 f"checkpoint.resume=true: {self.root} holds no checkpoint of this run ({self.run.run_name!r}, id "
                 f"{self.run.run_id}); the newest there, {folder.name}, belongs to another run ({_who(manifest)}). "
                 f"Continue that run with logging.run_name={manifest.get('run_name')} checkpoint.resume=true, or start "
-                f"a new run from it on purpose with checkpoint.resume_from={folder}")
+                f"a new run from it on purpose with checkpoint.resume_from={folder}"
+            )
         return None
 
     def on_purpose(self, path: str | Path) -> tuple[int, Path]:
@@ -265,9 +299,15 @@ def read_manifest(folder: Path) -> dict:
     if claimed != _digest(manifest):
         raise CheckpointError(f"{MANIFEST} does not match its own checksum: it changed after it was written")
     files = manifest.get("files")
-    if not (isinstance(manifest.get("run_id"), str) and isinstance(manifest.get("step"), int) and isinstance(files, dict)
-            and all(isinstance(m, dict) and isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str)
-                    for m in files.values())):
+    if not (
+        isinstance(manifest.get("run_id"), str)
+        and isinstance(manifest.get("step"), int)
+        and isinstance(files, dict)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str)
+            for m in files.values()
+        )
+    ):
         raise CheckpointError(f"{MANIFEST} lacks run_id, step or the files' sizes and checksums")
     return manifest
 
@@ -296,6 +336,7 @@ def _files(folder: Path) -> list[str]:
 
 def _sha256_all(folder: Path, files: list[str], fsync: bool) -> dict[str, str]:
     """sha256 of each file, several at once (hashlib releases the GIL); optionally fsynced too."""
+
     def one(rel: str) -> str:
         with open(folder / rel, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()

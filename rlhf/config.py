@@ -8,13 +8,14 @@ Every model forbids unknown keys, so a typo fails loudly. Validation lives next 
 checks; checks that span sections live on `RunConfig`. Errors are raised as `ConfigError`, whose
 message names each bad field (dotted path), the value given and what is allowed.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
@@ -36,45 +37,59 @@ class Section(BaseModel):
 
 # --------------------------------------------------------------------------------------- models
 class ModelSpec(Section):
-    path: str = Field(description="Hugging Face model folder, or a built-in name: 'smollm2-135m-instruct', "
-                                   "'all-minilm-l6-v2'")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="dtype of the role's weights (the policy's also in the vLLM engines). 'auto': bf16 on GPUs "
-        "(fp16 without bf16) and AMX CPUs, else float32 (other CPUs emulate bf16, ~8x slower)"
+    path: str = Field(
+        description="Hugging Face model folder, or a built-in name: 'smollm2-135m-instruct', 'all-minilm-l6-v2'"
     )
-    tokenizer: Optional[str] = Field(None, description="tokenizer folder; default: the model's")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="dtype of the role's weights (the policy's also in the vLLM engines). 'auto': bf16 on GPUs "
+        "(fp16 without bf16) and AMX CPUs, else float32 (other CPUs emulate bf16, ~8x slower)",
+    )
+    tokenizer: str | None = Field(None, description="tokenizer folder; default: the model's")
 
 
 class ModelsConfig(Section):
-    policy: Optional[ModelSpec] = Field(None, description="the model trained; every algorithm but reward_model needs it")
-    reference: Optional[ModelSpec] = Field(
-        None, description="frozen model for DPO and the KL term (RL with algorithm.kl.coef > 0); default: the policy")
-    reward: Optional[ModelSpec] = Field(
-        None, description="sequence-classification reward model: scores RL samples, is what reward_model trains, "
-                          "and scores DPO's held-out samples")
-    critic: Optional[ModelSpec] = Field(None, description="value model; used only with algorithm.advantage='gae'")
+    policy: ModelSpec | None = Field(None, description="the model trained; every algorithm but reward_model needs it")
+    reference: ModelSpec | None = Field(
+        None, description="frozen model for DPO and the KL term (RL with algorithm.kl.coef > 0); default: the policy"
+    )
+    reward: ModelSpec | None = Field(
+        None,
+        description="sequence-classification reward model: scores RL samples, is what reward_model trains, "
+        "and scores DPO's held-out samples",
+    )
+    critic: ModelSpec | None = Field(None, description="value model; used only with algorithm.advantage='gae'")
 
 
 # ----------------------------------------------------------------------------------------- data
 class DataConfig(Section):
-    source: str = Field(
-        description="'reasoning_gym:<task>', 'imdb', a .jsonl/.parquet file, or a `datasets` name"
-    )
+    source: str = Field(description="'reasoning_gym:<task>', 'imdb', a .jsonl/.parquet file, or a `datasets` name")
     split: str = Field("train", description="split to read from a `datasets` name; local files ignore it")
-    eval_source: Optional[str] = Field(
-        None, description="held-out data, read whole (a built-in draws eval_size); default: held out of data.source "
-                          "(another seed, imdb's fixed split, or eval_size prompts of the file)")
+    eval_source: str | None = Field(
+        None,
+        description="held-out data, read whole (a built-in draws eval_size); default: held out of data.source "
+        "(another seed, imdb's fixed split, or eval_size prompts of the file)",
+    )
     task_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="options of the reasoning-gym task or the imdb builder; files take none")
+        default_factory=dict, description="options of the reasoning-gym task or the imdb builder; files take none"
+    )
     train_size: int = Field(1000, gt=0, description="built-ins generate this many train rows; a file's are cut to it")
     eval_size: int = Field(
-        100, ge=0, description="held-out rows a built-in generates, or distinct prompts held out of a file "
-                               "(0 and no eval_source: no held-out evaluation)")
-    seed: int = Field(0, description="data randomness: problems generated, file shuffle and held-out split, "
-                                     "order of prompts / pairs drawn")
+        100,
+        ge=0,
+        description="held-out rows a built-in generates, or distinct prompts held out of a file "
+        "(0 and no eval_source: no held-out evaluation)",
+    )
+    seed: int = Field(
+        0,
+        description="data randomness: problems generated, file shuffle and held-out split, "
+        "order of prompts / pairs drawn",
+    )
     prompt_field: str = Field("prompt", description="file column with the prompt text")
-    answer_field: str = Field("answer", description="file column with the gold answer, kept with RL prompts; "
-                                                    "math and reasoning_gym rewards need it")
+    answer_field: str = Field(
+        "answer",
+        description="file column with the gold answer, kept with RL prompts; math and reasoning_gym rewards need it",
+    )
     response_field: str = Field("response", description="file column with the target response (sft)")
     chosen_field: str = Field("chosen", description="file column with the preferred response (dpo, reward_model)")
     rejected_field: str = Field("rejected", description="file column with the rejected response (dpo, reward_model)")
@@ -83,12 +98,18 @@ class DataConfig(Section):
     )
     prompt_suffix: str = Field("", description="text appended to every prompt, e.g. ' Give only the final number.'")
     max_prompt_len: int = Field(
-        256, gt=0, description="prompt tokens, templated: sft / dpo keep the last this many; RL engines get "
-                               "max_prompt_len + rollout.max_new_tokens of context. File rows over 8 chars a token "
-                               "are bad rows")
+        256,
+        gt=0,
+        description="prompt tokens, templated: sft / dpo keep the last this many; RL engines get "
+        "max_prompt_len + rollout.max_new_tokens of context. File rows over 8 chars a token "
+        "are bad rows",
+    )
     max_response_len: int = Field(
-        64, gt=0, description="sft / dpo: response tokens kept (EOS included); file rows over 8 chars a token are bad "
-                              "rows. RL responses are capped by rollout.max_new_tokens")
+        64,
+        gt=0,
+        description="sft / dpo: response tokens kept (EOS included); file rows over 8 chars a token are bad "
+        "rows. RL responses are capped by rollout.max_new_tokens",
+    )
     on_bad_row: Literal["strict", "skip"] = Field(
         "strict", description="'strict': stop before training; 'skip': drop and count bad rows"
     )
@@ -106,47 +127,81 @@ class DataConfig(Section):
 class RolloutConfig(Section):
     # The number of engines is resources.rollout.num_actors: one vLLM engine per rollout actor.
     tensor_parallel_size: int = Field(
-        1, ge=1, description="GPUs one vLLM engine spans; > 1 needs resources.rollout.gpus_per_actor equal to it")
+        1, ge=1, description="GPUs one vLLM engine spans; > 1 needs resources.rollout.gpus_per_actor equal to it"
+    )
     prompts_per_step: int = Field(16, ge=1, description="prompts drawn per RL step (and per dynamic-sampling refill)")
     samples_per_prompt: int = Field(
-        8, ge=1, description="completions per prompt: the group that group advantages compare (>= 2 for them)")
-    temperature: float = Field(1.0, ge=0.0, description="sampling temperature of training samples and eval_samples "
-                                                        "(0: greedy)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: sample from the smallest token set "
-                                                          "holding this probability (1: off)")
-    max_new_tokens: int = Field(64, ge=1, description="longest response in tokens, in training and evaluation; "
-                                                      "longer ones are cut")
+        8, ge=1, description="completions per prompt: the group that group advantages compare (>= 2 for them)"
+    )
+    temperature: float = Field(
+        1.0, ge=0.0, description="sampling temperature of training samples and eval_samples (0: greedy)"
+    )
+    top_p: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="nucleus sampling: sample from the smallest token set holding this probability (1: off)",
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, description="longest response in tokens, in training and evaluation; longer ones are cut"
+    )
     stop: list[str] = Field(default_factory=list, description="strings that end a response (vLLM stop strings)")
-    seed: int = Field(0, description="sampling seed: each step and refill round derives its own from it, so a "
-                                     "resumed run draws the same samples")
-    eval_samples: int = Field(4, ge=0, description="held-out: also score this many samples per prompt at `temperature` (0: greedy only)")
+    seed: int = Field(
+        0,
+        description="sampling seed: each step and refill round derives its own from it, so a "
+        "resumed run draws the same samples",
+    )
+    eval_samples: int = Field(
+        4, ge=0, description="held-out: also score this many samples per prompt at `temperature` (0: greedy only)"
+    )
     kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(
-        0.5, gt=0.0, le=1.0, description="GPU only: share of the GPU's memory an engine takes for weights and KV "
-                                         "cache; leave room for trainers colocated with it")
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="GPU only: share of the GPU's memory an engine takes for weights and KV "
+        "cache; leave room for trainers colocated with it",
+    )
     async_rollouts: bool = Field(
-        False, description="generate the next step's samples while this step trains (one-step off-policy; "
-        "algorithm.importance_sampling corrects for the older weights that sampled)")
+        False,
+        description="generate the next step's samples while this step trains (one-step off-policy; "
+        "algorithm.importance_sampling corrects for the older weights that sampled)",
+    )
     max_staleness: int = Field(
-        1, ge=1, description="async_rollouts: generate up to k steps ahead. Samples trained at step t were then "
-        "generated by the weights of step t-1-k or later (at most k updates older than the weights they update)")
+        1,
+        ge=1,
+        description="async_rollouts: generate up to k steps ahead. Samples trained at step t were then "
+        "generated by the weights of step t-1-k or later (at most k updates older than the weights they update)",
+    )
     sleep_during_training: bool = Field(
-        False, description="engines colocated with trainers (resources.colocate) free their device memory "
-        "(vLLM sleep level 1) from the end of generation until the weight sync; a no-op on CPU")
+        False,
+        description="engines colocated with trainers (resources.colocate) free their device memory "
+        "(vLLM sleep level 1) from the end of generation until the weight sync; a no-op on CPU",
+    )
     max_worker_restarts: int = Field(
-        2, ge=0, description="an engine actor that dies mid-generation is restarted in its bundle, given the policy's "
-                             "weights and its prompts again, at most this many times per generation call (0: fail)")
+        2,
+        ge=0,
+        description="an engine actor that dies mid-generation is restarted in its bundle, given the policy's "
+        "weights and its prompts again, at most this many times per generation call (0: fail)",
+    )
 
 
 # ------------------------------------------------------------------------------------ algorithm
 class KLConfig(Section):
-    coef: float = Field(0.0, ge=0.0, description="RL: weight of KL(policy || reference); 0: no KL term and no "
-                                                 "reference model (with adaptive: the starting value)")
+    coef: float = Field(
+        0.0,
+        ge=0.0,
+        description="RL: weight of KL(policy || reference); 0: no KL term and no "
+        "reference model (with adaptive: the starting value)",
+    )
     estimator: Literal["k1", "k2", "k3"] = Field(
-        "k3", description="per-token KL estimator: k1 log-ratio, k2 half its square, k3 unbiased and >= 0 (GRPO)")
+        "k3", description="per-token KL estimator: k1 log-ratio, k2 half its square, k3 unbiased and >= 0 (GRPO)"
+    )
     mode: Literal["reward", "loss"] = Field(
-        "loss", description="'reward': subtracted from the reward before advantages (PPO); 'loss': added to the "
-                            "policy loss (GRPO)")
+        "loss",
+        description="'reward': subtracted from the reward before advantages (PPO); 'loss': added to the "
+        "policy loss (GRPO)",
+    )
     adaptive: bool = Field(False, description="steer coef toward kl.target (Ziegler et al. 2019) instead of fixing it")
     target: float = Field(6.0, gt=0.0, description="adaptive: the KL to steer toward, mean per response token (nats)")
     horizon: int = Field(10000, gt=0, description="adaptive controller's horizon (samples)")
@@ -155,23 +210,35 @@ class KLConfig(Section):
 class ImportanceSamplingConfig(Section):
     """Truncated importance sampling against rollout-engine vs trainer log-prob mismatch."""
 
-    enabled: bool = Field(False, description="weight each token's policy loss by min(p_trainer / p_engine, cap); "
-                                             "the mismatch/* metrics are logged either way")
+    enabled: bool = Field(
+        False,
+        description="weight each token's policy loss by min(p_trainer / p_engine, cap); "
+        "the mismatch/* metrics are logged either way",
+    )
     cap: float = Field(2.0, gt=1.0, description="upper bound of an importance weight (bounds the variance)")
     level: Literal["token", "sequence"] = Field(
-        "token", description="'token': a weight per token; 'sequence': the product over the response, shared by its "
-                             "tokens (higher variance)")
+        "token",
+        description="'token': a weight per token; 'sequence': the product over the response, shared by its "
+        "tokens (higher variance)",
+    )
 
 
 class DPOConfig(Section):
-    beta: float = Field(0.1, gt=0.0, description="pull toward the reference: higher keeps the policy closer "
-                                                "(implicit reward = beta x log-ratio to the reference)")
+    beta: float = Field(
+        0.1,
+        gt=0.0,
+        description="pull toward the reference: higher keeps the policy closer "
+        "(implicit reward = beta x log-ratio to the reference)",
+    )
     loss_type: Literal["sigmoid", "ipo"] = Field(
-        "sigmoid", description="'sigmoid': DPO; 'ipo': squared loss toward 1 / (2 beta), on summed log-probs here")
+        "sigmoid", description="'sigmoid': DPO; 'ipo': squared loss toward 1 / (2 beta), on summed log-probs here"
+    )
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO; 0 = plain DPO")
     ipo_logprobs: Literal["mean", "sum"] = Field(
-        "mean", description="IPO only: response log-probs averaged over tokens (the IPO paper, TRL) or summed; "
-        "the target margin 1/(2 beta) is per token with 'mean', per response with 'sum'. DPO always sums")
+        "mean",
+        description="IPO only: response log-probs averaged over tokens (the IPO paper, TRL) or summed; "
+        "the target margin 1/(2 beta) is per token with 'mean', per response with 'sum'. DPO always sums",
+    )
 
     @property
     def logprob_reduction(self) -> str:
@@ -182,32 +249,47 @@ class DPOConfig(Section):
 class AlgorithmConfig(Section):
     name: Literal["ppo", "grpo", "rlvr", "dpo", "sft", "reward_model"] = Field(
         description="the loop: ppo, grpo and rlvr run the same RL loop (a label: advantage, rewards and models decide "
-                    "what it does); dpo, sft and reward_model train without rollouts")
+        "what it does); dpo, sft and reward_model train without rollouts"
+    )
     advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"] = Field(
-        "grpo", description="RL advantage estimator: gae (critic), grpo (group z-score), dr_grpo (minus group mean), "
-                            "rloo (leave-one-out), reinforce++ (batch-whitened returns), reinforce++_baseline")
+        "grpo",
+        description="RL advantage estimator: gae (critic), grpo (group z-score), dr_grpo (minus group mean), "
+        "rloo (leave-one-out), reinforce++ (batch-whitened returns), reinforce++_baseline",
+    )
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="per-token discount of gae and reinforce++ (1: none)")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda: lower trusts the critic more (1: Monte Carlo)")
-    clip_low: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range below 1: ratios under 1 - clip_low "
-                                                            "are clipped")
-    clip_high: float = Field(0.2, gt=0.0, description="PPO clip range above 1: ratios over 1 + clip_high are clipped; "
-                                                     "> clip_low is DAPO's 'clip-higher'")
-    dual_clip: Optional[float] = Field(None, gt=1.0, description="dual-clip bound c > 1 on negative-advantage "
-                                                                 "tokens' loss (-A x c), or null")
-    value_clip: Optional[float] = Field(0.2, gt=0.0, description="critic: clip each value's change from its "
-                                                                 "rollout-time value (null: no clip)")
-    value_coef: float = Field(0.5, ge=0.0, description="scales the critic's value loss (the critic has its own "
-                                                       "optimizer and trainer.critic_lr)")
+    clip_low: float = Field(
+        0.2, gt=0.0, lt=1.0, description="PPO clip range below 1: ratios under 1 - clip_low are clipped"
+    )
+    clip_high: float = Field(
+        0.2,
+        gt=0.0,
+        description="PPO clip range above 1: ratios over 1 + clip_high are clipped; > clip_low is DAPO's 'clip-higher'",
+    )
+    dual_clip: float | None = Field(
+        None, gt=1.0, description="dual-clip bound c > 1 on negative-advantage tokens' loss (-A x c), or null"
+    )
+    value_clip: float | None = Field(
+        0.2, gt=0.0, description="critic: clip each value's change from its rollout-time value (null: no clip)"
+    )
+    value_coef: float = Field(
+        0.5,
+        ge=0.0,
+        description="scales the critic's value loss (the critic has its own optimizer and trainer.critic_lr)",
+    )
     entropy_coef: float = Field(0.0, ge=0.0, description="entropy bonus subtracted from the policy loss (0: off)")
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = Field(
-        "token_mean", description="token losses to one number: token_mean (DAPO), seq_mean_token_mean (GRPO), "
-                                  "seq_mean_token_sum, token_sum_norm (Dr. GRPO: sum / (max_new_tokens x "
-                                  "global_batch_size))")
+        "token_mean",
+        description="token losses to one number: token_mean (DAPO), seq_mean_token_mean (GRPO), "
+        "seq_mean_token_sum, token_sum_norm (Dr. GRPO: sum / (max_new_tokens x "
+        "global_batch_size))",
+    )
     dynamic_sampling: bool = Field(False, description="drop prompt groups whose rewards are all equal, draw more")
     max_refills: int = Field(3, ge=0, description="dynamic sampling: extra generation rounds per step, at most")
     kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference model (RL)")
     importance_sampling: ImportanceSamplingConfig = Field(
-        default_factory=ImportanceSamplingConfig, description="correction for engine vs trainer log-prob mismatch (RL)")
+        default_factory=ImportanceSamplingConfig, description="correction for engine vs trainer log-prob mismatch (RL)"
+    )
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO loss settings (algorithm.name='dpo')")
 
 
@@ -216,26 +298,39 @@ class RewardSpec(Section):
 
     kind: Literal["reasoning_gym", "math", "format", "python", "model", "http"] = Field(
         description="reasoning_gym: the task's verifier; math: math-verify against the answer; format: 1 if the "
-                    "completion is just a number; python: `function`; http: POST to `url`; model: models.reward")
+        "completion is just a number; python: `function`; http: POST to `url`; model: models.reward"
+    )
     weight: float = Field(1.0, description="multiplies this reward in the sum (negative: a penalty)")
-    function: Optional[str] = Field(None, description="'path/to/file.py:function' for kind=python")
-    url: Optional[str] = Field(None, description="endpoint for kind=http")
-    timeout_s: float = Field(30.0, gt=0.0, description="seconds one call over a step's samples may take, else "
-                                                      "they get fallback (one deadline, http retries included)")
+    function: str | None = Field(None, description="'path/to/file.py:function' for kind=python")
+    url: str | None = Field(None, description="endpoint for kind=http")
+    timeout_s: float = Field(
+        30.0,
+        gt=0.0,
+        description="seconds one call over a step's samples may take, else "
+        "they get fallback (one deadline, http retries included)",
+    )
     fallback: float = Field(0.0, description="reward given when the function fails or times out")
     # The sandbox each reward function runs in (rlhf/rewards/sandbox.py); defaults suit the built-ins.
     memory_mb: int = Field(4096, ge=64, description="address-space limit of each sandbox process (RLIMIT_AS)")
-    cpu_time_s: int = Field(600, ge=1, description="CPU seconds of the sandbox (RLIMIT_CPU); it is replaced "
-                                                    "once it has used half")
-    max_processes: int = Field(32, ge=1, description="processes and threads the sandbox may have (RLIMIT_NPROC; "
-                                                     "as root the sandbox runs as 'nobody' so that it binds)")
+    cpu_time_s: int = Field(
+        600, ge=1, description="CPU seconds of the sandbox (RLIMIT_CPU); it is replaced once it has used half"
+    )
+    max_processes: int = Field(
+        32,
+        ge=1,
+        description="processes and threads the sandbox may have (RLIMIT_NPROC; "
+        "as root the sandbox runs as 'nobody' so that it binds)",
+    )
     max_open_files: int = Field(256, ge=16, description="RLIMIT_NOFILE of the sandbox")
     max_file_mb: int = Field(64, ge=1, description="largest file the sandbox may write (RLIMIT_FSIZE)")
-    network: bool = Field(False, description="kind=python: allow network access (default: an empty network "
-                                             "namespace where the OS allows one; kind=http always has network)")
+    network: bool = Field(
+        False,
+        description="kind=python: allow network access (default: an empty network "
+        "namespace where the OS allows one; kind=http always has network)",
+    )
 
     @model_validator(mode="after")
-    def _needs_target(self) -> "RewardSpec":
+    def _needs_target(self) -> RewardSpec:
         if self.kind == "python" and (not self.function or ":" not in self.function):
             raise ValueError(f"rewards: kind=python needs function='path/to/file.py:function', got {self.function!r}")
         if self.kind == "http":
@@ -248,52 +343,83 @@ class RewardSpec(Section):
 # -------------------------------------------------------------------------------------- trainer
 class TrainerConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(
-        2, description="DeepSpeed ZeRO stage of trained roles; frozen ones (reference, reward) shard only at 3")
+        2, description="DeepSpeed ZeRO stage of trained roles; frozen ones (reference, reward) shard only at 3"
+    )
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer (and params at stage 3)")
-    lr: float = Field(1e-6, gt=0.0, description="peak AdamW learning rate of the policy (of the reward model in "
-                                               "reward_model)")
+    lr: float = Field(
+        1e-6, gt=0.0, description="peak AdamW learning rate of the policy (of the reward model in reward_model)"
+    )
     critic_lr: float = Field(1e-5, gt=0.0, description="peak AdamW learning rate of the critic (gae)")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     scheduler: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="LR after warmup: constant, or linear / cosine decay to 0 at total_steps optimizer "
-                                "steps (an RL step takes epochs_per_rollout x samples / global_batch_size of them)")
+        "constant",
+        description="LR after warmup: constant, or linear / cosine decay to 0 at total_steps optimizer "
+        "steps (an RL step takes epochs_per_rollout x samples / global_batch_size of them)",
+    )
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear LR warmup")
-    global_batch_size: int = Field(16, ge=1, description="samples per optimizer step, all ranks (pairs for dpo and "
-                                                         "reward_model)")
-    micro_batch_size: int = Field(4, ge=1, description="samples per forward/backward on one rank (pairs for dpo and "
-                                                       "reward_model)")
-    micro_batch_tokens: Optional[int] = Field(
-        None, ge=1, description="token budget per forward/backward on one rank, instead of micro_batch_size rows: "
+    global_batch_size: int = Field(
+        16, ge=1, description="samples per optimizer step, all ranks (pairs for dpo and reward_model)"
+    )
+    micro_batch_size: int = Field(
+        4, ge=1, description="samples per forward/backward on one rank (pairs for dpo and reward_model)"
+    )
+    micro_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="token budget per forward/backward on one rank, instead of micro_batch_size rows: "
         "rows sorted by length are packed while rows x longest row <= budget (a longer row goes alone), "
-        "and ranks get token-balanced shares. null: micro_batch_size rows")
+        "and ranks get token-balanced shares. null: micro_batch_size rows",
+    )
     grad_clip: float = Field(1.0, gt=0.0, description="clip the global gradient norm to this")
-    epochs_per_rollout: int = Field(1, ge=1, description="RL: passes over each step's samples, in global_batch_size "
-                                                         "optimizer steps")
-    total_steps: int = Field(10, ge=1, description="RL steps (generate, score, train, sync); optimizer steps for sft, "
-                                                   "dpo and reward_model")
+    epochs_per_rollout: int = Field(
+        1, ge=1, description="RL: passes over each step's samples, in global_batch_size optimizer steps"
+    )
+    total_steps: int = Field(
+        10, ge=1, description="RL steps (generate, score, train, sync); optimizer steps for sft, dpo and reward_model"
+    )
     eval_every: int = Field(0, ge=0, description="RL: held-out evaluation every N steps too (0: before and after only)")
     max_nonfinite_steps: int = Field(
-        3, ge=0, description="RL: stop, with a checkpoint, after this many consecutive steps whose update was skipped "
-                             "for a non-finite loss or gradient (0: never stop, only skip and count)"
+        3,
+        ge=0,
+        description="RL: stop, with a checkpoint, after this many consecutive steps whose update was skipped "
+        "for a non-finite loss or gradient (0: never stop, only skip and count)",
     )
-    step_timeout_s: Optional[float] = Field(
-        None, gt=0.0, description="RL: a trainer call or generation that takes longer fails, naming the role and "
-                                  "ranks that did not answer (null: wait forever)")
+    step_timeout_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="RL: a trainer call or generation that takes longer fails, naming the role and "
+        "ranks that did not answer (null: wait forever)",
+    )
     collective_timeout_s: float = Field(
-        600.0, gt=0.0, description="torch.distributed timeout: a collective (all-reduce, ...) stuck this long raises "
-                                   "instead of hanging")
-    seed: int = Field(0, description="torch and Python RNGs of the driver and every rank (new heads' initial weights), "
-                                     "and the shuffle of each RL step's samples")
+        600.0,
+        gt=0.0,
+        description="torch.distributed timeout: a collective (all-reduce, ...) stuck this long raises "
+        "instead of hanging",
+    )
+    seed: int = Field(
+        0,
+        description="torch and Python RNGs of the driver and every rank (new heads' initial weights), "
+        "and the shuffle of each RL step's samples",
+    )
 
 
 # ------------------------------------------------------------------------------------ resources
 class RoleResources(Section):
-    num_actors: int = Field(1, ge=1, description="ranks of the role (a trained role splits each batch over them); "
-                                                 "for rollout: vLLM engines, one per actor")
-    cpus_per_actor: float = Field(1.0, ge=0.0, description="Ray CPUs each actor reserves (fractions allowed; also "
-                                                           "its default thread count)")
-    gpus_per_actor: float = Field(0.0, ge=0.0, description="Ray GPUs each actor reserves (0 on CPU machines; rollout "
-                                                           "with tensor_parallel_size > 1: that many)")
+    num_actors: int = Field(
+        1,
+        ge=1,
+        description="ranks of the role (a trained role splits each batch over them); "
+        "for rollout: vLLM engines, one per actor",
+    )
+    cpus_per_actor: float = Field(
+        1.0, ge=0.0, description="Ray CPUs each actor reserves (fractions allowed; also its default thread count)"
+    )
+    gpus_per_actor: float = Field(
+        0.0,
+        ge=0.0,
+        description="Ray GPUs each actor reserves (0 on CPU machines; rollout "
+        "with tensor_parallel_size > 1: that many)",
+    )
 
 
 class ResourcesConfig(Section):
@@ -303,8 +429,9 @@ class ResourcesConfig(Section):
     critic: RoleResources = Field(default_factory=RoleResources, description="critic trainer ranks")
     rollout: RoleResources = Field(default_factory=RoleResources, description="vLLM rollout engines")
     colocate: list[list[Role]] = Field(
-        default_factory=list, description="groups of roles that share one placement group: rank i of each shares "
-                                          "bundle i (e.g. [[policy, rollout]])"
+        default_factory=list,
+        description="groups of roles that share one placement group: rank i of each shares "
+        "bundle i (e.g. [[policy, rollout]])",
     )
 
     @field_validator("colocate")
@@ -321,30 +448,46 @@ class ResourcesConfig(Section):
 
 # ---------------------------------------------------------------------------- checkpoint, logging
 class CheckpointConfig(Section):
-    dir: Optional[str] = Field(None, description="default <logging.dir>/<run_name>/checkpoints; shared storage on a "
-                                                 "cluster (each run writes into its own <run_name>-<run id> folder there)")
+    dir: str | None = Field(
+        None,
+        description="default <logging.dir>/<run_name>/checkpoints; shared storage on a "
+        "cluster (each run writes into its own <run_name>-<run id> folder there)",
+    )
     every_n_steps: int = Field(0, ge=0, description="0 = only at the end")
-    keep_last: int = Field(2, ge=1, description="this run's newest checkpoints kept; older ones of this run are deleted")
-    resume: bool = Field(False, description="continue the run in <logging.dir>/<run_name> from its newest intact "
-                                            "checkpoint (else a new run, in a new folder if that one is taken)")
-    resume_from: Optional[str] = Field(
-        None, description="a new run that starts from this checkpoint (a step_<k> folder), whichever run wrote it; "
-                          "differences in model or data are logged, not refused")
+    keep_last: int = Field(
+        2, ge=1, description="this run's newest checkpoints kept; older ones of this run are deleted"
+    )
+    resume: bool = Field(
+        False,
+        description="continue the run in <logging.dir>/<run_name> from its newest intact "
+        "checkpoint (else a new run, in a new folder if that one is taken)",
+    )
+    resume_from: str | None = Field(
+        None,
+        description="a new run that starts from this checkpoint (a step_<k> folder), whichever run wrote it; "
+        "differences in model or data are logged, not refused",
+    )
     max_restarts: int = Field(
-        2, ge=0, description="RL: when an actor dies or hangs, restart every group and resume from the newest "
-                             "checkpoint (step 1 if none) at most this many times per run (0: stop)")
+        2,
+        ge=0,
+        description="RL: when an actor dies or hangs, restart every group and resume from the newest "
+        "checkpoint (step 1 if none) at most this many times per run (0: stop)",
+    )
 
     @model_validator(mode="after")
-    def _one_way_to_resume(self) -> "CheckpointConfig":
+    def _one_way_to_resume(self) -> CheckpointConfig:
         if self.resume and self.resume_from:
-            raise ValueError("checkpoint.resume continues the run named logging.run_name from its own newest "
-                             "checkpoint; checkpoint.resume_from starts a new run from the checkpoint given: set one")
+            raise ValueError(
+                "checkpoint.resume continues the run named logging.run_name from its own newest "
+                "checkpoint; checkpoint.resume_from starts a new run from the checkpoint given: set one"
+            )
         return self
 
 
 class LoggingConfig(Section):
-    run_name: str = Field("run", description="the run's folder under logging.dir; also the wandb name and the "
-                                             "Ray metrics' `run` tag")
+    run_name: str = Field(
+        "run", description="the run's folder under logging.dir; also the wandb name and the Ray metrics' `run` tag"
+    )
     dir: str = Field("runs", description="parent folder of run folders: config.yaml, metrics, checkpoints, final/")
     jsonl: bool = Field(True, description="write every step's metrics to <run folder>/metrics.jsonl")
     tensorboard: bool = Field(True, description="write TensorBoard events to <run folder>/tensorboard")
@@ -359,11 +502,14 @@ class RunConfig(Section):
     data: DataConfig = Field(description="where prompts, pairs or SFT examples come from, and their limits")
     algorithm: AlgorithmConfig = Field(description="which loop runs, and its losses and estimators")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="sampling with the vLLM engines")
-    rewards: list[RewardSpec] = Field(default_factory=list, description="RL reward functions: a sample's reward is "
-                                                                        "their weighted sum (+ models.reward)")
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="RL reward functions: a sample's reward is their weighted sum (+ models.reward)",
+    )
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="optimization under DeepSpeed")
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray actors per role and what "
-                                                                                   "each reserves")
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="Ray actors per role and what each reserves"
+    )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="RL checkpoints and restarts")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="where metrics go")
 
@@ -372,13 +518,15 @@ class RunConfig(Section):
         return self.algorithm.name in ("ppo", "grpo", "rlvr")
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "RunConfig":
+    def _cross_checks(self) -> RunConfig:
         t, algo, ro, res = self.trainer, self.algorithm, self.rollout, self.resources
         if self.models.policy is None and algo.name != "reward_model":
             raise ValueError(f"algorithm.name={algo.name!r} trains a policy: set models.policy.path")
         if algo.name == "reward_model" and self.models.reward is None:
-            raise ValueError("algorithm.name='reward_model' trains models.reward: set models.reward.path "
-                             "(a folder, or the built-in 'all-minilm-l6-v2')")
+            raise ValueError(
+                "algorithm.name='reward_model' trains models.reward: set models.reward.path "
+                "(a folder, or the built-in 'all-minilm-l6-v2')"
+            )
         # every trained role splits each global batch over its ranks, then into micro-batches
         trained = ["reward"] if algo.name == "reward_model" else ["policy"]
         trained += ["critic"] if self.is_rl and algo.advantage == "gae" else []
@@ -483,7 +631,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _model_of(annotation: Any) -> Optional[type[BaseModel]]:
+def _model_of(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()):
@@ -545,7 +693,7 @@ def apply_override(raw: dict, override: str) -> None:
         node[parts[-1]] = value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: list[str] = (), base: Optional[dict] = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """Read YAML (if given) on top of `base`, apply overrides, validate. Raises ConfigError."""
     raw: dict = copy.deepcopy(base or {})  # overrides edit nested sections in place: never the caller's
     if path is not None:

@@ -8,6 +8,7 @@ choices, read from the fields themselves) and the field's description. A model u
 places is one table whose key names the part that varies: `models.<role>.path`, `rewards.<i>.kind`.
 tests/unit/test_config_docs.py keeps the file equal to `render_reference()` and every field described.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,12 @@ from rlhf.config import REMOVED_KEYS, ROLES, RunConfig
 
 DOC_PATH = "docs/config.md"
 REGENERATE = "python scripts/gen_config_docs.py"
-BOUNDS = ((annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", ">="),
-          (annotated_types.Lt, "lt", "<"), (annotated_types.Le, "le", "<="))
+BOUNDS = (
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Ge, "ge", ">="),
+    (annotated_types.Lt, "lt", "<"),
+    (annotated_types.Le, "le", "<="),
+)
 
 
 @dataclass
@@ -102,8 +107,12 @@ def sections(root: type[BaseModel] = RunConfig) -> list[Table]:
 
 def undescribed_fields(root: type[BaseModel] = RunConfig) -> list[str]:
     """`key (Class)` of every field without a description."""
-    return [f"{row.key} ({row.owner})" for table in sections(root) for row in table.rows
-            if not (row.field.description or "").strip()]
+    return [
+        f"{row.key} ({row.owner})"
+        for table in sections(root)
+        for row in table.rows
+        if not (row.field.description or "").strip()
+    ]
 
 
 # ------------------------------------------------------------------------------------ rendering
@@ -175,8 +184,10 @@ def _table(table: Table) -> list[str]:
     lines += ["| key | type | default | constraints | description |", "|---|---|---|---|---|"]
     for row in table.rows:
         f = row.field
-        lines.append(f"| `{row.key}` | {_cell(_type_name(f.annotation))} | {_default(f)} | {_constraints(f)} | "
-                     f"{_cell(f.description or '')} |")
+        lines.append(
+            f"| `{row.key}` | {_cell(_type_name(f.annotation))} | {_default(f)} | {_constraints(f)} | "
+            f"{_cell(f.description or '')} |"
+        )
     return lines + [""]
 
 
@@ -195,8 +206,14 @@ def render_reference(root: type[BaseModel] = RunConfig) -> str:
     for table in sections(root):
         lines += _table(table)
     if REMOVED_KEYS:
-        lines += ["## Removed keys", "", "A config that still sets one of these is an error that says what to do.", "",
-                  "| key | instead |", "|---|---|"]
+        lines += [
+            "## Removed keys",
+            "",
+            "A config that still sets one of these is an error that says what to do.",
+            "",
+            "| key | instead |",
+            "|---|---|",
+        ]
         lines += [f"| `{key}` | {_cell(hint)} |" for key, hint in sorted(REMOVED_KEYS.items())]
         lines.append("")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ The coordinator reports per step how many updates each role skipped (`nonfinite_
 `trainer.max_nonfinite_steps` consecutive steps is not going to recover by itself, so the run
 saves a checkpoint (safe: the skipped updates changed nothing) and stops with `NonFiniteError`.
 """
+
 from __future__ import annotations
 
 # role -> (its skip-count metric, the learning-rate field to lower)
@@ -43,6 +44,8 @@ class NonFiniteGuard:
         lines = []
         for role in roles:
             steps, lr = self.streaks[role], SKIP_METRICS[role][1]
-            lines.append(f"{role}: non-finite loss/gradients in {len(steps)} consecutive steps (steps {steps[0]}..{steps[-1]}); "
-                         f"those updates were skipped; last good checkpoint: {checkpoint}; lower {lr} or check the rewards")
+            lines.append(
+                f"{role}: non-finite loss/gradients in {len(steps)} consecutive steps (steps {steps[0]}..{steps[-1]}); "
+                f"those updates were skipped; last good checkpoint: {checkpoint}; lower {lr} or check the rewards"
+            )
         return "\n".join(lines)

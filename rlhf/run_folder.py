@@ -9,6 +9,7 @@ same folder (two resumes of one run, say) stops with a clear error instead of wr
 The run id (a uuid, kept across resumes) is what makes "the files this run wrote" well defined:
 every checkpoint's manifest carries it (rlhf/checkpoint.py).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -53,8 +54,12 @@ class RunFolder:
 
     def begin(self) -> None:
         """Mark the run under way (call once the checks before training have passed)."""
-        self.update(status="running", pid=os.getpid(), host=socket.gethostname(),
-                    **({"resumed": _now()} if self.resumed else {}))
+        self.update(
+            status="running",
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            **({"resumed": _now()} if self.resumed else {}),
+        )
 
     def abandon(self) -> None:
         """A new run that stopped before it began: remove its empty folder again."""
@@ -96,8 +101,12 @@ def open_run_folder(parent: str | Path, name: str, resume: bool) -> RunFolder:
             break
     if n > 1:
         named = parent / name
-        log.warning("%s already holds %s; this new run writes to %s instead (checkpoint.resume=true continues "
-                    "that run)", named, _describe(named), path)
+        log.warning(
+            "%s already holds %s; this new run writes to %s instead (checkpoint.resume=true continues that run)",
+            named,
+            _describe(named),
+            path,
+        )
     folder = RunFolder(path, info)
     folder._lock_fd = _lock(path)
     log.info("run folder: %s (run %s)", path, folder.run_id)
@@ -113,8 +122,14 @@ def _claim(path: Path, name: str) -> dict | None:
         return None
     if any(path.iterdir()):
         return None
-    info = {"run_id": uuid.uuid4().hex, "run_name": name, "status": "starting", "started": _now(),
-            "pid": os.getpid(), "host": socket.gethostname()}
+    info = {
+        "run_id": uuid.uuid4().hex,
+        "run_name": name,
+        "status": "starting",
+        "started": _now(),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
     try:
         fd = os.open(path / RUN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -133,31 +148,39 @@ def _lock(path: Path) -> int:
     except BlockingIOError:
         os.close(fd)
         holder = _describe(path)
-        raise RunFolderError(f"{path} is in use by another live run ({holder}); two runs never share a folder: "
-                             "wait for it to end, or start a new run (without checkpoint.resume)") from None
+        raise RunFolderError(
+            f"{path} is in use by another live run ({holder}); two runs never share a folder: "
+            "wait for it to end, or start a new run (without checkpoint.resume)"
+        ) from None
     return fd
 
 
 def _read_info(path: Path) -> dict:
     file = path / RUN_FILE
     if not file.is_file():
-        raise RunFolderError(f"checkpoint.resume=true: {path} is not empty but has no {RUN_FILE}, so it is not a run "
-                             "this version wrote and its checkpoints cannot be verified; start a new run instead")
+        raise RunFolderError(
+            f"checkpoint.resume=true: {path} is not empty but has no {RUN_FILE}, so it is not a run "
+            "this version wrote and its checkpoints cannot be verified; start a new run instead"
+        )
     try:
         info = json.loads(file.read_text())
         if not isinstance(info, dict) or not isinstance(info.get("run_id"), str):
             raise ValueError("no run_id")
     except ValueError as e:
-        raise RunFolderError(f"{file} is unreadable ({e}); the run's identity is lost: start a new run, or a new "
-                             "run from one of its checkpoints with checkpoint.resume_from=<step folder>") from None
+        raise RunFolderError(
+            f"{file} is unreadable ({e}); the run's identity is lost: start a new run, or a new "
+            "run from one of its checkpoints with checkpoint.resume_from=<step folder>"
+        ) from None
     return info
 
 
 def _describe(path: Path) -> str:
     try:
         info = json.loads((path / RUN_FILE).read_text())
-        return (f"run {info.get('run_id', '?')}, status {info.get('status', '?')}, pid {info.get('pid', '?')} "
-                f"on {info.get('host', '?')}")
+        return (
+            f"run {info.get('run_id', '?')}, status {info.get('status', '?')}, pid {info.get('pid', '?')} "
+            f"on {info.get('host', '?')}"
+        )
     except (OSError, ValueError):
         return "files of another run"
 

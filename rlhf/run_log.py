@@ -4,6 +4,7 @@ Pure Python + torch's TensorBoard writer; the Ray-dashboard metrics and wandb li
 actors/metrics.py and reach RunLogger as extra sinks (objects with `.log(step, metrics)` and
 `.close()`), so this module never imports Ray.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,15 @@ def format_metrics(metrics: dict) -> str:
 
 
 class RunLogger:
-    def __init__(self, directory: str | Path, total_steps: int, jsonl: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None, sinks: list[MetricSink] | None = None):
+    def __init__(
+        self,
+        directory: str | Path,
+        total_steps: int,
+        jsonl: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        sinks: list[MetricSink] | None = None,
+    ):
         """A fresh run (resume_step None) starts empty logs. A run resumed from the checkpoint of
         step k keeps the logged steps <= k and drops later ones (logged after that checkpoint,
         before the crash), so every step appears once."""
@@ -49,8 +57,9 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: TensorBoard hides the events of steps >= it written before the resume
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"),
-                                    purge_step=resume_step + 1 if resume_step is not None else None)
+            self.tb = SummaryWriter(
+                str(self.dir / "tensorboard"), purge_step=resume_step + 1 if resume_step is not None else None
+            )
 
     def restart_clock(self, steps_done: int = 0) -> None:
         """Time steps from now (e.g. after the held-out evaluation before training); a resumed
@@ -61,7 +70,9 @@ class RunLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
         if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, "time": round(time.perf_counter() - self.started, 3), **clean}) + "\n")
+            self.jsonl.write(
+                json.dumps({"step": step, "time": round(time.perf_counter() - self.started, 3), **clean}) + "\n"
+            )
             self.jsonl.flush()
         if self.tb:
             for k, v in clean.items():
@@ -71,8 +82,12 @@ class RunLogger:
             try:
                 sink.log(step, clean)
             except Exception as e:  # a broken exporter must not end a training run; JSONL still has it all
-                log.warning("metrics sink %s failed (%s: %s); it is switched off for this run",
-                            type(sink).__name__, type(e).__name__, e)
+                log.warning(
+                    "metrics sink %s failed (%s: %s); it is switched off for this run",
+                    type(sink).__name__,
+                    type(e).__name__,
+                    e,
+                )
                 self.sinks.remove(sink)
 
     def progress(self, step: int, metrics: dict[str, float], keys: tuple[str, ...]) -> str:

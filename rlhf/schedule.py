@@ -1,9 +1,10 @@
 """Schedules: learning-rate multipliers of the base LR (for torch's LambdaLR), and which steps
 asynchronous rollouts generate ahead."""
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Container
+from collections.abc import Callable, Container
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:

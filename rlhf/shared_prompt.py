@@ -22,6 +22,7 @@ Mistral, SmolLM2, ...), also wrapped by peft. The mask is made for the model's a
 implementation: boolean for sdpa (True = may attend), additive float for eager and flex
 (sdpa measured fastest on CPU: bench/shared_prompt.py --attn).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,8 +42,10 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     config = model.config
     for field in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(config, field, None) not in (None, 1, 1.0):
-            raise ValueError(f"{type(model).__name__} post-processes its logits ({field}={getattr(config, field)}); "
-                             "response-only logits assume logits = lm_head(hidden) and would differ")
+            raise ValueError(
+                f"{type(model).__name__} post-processes its logits ({field}={getattr(config, field)}); "
+                "response-only logits assume logits = lm_head(hidden) and would differ"
+            )
     return model.get_decoder(), model.get_output_embeddings()
 
 
@@ -56,15 +59,19 @@ def mask_for_model(allowed: torch.Tensor, model: torch.nn.Module, dtype: torch.d
     Flash-attention kernels take no arbitrary mask at all."""
     impl = attention_implementation(model)
     if impl.startswith("flash"):
-        raise ValueError(f"attn_implementation={impl!r} cannot take the shared-prompt 4D mask; load the model "
-                         "with attn_implementation='sdpa' (or 'eager')")
+        raise ValueError(
+            f"attn_implementation={impl!r} cannot take the shared-prompt 4D mask; load the model "
+            "with attn_implementation='sdpa' (or 'eager')"
+        )
     if impl == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 # --------------------------------------------------------------------------- log-probs at given positions
-def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def _chunk_logprobs(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> torch.Tensor:
     logits = head(hidden).float() / temperature  # (k, V), float32 as compute_token_logprobs does
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (k,)
     return picked - torch.logsumexp(logits, dim=-1)  # (k,)
@@ -89,12 +96,13 @@ def logprobs_at(
     (chunk_tokens, V) logits exist at a time, in forward and in backward.
     """
     body, head = decoder_and_head(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = body(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, predict_at)  # (K, H)
     outs = []
     for start in range(0, picked.shape[0], chunk_tokens):
-        h, t = picked[start: start + chunk_tokens], targets[start: start + chunk_tokens]
+        h, t = picked[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
             outs.append(checkpoint(_chunk_logprobs, head, h, t, temperature, use_reentrant=False))
         else:
@@ -114,16 +122,26 @@ def response_logprobs(
     but computed only where response_mask is 1 (0 elsewhere). Ordinary right-padded rows."""
     rows, cols = _response_positions(response_mask)  # (K,), (K,)
     width = input_ids.shape[1]
-    values = logprobs_at(model, input_ids, attention_mask, None, rows * width + cols - 1,
-                         input_ids[rows, cols], chunk_tokens, temperature)  # (K,)
+    values = logprobs_at(
+        model,
+        input_ids,
+        attention_mask,
+        None,
+        rows * width + cols - 1,
+        input_ids[rows, cols],
+        chunk_tokens,
+        temperature,
+    )  # (K,)
     return _scatter(values, rows, cols, input_ids.shape)
 
 
 def _response_positions(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = response_mask.nonzero(as_tuple=True)  # row-major order
     if bool((cols == 0).any()):
-        raise ValueError(f"response_mask is 1 at position 0 of row {int(rows[cols == 0][0])}: nothing predicts "
-                         "a row's first token, so a response must follow at least one prompt token")
+        raise ValueError(
+            f"response_mask is 1 at position 0 of row {int(rows[cols == 0][0])}: nothing predicts "
+            "a row's first token, so a response must follow at least one prompt token"
+        )
     return rows, cols
 
 
@@ -153,7 +171,7 @@ class SharedPromptPack:
     batch_shape: tuple[int, int]
     real_tokens: int  # positions that are not padding: the compute this layout costs
 
-    def to(self, device) -> "SharedPromptPack":
+    def to(self, device) -> SharedPromptPack:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
         return SharedPromptPack(**moved)
 
@@ -193,8 +211,10 @@ def pack_shared_prompts(
             raise ValueError(f"row {rows[0]} (group {g}) has no prompt: its first token is a response token")
         for r in rows[1:]:
             if first[r] != p or not torch.equal(input_ids[r, :p], input_ids[rows[0], :p]):
-                raise ValueError(f"rows {rows[0]} and {r} of group {g} do not share a prompt "
-                                 f"(prompt lengths {p} and {first[r]}); only rows with the same prompt can be packed")
+                raise ValueError(
+                    f"rows {rows[0]} and {r} of group {g} do not share a prompt "
+                    f"(prompt lengths {p} and {first[r]}); only rows with the same prompt can be packed"
+                )
         starts, offset = [], p
         for r in rows:
             starts.append(offset)
@@ -206,17 +226,17 @@ def pack_shared_prompts(
     position_ids = torch.full((G, L), -1, dtype=torch.long)  # -1 marks padding until filled below
     segment = torch.full((G, L), -1, dtype=torch.long)  # 0 prompt, i + 1 response i, -1 padding
     packed_pos = torch.zeros(B, T, dtype=torch.long)  # where each original token sits in its pack
-    for g, (rows, (p, starts, width)) in enumerate(zip(groups, layouts)):
+    for g, (rows, (p, starts, _width)) in enumerate(zip(groups, layouts)):
         packed[g, :p] = input_ids[rows[0], :p]
         position_ids[g, :p] = torch.arange(p)
         segment[g, :p] = 0
         packed_pos[rows, :p] = torch.arange(p)
         for i, (r, s) in enumerate(zip(rows, starts)):
             n = int(lengths[r]) - p
-            packed[g, s: s + n] = input_ids[r, p: p + n]
-            position_ids[g, s: s + n] = torch.arange(p, p + n)
-            segment[g, s: s + n] = i + 1
-            packed_pos[r, p: p + n] = torch.arange(s, s + n)
+            packed[g, s : s + n] = input_ids[r, p : p + n]
+            position_ids[g, s : s + n] = torch.arange(p, p + n)
+            segment[g, s : s + n] = i + 1
+            packed_pos[r, p : p + n] = torch.arange(s, s + n)
     # query q may see key k: causal in the packed order, and k is prompt or in q's own response.
     # A padding query (segment -1) sees the prompt and earlier padding: never an empty row, whose
     # softmax would be NaN and poison the gradients even though its output is never used.
@@ -229,8 +249,14 @@ def pack_shared_prompts(
         group_of[rows] = g
     predict_at = group_of[rows_k] * L + packed_pos[rows_k, cols_k - 1]
     return SharedPromptPack(
-        input_ids=packed, allowed=allowed.unsqueeze(1), position_ids=position_ids.clamp(min=0),
-        predict_at=predict_at, targets=input_ids[rows_k, cols_k], rows=rows_k, cols=cols_k, batch_shape=(B, T),
+        input_ids=packed,
+        allowed=allowed.unsqueeze(1),
+        position_ids=position_ids.clamp(min=0),
+        predict_at=predict_at,
+        targets=input_ids[rows_k, cols_k],
+        rows=rows_k,
+        cols=cols_k,
+        batch_shape=(B, T),
         real_tokens=int((segment >= 0).sum()),
     )
 
@@ -246,8 +272,9 @@ def shared_prompt_logprobs(
     on it too."""
     dtype = next(model.parameters()).dtype
     mask = mask_for_model(pack.allowed, model, dtype)
-    values = logprobs_at(model, pack.input_ids, mask, pack.position_ids, pack.predict_at, pack.targets,
-                         chunk_tokens, temperature)  # (K,)
+    values = logprobs_at(
+        model, pack.input_ids, mask, pack.position_ids, pack.predict_at, pack.targets, chunk_tokens, temperature
+    )  # (K,)
     return _scatter(values, pack.rows, pack.cols, pack.batch_shape)
 
 
@@ -264,8 +291,9 @@ def packed_lengths(attention_mask: torch.Tensor, response_mask: torch.Tensor, gr
     return [int(first[g[0]]) + sum(int(lengths[r] - first[g[0]]) for r in g) for g in groups]
 
 
-def group_micro_batches(attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                        groups: list[list[int]], budget: int) -> list[list[list[int]]]:
+def group_micro_batches(
+    attention_mask: torch.Tensor, response_mask: torch.Tensor, groups: list[list[int]], budget: int
+) -> list[list[list[int]]]:
     """The groups of each micro-batch under a token budget (rlhf/batch.py's greedy fill, with a
     group's packed width as its length): a group is never split, since its responses need the
     prompt in the same row. Returns, per micro-batch, its groups' row indices."""

@@ -1,4 +1,5 @@
 """YAML for configs: yaml.safe_load, except that a key given twice in one mapping is an error."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,8 +23,11 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 continue
             if seen is not None:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first given on line {seen}; YAML would keep only the last)",
-                    key_node.start_mark)
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first given on line {seen}; YAML would keep only the last)",
+                    key_node.start_mark,
+                )
             first_line[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 

@@ -1,8 +1,9 @@
 """Write docs/config.md, the configuration reference, from the models in rlhf/config.py.
 
-    python scripts/gen_config_docs.py            # rewrite docs/config.md
-    python scripts/gen_config_docs.py --check    # exit 1 if docs/config.md is out of date
+python scripts/gen_config_docs.py            # rewrite docs/config.md
+python scripts/gen_config_docs.py --check    # exit 1 if docs/config.md is out of date
 """
+
 import sys
 from pathlib import Path
 

@@ -25,6 +25,7 @@ Tolerances (random-weight models, log-probs near -log(vocab)):
 On a machine without CUDA every row runs on the CPU at small sizes, and the speed rows say
 "cuda: skipped, no GPU". --quick: tiny shapes everywhere (seconds; the unit test runs it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
 
-import torch  # noqa: E402
+import torch
 
-from bench.shared_prompt import build_model, compare_paths, differences, make_batch, run_path  # noqa: E402
-from rlhf.models import preferred_dtype  # noqa: E402
+from bench.shared_prompt import build_model, compare_paths, differences, make_batch, run_path
+from rlhf.models import preferred_dtype
 
 FP32_LOGP, FP32_GRAD = 1e-4, 1e-4
 BF16_FACTOR, BF16_LOGP_FLOOR, BF16_GRAD_FLOOR = 2.0, 1e-3, 1e-2
@@ -68,7 +69,7 @@ class Table:
         """Run one check; an exception is a FAIL row (with its traceback on stderr), not the end."""
         try:
             check(self, *args)
-        except Exception as err:  # noqa: BLE001 - every failure becomes a row
+        except Exception as err:
             traceback.print_exc()
             self.row("FAIL", name, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
 
@@ -104,9 +105,12 @@ def check_equal_fp32(table: Table, device: str, shape: str, sizes: dict) -> None
     for path in ("response", "shared"):
         r = rows[path]
         ok = r["logprob_max"] <= FP32_LOGP and r["grad_rel"] <= FP32_GRAD
-        table.row("PASS" if ok else "FAIL", f"equal fp32 {path}",
-                  f"{shape} on {device}: max|Δlogp| {r['logprob_max']:.1e} (<= {FP32_LOGP:g}), "
-                  f"rel Δgrad {r['grad_rel']:.1e} (<= {FP32_GRAD:g}), max|Δgrad| {r['grad_max']:.1e}")
+        table.row(
+            "PASS" if ok else "FAIL",
+            f"equal fp32 {path}",
+            f"{shape} on {device}: max|Δlogp| {r['logprob_max']:.1e} (<= {FP32_LOGP:g}), "
+            f"rel Δgrad {r['grad_rel']:.1e} (<= {FP32_GRAD:g}), max|Δgrad| {r['grad_max']:.1e}",
+        )
 
 
 def check_equal_bf16(table: Table, device: str, shape: str, sizes: dict) -> None:
@@ -121,16 +125,21 @@ def check_equal_bf16(table: Table, device: str, shape: str, sizes: dict) -> None
         errors[path] = differences(result, reference, batch["response_mask"])
         del result
     base = errors["full"]
-    table.emit(f"      {'':<22} bf16 full path vs fp32: mean|Δlogp| {base['logprob_mean']:.1e}, "
-               f"rel Δgrad {base['grad_rel']:.1e} (the yardstick)")
+    table.emit(
+        f"      {'':<22} bf16 full path vs fp32: mean|Δlogp| {base['logprob_mean']:.1e}, "
+        f"rel Δgrad {base['grad_rel']:.1e} (the yardstick)"
+    )
     for path in ("response", "shared"):
         e = errors[path]
         logp_limit = BF16_FACTOR * base["logprob_mean"] + BF16_LOGP_FLOOR
         grad_limit = BF16_FACTOR * base["grad_rel"] + BF16_GRAD_FLOOR
         ok = e["logprob_mean"] <= logp_limit and e["grad_rel"] <= grad_limit
-        table.row("PASS" if ok else "FAIL", f"equal bf16 {path}",
-                  f"{shape} on {device} vs fp32: mean|Δlogp| {e['logprob_mean']:.1e} (<= {logp_limit:.1e}), "
-                  f"max|Δlogp| {e['logprob_max']:.1e}, rel Δgrad {e['grad_rel']:.1e} (<= {grad_limit:.1e})")
+        table.row(
+            "PASS" if ok else "FAIL",
+            f"equal bf16 {path}",
+            f"{shape} on {device} vs fp32: mean|Δlogp| {e['logprob_mean']:.1e} (<= {logp_limit:.1e}), "
+            f"max|Δlogp| {e['logprob_max']:.1e}, rel Δgrad {e['grad_rel']:.1e} (<= {grad_limit:.1e})",
+        )
 
 
 def check_speed(table: Table, device: str, shape: str, sizes: dict, dtype: str) -> None:
@@ -160,7 +169,9 @@ def check_speed(table: Table, device: str, shape: str, sizes: dict, dtype: str) 
             table.row("PASS", f"{name} {path}", detail)
             continue
         # the point of both paths: no slower, and no more memory, than computing every logit
-        ok = full is None or (speedup >= (1.0 if path == "shared" else 0.9) and r["peak_gib"] <= full["peak_gib"] * 1.05)
+        ok = full is None or (
+            speedup >= (1.0 if path == "shared" else 0.9) and r["peak_gib"] <= full["peak_gib"] * 1.05
+        )
         table.row("PASS" if ok else "FAIL", f"{name} {path}", detail)
     del model
     torch.cuda.empty_cache()
@@ -181,8 +192,12 @@ def check_lora(table: Table, device: str, shape: str, sizes: dict) -> None:
     ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     with torch.no_grad():
         base = compute_token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids) * resp
-    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = peft.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     lora = peft.get_peft_model(model, config)
     with torch.no_grad():  # B starts at 0 (adapters a no-op): make them matter
         for name, p in lora.named_parameters():
@@ -197,9 +212,12 @@ def check_lora(table: Table, device: str, shape: str, sizes: dict) -> None:
     err = max(float((off_shared - base).abs().max()), float((off_plain - base).abs().max()))
     moved = float((on - base).abs().max())
     ok = err <= FP32_LOGP and moved > 1e-3
-    table.row("PASS" if ok else "FAIL", "lora reference",
-              f"{shape} fp32 on {device}: adapters disabled vs base model max|Δlogp| {err:.1e} (<= {FP32_LOGP:g}); "
-              f"adapters enabled move it by {moved:.1e} (> 1e-3)")
+    table.row(
+        "PASS" if ok else "FAIL",
+        "lora reference",
+        f"{shape} fp32 on {device}: adapters disabled vs base model max|Δlogp| {err:.1e} (<= {FP32_LOGP:g}); "
+        f"adapters enabled move it by {moved:.1e} (> 1e-3)",
+    )
 
     def adapter_grads(logprobs):
         lora.zero_grad(set_to_none=True)
@@ -213,9 +231,12 @@ def check_lora(table: Table, device: str, shape: str, sizes: dict) -> None:
     den = sum(float(full[n].square().sum()) for n in full)
     rel = (num / den) ** 0.5 if den else float("inf")
     ok = set(full) == set(shared) == trainable and rel <= FP32_GRAD
-    table.row("PASS" if ok else "FAIL", "lora grads",
-              f"{len(trainable)} adapter tensors, only they get gradients: {set(full) == trainable}; "
-              f"shared vs full rel Δgrad {rel:.1e} (<= {FP32_GRAD:g})")
+    table.row(
+        "PASS" if ok else "FAIL",
+        "lora grads",
+        f"{len(trainable)} adapter tensors, only they get gradients: {set(full) == trainable}; "
+        f"shared vs full rel Δgrad {rel:.1e} (<= {FP32_GRAD:g})",
+    )
 
 
 # --------------------------------------------------------------------------- plan
@@ -223,23 +244,34 @@ def plan(device: str, quick: bool):
     """(shape, sizes) per check: small on the CPU, the issue's shapes on a GPU."""
     small = dict(prompts=3, samples=3, prompt_len=24, response_len=12)
     if quick:
-        return {"equal": ("tiny", small), "lora": ("tiny", small),
-                "speed": [("tiny", dict(prompts=4, samples=8, prompt_len=64, response_len=32))]}
+        return {
+            "equal": ("tiny", small),
+            "lora": ("tiny", small),
+            "speed": [("tiny", dict(prompts=4, samples=8, prompt_len=64, response_len=32))],
+        }
     if device != "cuda":
         cpu = dict(prompts=2, samples=3, prompt_len=32, response_len=16)
-        return {"equal": ("smollm2-135m", cpu), "lora": ("smollm2-135m", cpu), "speed": [("smollm2-135m", {}), ("qwen2-1.5b", {})]}
+        return {
+            "equal": ("smollm2-135m", cpu),
+            "lora": ("smollm2-135m", cpu),
+            "speed": [("smollm2-135m", {}), ("qwen2-1.5b", {})],
+        }
     return {
         "equal": ("smollm2-135m", dict(prompts=4, samples=4, prompt_len=128, response_len=64)),
         "lora": ("smollm2-135m", dict(prompts=4, samples=4, prompt_len=128, response_len=64)),
-        "speed": [("smollm2-135m", dict(prompts=4, samples=8, prompt_len=512, response_len=256)),
-                  # 2 prompts: 4 would put the full path's fp32 logits over a 152k vocabulary
-                  # (and its activations) near the memory of one 80 GB GPU
-                  ("qwen2-1.5b", dict(prompts=2, samples=8, prompt_len=512, response_len=256))],
+        "speed": [
+            ("smollm2-135m", dict(prompts=4, samples=8, prompt_len=512, response_len=256)),
+            # 2 prompts: 4 would put the full path's fp32 logits over a 152k vocabulary
+            # (and its activations) near the memory of one 80 GB GPU
+            ("qwen2-1.5b", dict(prompts=2, samples=8, prompt_len=512, response_len=256)),
+        ],
     }
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="PASS/FAIL check of the pure-torch training path (see the file's docstring)")
+    parser = argparse.ArgumentParser(
+        description="PASS/FAIL check of the pure-torch training path (see the file's docstring)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes only (seconds)")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
@@ -247,10 +279,16 @@ def main(argv=None) -> int:
     table = Table(args.out)
     start = time.perf_counter()
     versions = [f"torch {torch.__version__}"] + [
-        f"{m} {getattr(importlib.import_module(m), '__version__', '?')}" if importlib.util.find_spec(m) else f"{m} missing"
-        for m in ("transformers", "peft")]
-    table.emit(f"gpu_check_torch: {', '.join(versions)}; device {device}"
-               + (f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else "") + (", --quick" if args.quick else ""))
+        f"{m} {getattr(importlib.import_module(m), '__version__', '?')}"
+        if importlib.util.find_spec(m)
+        else f"{m} missing"
+        for m in ("transformers", "peft")
+    ]
+    table.emit(
+        f"gpu_check_torch: {', '.join(versions)}; device {device}"
+        + (f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else "")
+        + (", --quick" if args.quick else "")
+    )
     steps = plan(device, args.quick)
     table.guard("device", check_device, device)
     shape, sizes = steps["equal"]

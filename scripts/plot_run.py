@@ -5,6 +5,7 @@
 Training metrics are logged every step; held-out metrics at step 0 (before training), at every
 `trainer.eval_every` steps, and after the last step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no screen needed
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -1,5 +1,6 @@
 """Shared fixtures for integration and e2e tests: one real local Ray per session, tiny real models,
 and a private `ray start --head` node for tests of the cluster path."""
+
 import os
 import secrets
 import shutil
@@ -85,21 +86,44 @@ def ray_head():
     on the machine)."""
     # Short path: Ray's unix sockets live under the temp dir and must stay under ~107 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="rjs", dir="/tmp"))
-    names = ["gcs", "dashboard", "client", "agent_http", "agent_grpc", "runtime_env", "metrics", "node_manager",
-             "object_manager"]
+    names = [
+        "gcs",
+        "dashboard",
+        "client",
+        "agent_http",
+        "agent_grpc",
+        "runtime_env",
+        "metrics",
+        "node_manager",
+        "object_manager",
+    ]
     ports = dict(zip(names, free_ports(len(names))))
     token = secrets.token_hex(32)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     log_path = temp_dir / "ray_start.log"
     # Every port is given: the defaults (6379, 8265, 10001, 52365, ...) may belong to another Ray.
-    cmd = [RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats",
-           f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           f"--port={ports['gcs']}", f"--dashboard-port={ports['dashboard']}",
-           f"--ray-client-server-port={ports['client']}", f"--dashboard-agent-listen-port={ports['agent_http']}",
-           f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
-           f"--metrics-export-port={ports['metrics']}", f"--node-manager-port={ports['node_manager']}",
-           f"--object-manager-port={ports['object_manager']}"]
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--port={ports['gcs']}",
+        f"--dashboard-port={ports['dashboard']}",
+        f"--ray-client-server-port={ports['client']}",
+        f"--dashboard-agent-listen-port={ports['agent_http']}",
+        f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+        f"--runtime-env-agent-port={ports['runtime_env']}",
+        f"--metrics-export-port={ports['metrics']}",
+        f"--node-manager-port={ports['node_manager']}",
+        f"--object-manager-port={ports['object_manager']}",
+    ]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir)
     head = HeadNode(proc, temp_dir, log_path, token, ports)
@@ -117,7 +141,9 @@ def wait_for_dashboard(head: HeadNode, timeout_s: float = 90) -> None:
         if head.proc.poll() is not None:
             raise RuntimeError(f"ray start exited ({head.proc.returncode}):\n{head.log_path.read_text()[-3000:]}")
         try:  # the dashboard answers, and `ray start` has started the raylet too
-            urllib.request.urlopen(urllib.request.Request(f"{head.dashboard}/api/version", headers=head.auth), timeout=5)
+            urllib.request.urlopen(
+                urllib.request.Request(f"{head.dashboard}/api/version", headers=head.auth), timeout=5
+            )
             if "Ray runtime started" in head.log_path.read_text():
                 return
             raise OSError("the raylet is still starting")

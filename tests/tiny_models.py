@@ -5,6 +5,7 @@ tokenizer trained on the given texts and the ChatML template the real SmolLM2 us
 that tests start vLLM and DeepSpeed engines on it in seconds. Imported as `tests.tiny_models`
 (run from the repository root: `python -m pytest`, `python -m bench`).
 """
+
 from __future__ import annotations
 
 import os

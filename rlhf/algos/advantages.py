@@ -83,9 +83,7 @@ def compute_gae_advantages(
 
 
 @torch.no_grad()
-def equal_score_groups(
-    scores: torch.Tensor, group_size: int, tol: float = EQUAL_SCORE_TOL
-) -> torch.Tensor:
+def equal_score_groups(scores: torch.Tensor, group_size: int, tol: float = EQUAL_SCORE_TOL) -> torch.Tensor:
     """Which groups' scores are all equal, (B,) -> (B // group_size,) bool.
 
     Equal means max - min <= tol * max(1, max |score|) in float64: exact ties and ties up to
@@ -123,9 +121,7 @@ def compute_grpo_advantages(
 
 
 @torch.no_grad()
-def compute_rloo_advantages(
-    scores: torch.Tensor, group_size: int, tol: float = EQUAL_SCORE_TOL
-) -> torch.Tensor:
+def compute_rloo_advantages(scores: torch.Tensor, group_size: int, tol: float = EQUAL_SCORE_TOL) -> torch.Tensor:
     """REINFORCE Leave-One-Out (Ahmadian et al. 2024): baseline = mean of the group's others.
 
     scores (B,), groups contiguous, group_size >= 2. Returns (B,) float32:
@@ -139,18 +135,14 @@ def compute_rloo_advantages(
     return _zero_equal_groups(grouped - baseline, scores, group_size, tol)
 
 
-def _zero_equal_groups(
-    adv: torch.Tensor, scores: torch.Tensor, group_size: int, tol: float
-) -> torch.Tensor:
+def _zero_equal_groups(adv: torch.Tensor, scores: torch.Tensor, group_size: int, tol: float) -> torch.Tensor:
     """(n_prompts, G) float64 advantages -> (B,) float32, 0 on the groups of equal scores."""
     equal = equal_score_groups(scores, group_size, tol).unsqueeze(1)  # (n_prompts, 1)
     return torch.where(equal, 0.0, adv).reshape(-1).float()
 
 
 @torch.no_grad()
-def compute_reinforce_plus_plus_returns(
-    rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
-) -> torch.Tensor:
+def compute_reinforce_plus_plus_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """Discounted reward-to-go over valid tokens: G_t = r_t + gamma * G_{next valid t'}. (B, T)."""
     m = mask.bool()
     rewards = _zero_masked(rewards, m).float()
@@ -203,9 +195,7 @@ def broadcast_sequence_advantages(advantages: torch.Tensor, mask: torch.Tensor) 
 def _group(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """(B,) -> (B // group_size, group_size) float64, checking that the groups tile the batch."""
     if group_size < 1 or scores.numel() % group_size != 0:
-        raise ValueError(
-            f"batch of {scores.numel()} scores is not a whole number of groups of {group_size}"
-        )
+        raise ValueError(f"batch of {scores.numel()} scores is not a whole number of groups of {group_size}")
     return scores.double().reshape(-1, group_size)
 
 

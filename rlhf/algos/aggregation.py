@@ -45,9 +45,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
-) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Normalise `x` to zero mean, unit variance over the masked positions of the whole tensor.
 
     Uses the population variance (divide by N). With `shift_mean=False` the mean is added back,
@@ -61,9 +59,7 @@ def masked_whiten(
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
 
 
-def compute_loss_normalizer(
-    mask: torch.Tensor, mode: str, constant_normalizer: float | None = None
-) -> torch.Tensor:
+def compute_loss_normalizer(mask: torch.Tensor, mode: str, constant_normalizer: float | None = None) -> torch.Tensor:
     """The denominator `aggregate_loss` uses for this mask and mode, as a float scalar tensor.
 
     Compute it once on the full batch's mask (B, T) and pass it as `global_normalizer` to each

@@ -2,6 +2,7 @@
 
 Samples of one prompt are contiguous groups of n (as everywhere in rlhf/algos).
 """
+
 from __future__ import annotations
 
 import torch

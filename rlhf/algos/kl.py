@@ -60,9 +60,7 @@ def _exp_capped(x: torch.Tensor, cap: float = K3_EXP_CAP) -> torch.Tensor:
     return torch.where(x > cap, linear, torch.exp(x.clamp(max=cap)))
 
 
-def apply_kl_penalty(
-    token_rewards: torch.Tensor, kl: torch.Tensor, coef: float, mask: torch.Tensor
-) -> torch.Tensor:
+def apply_kl_penalty(token_rewards: torch.Tensor, kl: torch.Tensor, coef: float, mask: torch.Tensor) -> torch.Tensor:
     """KL-in-reward (InstructGPT/PPO): r_t - coef * kl_t on valid tokens, 0 elsewhere. (B, T).
 
     The KL is treated as part of the environment's reward, so it is detached.

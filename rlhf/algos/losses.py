@@ -22,9 +22,7 @@ def _zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), x, torch.zeros_like(x))
 
 
-def compute_token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
+def compute_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-prob of each token given the tokens before it, aligned with `tokens`: (B, T).
 
     logits (B, T, V) are the model's *unshifted* outputs for input `tokens` (B, T): logits at
@@ -152,9 +150,7 @@ def compute_entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
     return -(logprobs.exp() * logprobs).sum(dim=-1)
 
 
-def compute_sequence_logprobs(
-    token_logprobs: torch.Tensor, mask: torch.Tensor, reduction: str = "sum"
-) -> torch.Tensor:
+def compute_sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Log-prob of each whole response from its token log-probs: (B, T) -> (B,).
 
     "sum":  log pi(y) = sum_t log pi(y_t), what DPO's implicit reward is defined on.

@@ -10,3 +10,17 @@ from rlhf.data.sources import (
     load_sft_pairs,
     validate_rows,
 )
+
+__all__ = [
+    "DataError",
+    "RowReport",
+    "imdb_preference_pairs",
+    "imdb_prompts",
+    "imdb_reviews",
+    "imdb_sft_pairs",
+    "load_preference_pairs",
+    "load_prompts",
+    "load_rows",
+    "load_sft_pairs",
+    "validate_rows",
+]

@@ -54,8 +54,7 @@ def _all_reviews() -> tuple[dict, ...]:
         if missing:  # a new package version with other columns must fail here, not deep in a run
             raise ValueError(f"{csv_file}: expected columns text, label, source; missing {sorted(missing)}")
         return tuple(
-            {"text": clean_review(row["text"]), "label": int(row["label"]), "source": row["source"]}
-            for row in reader
+            {"text": clean_review(row["text"]), "label": int(row["label"]), "source": row["source"]} for row in reader
         )
 
 
@@ -135,7 +134,9 @@ def imdb_preference_pairs(n: int, seed: int = 0, max_words: int = 48, split: Spl
     ]
 
 
-def imdb_sft_pairs(n: int, seed: int = 0, prefix_words: int = 8, max_words: int = 48, split: Split = "train") -> list[dict]:
+def imdb_sft_pairs(
+    n: int, seed: int = 0, prefix_words: int = 8, max_words: int = 48, split: Split = "train"
+) -> list[dict]:
     """Supervised pairs that teach the model to continue reviews: `prompt`, `response`, `label`.
 
     `prompt` is a review's first `prefix_words` words (as in `imdb_prompts`) and `response` the

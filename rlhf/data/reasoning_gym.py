@@ -29,7 +29,7 @@ CHAIN_SUM_EASY = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits":
 
 
 def task_name_problem(task: str) -> str | None:
-    """"unknown task; did you mean 'chain_sum'?" when reasoning-gym has no task `task`, else None."""
+    """ "unknown task; did you mean 'chain_sum'?" when reasoning-gym has no task `task`, else None."""
     return None if task in DATASETS else unknown_name("reasoning-gym task", task, DATASETS)
 
 

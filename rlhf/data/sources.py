@@ -35,9 +35,10 @@ import json
 import logging
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from rlhf.rewards.verifiers import REWARD_SAMPLE_FIELDS
 
@@ -105,7 +106,9 @@ def load_rows(source: str, split: str = "train") -> list[dict | UnreadableRow]:
             if is_file
             else "Is the name (or folder) right, the split in it (data.split), and the hub reachable?"
         )
-        raise DataError(f"{source}: could not load with `datasets` (split {split!r}): {type(e).__name__}: {e}. {hint}") from e
+        raise DataError(
+            f"{source}: could not load with `datasets` (split {split!r}): {type(e).__name__}: {e}. {hint}"
+        ) from e
     return dataset.to_list()
 
 
@@ -122,7 +125,9 @@ def _parse_jsonl_line(line: bytes) -> dict | UnreadableRow:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
-        return UnreadableRow(f"not UTF-8 text: byte {line[e.start]:#04x} at byte {e.start + 1} of the line ({e.reason})")
+        return UnreadableRow(
+            f"not UTF-8 text: byte {line[e.start]:#04x} at byte {e.start + 1} of the line ({e.reason})"
+        )
     try:
         row = json.loads(text, object_pairs_hook=_object_without_repeats, parse_constant=_refuse_constant)
     except (json.JSONDecodeError, _NotStrictJSON) as e:
@@ -157,7 +162,7 @@ def row_problems(row: dict | UnreadableRow, required: dict[str, type | tuple], m
         value = row.get(name)
         if value is None:
             problems.append(f"field {name!r}: missing" + (" (null)" if name in row else ""))
-        elif not isinstance(value, expected) or isinstance(value, bool) and expected is not bool:
+        elif not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             want = " or ".join(t.__name__ for t in expected) if isinstance(expected, tuple) else expected.__name__
             problems.append(f"field {name!r}: expected {want}, got {type(value).__name__} {_short(value)}")
         elif isinstance(value, str) and not value.strip():
@@ -262,8 +267,15 @@ def _builtin_rows(kind: Kind, source: str, cfg: DataConfig, split: str) -> list[
             raise DataError(f"data.source=imdb ({kind}, data.task_kwargs={cfg.task_kwargs}): {e}") from e
     task = source.removeprefix("reasoning_gym:")
     if kind == "preference":
-        raise DataError(f"data.source={source!r} makes prompts with answers, not preference pairs; use a file or 'imdb'")
-    from rlhf.data.reasoning_gym import reasoning_gym_prompts, task_kwargs_problem, task_name_problem, train_heldout_split
+        raise DataError(
+            f"data.source={source!r} makes prompts with answers, not preference pairs; use a file or 'imdb'"
+        )
+    from rlhf.data.reasoning_gym import (
+        reasoning_gym_prompts,
+        task_kwargs_problem,
+        task_name_problem,
+        train_heldout_split,
+    )
 
     key = "data.source" if source == cfg.source else "data.eval_source"
     if problem := task_name_problem(task):
@@ -287,15 +299,21 @@ def _fields(kind: Kind, cfg: DataConfig) -> dict[str, str]:
     }[kind]
 
 
-def _file_rows(kind: Kind, source: str, cfg: DataConfig, part: str,
-               checks: Callable[[dict], list[str]] | None = None) -> list[dict]:
+def _file_rows(
+    kind: Kind, source: str, cfg: DataConfig, part: str, checks: Callable[[dict], list[str]] | None = None
+) -> list[dict]:
     if cfg.task_kwargs:
-        raise DataError(f"data.task_kwargs={cfg.task_kwargs} only applies to reasoning_gym:<task> and imdb, not {source!r}")
+        raise DataError(
+            f"data.task_kwargs={cfg.task_kwargs} only applies to reasoning_gym:<task> and imdb, not {source!r}"
+        )
     fields = _fields(kind, cfg)
     response_chars = cfg.max_response_len * CHARS_PER_TOKEN_CEILING
-    max_chars = {f: response_chars for f in fields.values()} | {cfg.prompt_field: cfg.max_prompt_len * CHARS_PER_TOKEN_CEILING}
-    rows, _ = validate_rows(load_rows(source, cfg.split), dict.fromkeys(fields.values(), str), source, max_chars,
-                            cfg.on_bad_row, checks)
+    max_chars = {f: response_chars for f in fields.values()} | {
+        cfg.prompt_field: cfg.max_prompt_len * CHARS_PER_TOKEN_CEILING
+    }
+    rows, _ = validate_rows(
+        load_rows(source, cfg.split), dict.fromkeys(fields.values(), str), source, max_chars, cfg.on_bad_row, checks
+    )
     if kind == "prompts":
         fields = fields | {"answer": cfg.answer_field}  # optional: kept when present
     rows = [_rename(row, fields) for row in rows]
@@ -310,8 +328,9 @@ def _file_rows(kind: Kind, source: str, cfg: DataConfig, part: str,
     return train
 
 
-def _reward_field_checks(reward_kinds: Sequence[str], cfg: DataConfig, source: str,
-                         from_file: bool) -> Callable[[dict], list[str]] | None:
+def _reward_field_checks(
+    reward_kinds: Sequence[str], cfg: DataConfig, source: str, from_file: bool
+) -> Callable[[dict], list[str]] | None:
     """A row check for the fields the run's rewards read (None if they read none).
 
     File rows are checked as read (before renaming), so the gold answer is under the configured
@@ -340,7 +359,9 @@ def _reward_field_checks(reward_kinds: Sequence[str], cfg: DataConfig, source: s
                     problems.append(f"field {answer_key!r}: missing" + " (null)" * (answer_key in row) + f"; {why}")
             elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 problems.append(f"field {answer_key!r}: expected a string or number, got {type(value).__name__}; {why}")
-            elif isinstance(value, str) and not value.strip() or isinstance(value, float) and not math.isfinite(value):
+            elif (isinstance(value, str) and not value.strip()) or (
+                isinstance(value, float) and not math.isfinite(value)
+            ):
                 problems.append(f"field {answer_key!r}: empty or not a number ({value!r}); {why}")
         if needs_task:
             problems += _task_metadata_problems(row.get("metadata"))
@@ -352,8 +373,10 @@ def _reward_field_checks(reward_kinds: Sequence[str], cfg: DataConfig, source: s
 def _task_metadata_problems(metadata) -> list[str]:
     from rlhf.data.reasoning_gym import task_name_problem
 
-    why = ("reward kind 'reasoning_gym' scores each row with the task its metadata.source_dataset names, "
-           "as data.source is not reasoning_gym:<task>")
+    why = (
+        "reward kind 'reasoning_gym' scores each row with the task its metadata.source_dataset names, "
+        "as data.source is not reasoning_gym:<task>"
+    )
     if not isinstance(metadata, dict):
         got = "missing" if metadata is None else f"expected an object, got {type(metadata).__name__}"
         return [f"field 'metadata': {got}; {why}"]
@@ -391,7 +414,9 @@ def hold_out_by_prompt(rows: list[dict], eval_size: int, seed: int, source: str)
             break
         heldout_prompts.add(rows[i]["prompt"])
     if len(heldout_prompts) < eval_size:
-        raise DataError(f"{source}: data.eval_size={eval_size} but the file has only {len(heldout_prompts)} distinct prompts")
+        raise DataError(
+            f"{source}: data.eval_size={eval_size} but the file has only {len(heldout_prompts)} distinct prompts"
+        )
     train = [rows[i] for i in order if rows[i]["prompt"] not in heldout_prompts]
     heldout = [rows[i] for i in order if rows[i]["prompt"] in heldout_prompts]
     if not train:

@@ -1,4 +1,5 @@
 """The order in which a run visits its training rows."""
+
 from __future__ import annotations
 
 import torch

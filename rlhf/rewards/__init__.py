@@ -6,3 +6,5 @@ from rlhf.rewards.registry import (
     combine_rewards,
     run_reward_function,
 )
+
+__all__ = ["NamedReward", "build_reward_functions", "combine_rewards", "run_reward_function"]

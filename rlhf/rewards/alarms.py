@@ -30,6 +30,8 @@ def constant_rewards(batches: list[dict[str, list[float]]]) -> dict[str, float]:
 def constant_reward_message(constant: dict[str, float], batches: int) -> str:
     """The warning for `constant_rewards`' result (a non-empty one)."""
     named = ", ".join(f"{name} (always {value:g})" for name, value in constant.items())
-    return (f"REWARD IS CONSTANT: over the first {batches} batches, every sample got the same reward from {named}. "
-            "No sample is better than another, so the policy learns nothing from it: check the reward function, "
-            "the data fields it reads, and its error counts (reward_errors/<fn>).")
+    return (
+        f"REWARD IS CONSTANT: over the first {batches} batches, every sample got the same reward from {named}. "
+        "No sample is better than another, so the policy learns nothing from it: check the reward function, "
+        "the data fields it reads, and its error counts (reward_errors/<fn>)."
+    )

@@ -32,9 +32,10 @@ import time
 import types
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rlhf.rewards.sandbox import Sandbox, SandboxError, SandboxLimits
 
@@ -48,7 +49,7 @@ HTTP_MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 
 # ------------------------------------------------------------------------------ reward functions
-_BUILT: dict["RewardFactory", RewardFn] = {}  # in-process use only (tests, scripts): built once
+_BUILT: dict[RewardFactory, RewardFn] = {}  # in-process use only (tests, scripts): built once
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class NamedReward:
 
     name: str
     weight: float
-    fn: Optional[RewardFactory]
+    fn: RewardFactory | None
     timeout_s: float  # one deadline per call, retries and per-sample retries included
     fallback: float
     remote: bool = False
@@ -170,8 +171,14 @@ def _split_target(function: str) -> tuple[str, str]:
 
 
 def sandbox_limits(spec: RewardSpec, network: bool) -> SandboxLimits:
-    return SandboxLimits(memory_mb=spec.memory_mb, cpu_time_s=spec.cpu_time_s, max_processes=spec.max_processes,
-                         max_open_files=spec.max_open_files, max_file_mb=spec.max_file_mb, network=network)
+    return SandboxLimits(
+        memory_mb=spec.memory_mb,
+        cpu_time_s=spec.cpu_time_s,
+        max_processes=spec.max_processes,
+        max_open_files=spec.max_open_files,
+        max_file_mb=spec.max_file_mb,
+        network=network,
+    )
 
 
 def build_reward_functions(specs: list[RewardSpec], task: str | None = None) -> list[NamedReward]:
@@ -199,13 +206,25 @@ def build_reward_functions(specs: list[RewardSpec], task: str | None = None) -> 
             name, trusted, network = f"python:{function}", False, spec.network
             fn = RewardFactory("rlhf.rewards.registry:load_python_reward", (path, function, source))
         elif spec.kind == "http":
-            fn, network = RewardFactory("rlhf.rewards.registry:http_reward", (spec.url, spec.timeout_s, HTTP_FIRST_BACKOFF_S)), True
+            fn, network = (
+                RewardFactory("rlhf.rewards.registry:http_reward", (spec.url, spec.timeout_s, HTTP_FIRST_BACKOFF_S)),
+                True,
+            )
         elif spec.kind != "model":
             raise ValueError(f"rewards: unknown kind {spec.kind!r}")
         taken = sum(r.name == name or r.name.startswith(name + "#") for r in rewards)
         name = f"{name}#{taken + 1}" if taken else name
-        reward = NamedReward(name, spec.weight, fn, spec.timeout_s, spec.fallback, spec.kind == "model",
-                             sandbox_limits(spec, network), trusted, retry_alone=spec.kind == "python")
+        reward = NamedReward(
+            name,
+            spec.weight,
+            fn,
+            spec.timeout_s,
+            spec.fallback,
+            spec.kind == "model",
+            sandbox_limits(spec, network),
+            trusted,
+            retry_alone=spec.kind == "python",
+        )
         if spec.kind == "python":
             try:
                 _sandbox(reward).start()
@@ -294,7 +313,9 @@ def _sandbox(reward: NamedReward) -> Sandbox:
     key = (reward.fn, reward.limits, reward.trusted, reward.retry_alone)
     with _sandboxes_lock:
         if key not in _sandboxes:
-            _sandboxes[key] = Sandbox(reward.fn.build, reward.fn.args, reward.limits, reward.trusted, reward.retry_alone)
+            _sandboxes[key] = Sandbox(
+                reward.fn.build, reward.fn.args, reward.limits, reward.trusted, reward.retry_alone
+            )
         return _sandboxes[key]
 
 

@@ -79,8 +79,13 @@ class Sandbox:
     def __init__(self, build: str, args: tuple, limits: SandboxLimits, trusted: bool, retry_alone: bool):
         # trusted: `build` is our code, built before the privilege drop (imports as the trainer's
         # user); untrusted (a user's file): built after it, from the source text in `args`.
-        self.config = {"build": build, "args": list(args), "limits": asdict(limits), "trusted": trusted,
-                       "retry_alone": retry_alone}
+        self.config = {
+            "build": build,
+            "args": list(args),
+            "limits": asdict(limits),
+            "trusted": trusted,
+            "retry_alone": retry_alone,
+        }
         self.proc: subprocess.Popen | None = None
         self.home: str | None = None
         self.isolation: list[str] = []
@@ -91,7 +96,9 @@ class Sandbox:
         """The server's validated-shape reply {"values", "errors", "batch_error"}. TimeoutError past
         `timeout_s`, SandboxError if the sandbox died or misbehaved (it is then replaced)."""
         nonce = secrets.token_hex(8)  # the reply must echo it: a stale or forged line is caught
-        request = json.dumps({"id": nonce, "completions": completions, "samples": samples}, default=str).encode() + b"\n"
+        request = (
+            json.dumps({"id": nonce, "completions": completions, "samples": samples}, default=str).encode() + b"\n"
+        )
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
                 self._start_locked()
@@ -126,8 +133,13 @@ class Sandbox:
         # the folder holding this copy of `rlhf` first: the sandbox imports the same code, wherever it came from
         env["PYTHONPATH"] = os.pathsep.join([PROJECT_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from rlhf.rewards.sandbox_server import main; main()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, cwd=self.home, env=env, start_new_session=True,  # its own process group
+            [sys.executable, "-c", "from rlhf.rewards.sandbox_server import main; main()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self.home,
+            env=env,
+            start_new_session=True,  # its own process group
         )
         self.stderr_tail = b""
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -148,7 +160,7 @@ class Sandbox:
     def _kill_locked(self) -> None:
         if self.proc is not None:
             for child in _children(self.proc.pid):  # init of its PID namespace (whose death takes every
-                try:                                # process in it along), else the server
+                try:  # process in it along), else the server
                     os.kill(child, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
@@ -175,7 +187,7 @@ class Sandbox:
             if not select.select([], [fd], [], max(0.0, deadline - time.monotonic()))[1]:
                 raise TimeoutError("the reward sandbox did not read its request in time")
             try:
-                view = view[os.write(fd, view[:65536]):]
+                view = view[os.write(fd, view[:65536]) :]
             except BrokenPipeError:
                 raise SandboxError(self._died("before reading its request")) from None
 

@@ -74,9 +74,14 @@ def _limit_and_drop(limits: dict, home: str) -> list[str]:
     root = os.geteuid() == 0
     mb = 1024 * 1024
     nproc = limits["max_processes"] if root else _tasks_of(os.getuid()) + limits["max_processes"]
-    for which, value in ((resource.RLIMIT_AS, limits["memory_mb"] * mb), (resource.RLIMIT_CPU, limits["cpu_time_s"]),
-                         (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_NOFILE, limits["max_open_files"]),
-                         (resource.RLIMIT_FSIZE, limits["max_file_mb"] * mb), (resource.RLIMIT_CORE, 0)):
+    for which, value in (
+        (resource.RLIMIT_AS, limits["memory_mb"] * mb),
+        (resource.RLIMIT_CPU, limits["cpu_time_s"]),
+        (resource.RLIMIT_NPROC, nproc),
+        (resource.RLIMIT_NOFILE, limits["max_open_files"]),
+        (resource.RLIMIT_FSIZE, limits["max_file_mb"] * mb),
+        (resource.RLIMIT_CORE, 0),
+    ):
         resource.setrlimit(which, (value, value))
     _libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     held = ["rlimits"]
@@ -125,7 +130,7 @@ def _keep_only_read_any_file() -> None:
 def _write_line(fd: int, obj: Any) -> None:
     data = json.dumps(obj, allow_nan=False).encode() + b"\n"
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 def _short(value: Any) -> str:
@@ -190,7 +195,7 @@ def _score(fn, completions: list, samples: list, retry_alone: bool) -> dict:
     if retry_alone and n > 1:  # each sample alone: only the ones that still fail lose their reward
         for i in range(n):
             try:
-                one, one_errors, one_error = _as_values(_run(fn, completions[i:i + 1], samples[i:i + 1]), 1)
+                one, one_errors, one_error = _as_values(_run(fn, completions[i : i + 1], samples[i : i + 1]), 1)
                 values[i] = one[0]
                 if one_error or one_errors:
                     errors.append([i, f"sample {i}: {one_error or one_errors[0][1]}"])

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 import threading
 import warnings
-from functools import lru_cache
-from typing import Callable
+from collections.abc import Callable
+from functools import cache
 
 RewardFn = Callable[[list[str], list[dict]], list[float]]
 
@@ -60,7 +60,7 @@ def final_answer(text: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------- reasoning-gym
-@lru_cache(maxsize=None)
+@cache
 def _reasoning_gym_scorer(task: str) -> Callable:
     import reasoning_gym
 
@@ -110,7 +110,7 @@ def math_answer_reward(timeout_seconds: int = 5, answer_key: str = "answer") -> 
     def limit() -> int | None:
         if threading.current_thread() is threading.main_thread():
             return timeout_seconds
-        warnings.warn("math_answer_reward off the main thread: math-verify runs without a timeout")
+        warnings.warn("math_answer_reward off the main thread: math-verify runs without a timeout", stacklevel=2)
         return None
 
     def math_answer_reward(completions: list[str], samples: list[dict]) -> list[float]:

@@ -14,6 +14,7 @@
 Thresholds sit below what the runs reach (see the report printed by each test) with room for
 seed noise, and well above chance.
 """
+
 import json
 
 import pytest
@@ -30,24 +31,32 @@ MAX_PPO_KL = 3.0  # nats per token (k1); measured max 1.5 after 40 steps, still 
 
 
 def config(tmp_path, name: str, models: dict, algorithm: dict, trainer: dict, data: dict, cpus: dict, **sections):
-    return validate_config({
-        "models": models,
-        "data": {"source": "imdb", **data},
-        "algorithm": algorithm,
-        "trainer": {"zero_stage": 0, "scheduler": "constant", **trainer},
-        # two cores for everything: fractional shares, each phase still uses all cores in turn
-        "resources": {role: {"cpus_per_actor": c} for role, c in cpus.items()},
-        "logging": {"dir": str(tmp_path), "run_name": name, "tensorboard": False, "log_every": 5},
-        **sections,
-    })
+    return validate_config(
+        {
+            "models": models,
+            "data": {"source": "imdb", **data},
+            "algorithm": algorithm,
+            "trainer": {"zero_stage": 0, "scheduler": "constant", **trainer},
+            # two cores for everything: fractional shares, each phase still uses all cores in turn
+            "resources": {role: {"cpus_per_actor": c} for role, c in cpus.items()},
+            "logging": {"dir": str(tmp_path), "run_name": name, "tensorboard": False, "log_every": 5},
+            **sections,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def imdb_tiny_lm(tmp_path_factory):
     """Random 2-layer Qwen2 whose tokenizer knows IMDB words (train split only)."""
     texts = [r["text"] for r in imdb_reviews("train")[:3000]]
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-imdb") / "model", texts, vocab_size=2048,
-                                hidden=64, layers=2, initializer_range=0.02)
+    return build_tiny_causal_lm(
+        tmp_path_factory.mktemp("tiny-imdb") / "model",
+        texts,
+        vocab_size=2048,
+        hidden=64,
+        layers=2,
+        initializer_range=0.02,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +64,24 @@ def reward_model_result(ray_cluster, tmp_path_factory):
     from actors.launch import run
 
     tmp_path = tmp_path_factory.mktemp("reward-model")
-    cfg = config(tmp_path, "rm", {"reward": {"path": "all-minilm-l6-v2", "dtype": "float32"}},
-                 {"name": "reward_model"},
-                 # 640 pairs, one epoch; lr 3e-4 with half the steps reached only 72%
-                 # linear decay: the same run at a constant lr ended anywhere in 79-88%
-                 {"lr": 2e-4, "global_batch_size": 16, "micro_batch_size": 8, "total_steps": 40,
-                  "scheduler": "linear", "warmup_steps": 2},
-                 {"train_size": 640, "eval_size": 100}, {"reward": 0.5})
+    cfg = config(
+        tmp_path,
+        "rm",
+        {"reward": {"path": "all-minilm-l6-v2", "dtype": "float32"}},
+        {"name": "reward_model"},
+        # 640 pairs, one epoch; lr 3e-4 with half the steps reached only 72%
+        # linear decay: the same run at a constant lr ended anywhere in 79-88%
+        {
+            "lr": 2e-4,
+            "global_batch_size": 16,
+            "micro_batch_size": 8,
+            "total_steps": 40,
+            "scheduler": "linear",
+            "warmup_steps": 2,
+        },
+        {"train_size": 640, "eval_size": 100},
+        {"reward": 0.5},
+    )
     return run(cfg)
 
 
@@ -76,12 +96,16 @@ def test_reward_model_learns_sentiment_preference(reward_model_result):
 def test_dpo_learns_preference_that_generalises(ray_cluster, imdb_tiny_lm, tmp_path):
     from actors.launch import run
 
-    cfg = config(tmp_path, "dpo", {"policy": {"path": imdb_tiny_lm, "dtype": "float32"}},
-                 {"name": "dpo", "dpo": {"beta": 0.1}},
-                 # one epoch over 2048 pairs; 1024 pairs reached exactly 70%: too close to the bar
-                 {"lr": 3e-3, "global_batch_size": 32, "micro_batch_size": 16, "total_steps": 64},
-                 {"train_size": 2048, "eval_size": 200, "max_prompt_len": 32, "max_response_len": 64},
-                 {"policy": 0.5, "reference": 0.5})
+    cfg = config(
+        tmp_path,
+        "dpo",
+        {"policy": {"path": imdb_tiny_lm, "dtype": "float32"}},
+        {"name": "dpo", "dpo": {"beta": 0.1}},
+        # one epoch over 2048 pairs; 1024 pairs reached exactly 70%: too close to the bar
+        {"lr": 3e-3, "global_batch_size": 32, "micro_batch_size": 16, "total_steps": 64},
+        {"train_size": 2048, "eval_size": 200, "max_prompt_len": 32, "max_response_len": 64},
+        {"policy": 0.5, "reference": 0.5},
+    )
     result = run(cfg)
     before, after = result["before"]["eval/preference_accuracy"], result["after"]["eval/preference_accuracy"]
     print(f"DPO held-out preference accuracy: {before:.1%} -> {after:.1%}")
@@ -94,20 +118,25 @@ def test_ppo_with_critic_raises_reward_model_score(ray_cluster, reward_model_res
     from actors.launch import run
 
     tiny = {"path": imdb_tiny_lm, "dtype": "float32"}
-    cfg = config(tmp_path, "ppo",
-                 {"policy": tiny, "critic": tiny, "reward": {"path": reward_model_result["final"], "dtype": "float32"}},
-                 {"name": "ppo", "advantage": "gae", "kl": {"coef": 0.02, "estimator": "k1", "mode": "reward"}},
-                 # 10 steps at lr 1e-3 did not move the held-out reward; 40 at 3e-3 do
-                 {"lr": 3e-3, "critic_lr": 1e-3, "global_batch_size": 32, "micro_batch_size": 16, "total_steps": 40},
-                 {"train_size": 512, "eval_size": 32, "max_prompt_len": 32, "chat_template": "none"},
-                 {r: 0.25 for r in ("policy", "reference", "critic", "reward", "rollout")},
-                 rollout={"prompts_per_step": 16, "samples_per_prompt": 4, "max_new_tokens": 24})
+    cfg = config(
+        tmp_path,
+        "ppo",
+        {"policy": tiny, "critic": tiny, "reward": {"path": reward_model_result["final"], "dtype": "float32"}},
+        {"name": "ppo", "advantage": "gae", "kl": {"coef": 0.02, "estimator": "k1", "mode": "reward"}},
+        # 10 steps at lr 1e-3 did not move the held-out reward; 40 at 3e-3 do
+        {"lr": 3e-3, "critic_lr": 1e-3, "global_batch_size": 32, "micro_batch_size": 16, "total_steps": 40},
+        {"train_size": 512, "eval_size": 32, "max_prompt_len": 32, "chat_template": "none"},
+        {r: 0.25 for r in ("policy", "reference", "critic", "reward", "rollout")},
+        rollout={"prompts_per_step": 16, "samples_per_prompt": 4, "max_new_tokens": 24},
+    )
     result = run(cfg)
     before, after = result["before"]["eval/reward_mean"], result["after"]["eval/reward_mean"]
     steps = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     kls = [s["kl"] for s in steps if "kl" in s]
-    print(f"PPO held-out reward (greedy, fresh samples): {before:.3f} -> {after:.3f}; "
-          f"KL to reference per step: {', '.join(f'{k:.4f}' for k in kls)}")
+    print(
+        f"PPO held-out reward (greedy, fresh samples): {before:.3f} -> {after:.3f}; "
+        f"KL to reference per step: {', '.join(f'{k:.4f}' for k in kls)}"
+    )
     assert len(kls) == cfg.trainer.total_steps
     assert after > before, (before, after)
     assert max(kls) < MAX_PPO_KL, kls

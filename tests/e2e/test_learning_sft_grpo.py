@@ -10,6 +10,7 @@ on unseen ones (that needs grokking-length training), so they cannot show learni
 
 SFT is stopped early on purpose, so its checkpoint is only partly right: that is GRPO's start.
 """
+
 import pytest
 
 from rlhf.config import DataConfig, validate_config
@@ -21,7 +22,10 @@ pytestmark = pytest.mark.integration
 DATA = {
     "source": "reasoning_gym:chain_sum",
     "task_kwargs": {"min_terms": 1, "max_terms": 1, "min_digits": 1, "max_digits": 3},
-    "train_size": 600, "eval_size": 100, "max_prompt_len": 64, "max_response_len": 8,
+    "train_size": 600,
+    "eval_size": 100,
+    "max_prompt_len": 64,
+    "max_response_len": 8,
 }
 SFT_STEPS, GRPO_STEPS = 65, 60  # 65: stopped while about half right
 MIN_SFT_ACCURACY = 0.2  # chance is ~0.001; the random model scores 0
@@ -29,16 +33,18 @@ MIN_GRPO_GAIN = 0.10
 
 
 def run_config(tmp_path, name: str, policy_path: str, algorithm: dict, trainer: dict, **sections):
-    return validate_config({
-        "models": {"policy": {"path": policy_path, "dtype": "float32"}},  # fp32: bf16 is emulated on AVX2
-        "data": DATA,
-        "algorithm": algorithm,
-        "trainer": {"zero_stage": 0, "scheduler": "constant", **trainer},
-        # two cores for everything: fractional shares, each phase still uses all cores in turn
-        "resources": {"policy": {"cpus_per_actor": 0.5}, "rollout": {"cpus_per_actor": 0.5}},
-        "logging": {"dir": str(tmp_path), "run_name": name, "tensorboard": False, "log_every": 10},
-        **sections,
-    })
+    return validate_config(
+        {
+            "models": {"policy": {"path": policy_path, "dtype": "float32"}},  # fp32: bf16 is emulated on AVX2
+            "data": DATA,
+            "algorithm": algorithm,
+            "trainer": {"zero_stage": 0, "scheduler": "constant", **trainer},
+            # two cores for everything: fractional shares, each phase still uses all cores in turn
+            "resources": {"policy": {"cpus_per_actor": 0.5}, "rollout": {"cpus_per_actor": 0.5}},
+            "logging": {"dir": str(tmp_path), "run_name": name, "tensorboard": False, "log_every": 10},
+            **sections,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +62,23 @@ def train_sft(tmp_path) -> dict:
     texts = [f"user\n{row['prompt']}\nassistant\n{row['answer']}" for row in train]
     # 0.02 init, not the default 0.2: a model that must be trained learns several times faster
     model = build_tiny_causal_lm(tmp_path / "tiny", texts, hidden=64, layers=2, initializer_range=0.02)
-    cfg = run_config(tmp_path, "sft", model, {"name": "sft"},
-                     {"lr": 3e-3, "global_batch_size": 32, "micro_batch_size": 32, "total_steps": SFT_STEPS},
-                     rollout={"max_new_tokens": 8})
+    cfg = run_config(
+        tmp_path,
+        "sft",
+        model,
+        {"name": "sft"},
+        {"lr": 3e-3, "global_batch_size": 32, "micro_batch_size": 32, "total_steps": SFT_STEPS},
+        rollout={"max_new_tokens": 8},
+    )
     return run(cfg)
 
 
 def grpo_config(tmp_path, name: str, policy_path: str, steps: int = GRPO_STEPS, **rollout):
     return run_config(
-        tmp_path, name, policy_path, {"name": "grpo", "advantage": "grpo"},
+        tmp_path,
+        name,
+        policy_path,
+        {"name": "grpo", "advantage": "grpo"},
         # Adam's first steps move every weight by ~lr whatever the gradient's size; on noisy RL
         # gradients that broke the policy at once (answers ran on past eos) until warmed up.
         {"lr": 2e-3, "warmup_steps": 10, "global_batch_size": 128, "micro_batch_size": 64, "total_steps": steps},
@@ -76,8 +90,10 @@ def grpo_config(tmp_path, name: str, policy_path: str, steps: int = GRPO_STEPS, 
 def test_sft_learns_the_task_from_scratch(sft_result):
     result, _ = sft_result
     before, after = result["before"]["eval/exact_match"], result["after"]["eval/exact_match"]
-    print(f"\nSFT held-out exact match: {before:.2f} -> {after:.2f}; "
-          f"loss {result['before']['eval/sft_loss']:.3f} -> {result['after']['eval/sft_loss']:.3f}")
+    print(
+        f"\nSFT held-out exact match: {before:.2f} -> {after:.2f}; "
+        f"loss {result['before']['eval/sft_loss']:.3f} -> {result['after']['eval/sft_loss']:.3f}"
+    )
     assert after >= MIN_SFT_ACCURACY and after > before
     assert result["after"]["eval/sft_loss"] < result["before"]["eval/sft_loss"]
 

@@ -9,6 +9,7 @@ them by far more). The importance-sampling metrics measure that gap against the 
 updated. A run resumed from a checkpoint taken while a generation was in flight trains on the
 same samples as the uninterrupted run.
 """
+
 import json
 import shutil
 
@@ -31,21 +32,40 @@ TIMING = ("time/", "throughput/", "async/overlap", "async/generate_s")
 
 def async_config(tmp_path, model, **checkpoint):
     (tmp_path / "reward.py").write_text(REWARD)  # continuous: every step's update is non-zero
-    return validate_config({
-        "models": {"policy": {"path": model, "dtype": "float32"}},
-        "data": {"source": "reasoning_gym:chain_sum", "task_kwargs": {"min_terms": 2, "max_terms": 2},
-                 "train_size": 64, "eval_size": 4, "chat_template": "none", "max_prompt_len": 64},
-        "algorithm": {"name": "grpo", "advantage": "grpo", "importance_sampling": {"enabled": True}},
-        "rollout": {"prompts_per_step": PROMPTS, "samples_per_prompt": SAMPLES, "max_new_tokens": 8,
-                    "eval_samples": 0, "async_rollouts": True},
-        "rewards": [{"kind": "python", "function": f"{tmp_path / 'reward.py'}:length"}],
-        # one micro-batch: the mismatch metrics are then plain token means over the step's samples
-        "trainer": {"zero_stage": 2, "lr": 1e-2, "global_batch_size": 16, "micro_batch_size": 16,
-                    "total_steps": STEPS, "eval_every": 1},  # held-out runs while a generation is in flight
-        "resources": {role: {"cpus_per_actor": 0.5} for role in ("policy", "rollout")},
-        "checkpoint": {"every_n_steps": 2, **checkpoint},
-        "logging": {"dir": str(tmp_path), "run_name": "async", "tensorboard": False},
-    })
+    return validate_config(
+        {
+            "models": {"policy": {"path": model, "dtype": "float32"}},
+            "data": {
+                "source": "reasoning_gym:chain_sum",
+                "task_kwargs": {"min_terms": 2, "max_terms": 2},
+                "train_size": 64,
+                "eval_size": 4,
+                "chat_template": "none",
+                "max_prompt_len": 64,
+            },
+            "algorithm": {"name": "grpo", "advantage": "grpo", "importance_sampling": {"enabled": True}},
+            "rollout": {
+                "prompts_per_step": PROMPTS,
+                "samples_per_prompt": SAMPLES,
+                "max_new_tokens": 8,
+                "eval_samples": 0,
+                "async_rollouts": True,
+            },
+            "rewards": [{"kind": "python", "function": f"{tmp_path / 'reward.py'}:length"}],
+            # one micro-batch: the mismatch metrics are then plain token means over the step's samples
+            "trainer": {
+                "zero_stage": 2,
+                "lr": 1e-2,
+                "global_batch_size": 16,
+                "micro_batch_size": 16,
+                "total_steps": STEPS,
+                "eval_every": 1,
+            },  # held-out runs while a generation is in flight
+            "resources": {role: {"cpus_per_actor": 0.5} for role in ("policy", "rollout")},
+            "checkpoint": {"every_n_steps": 2, **checkpoint},
+            "logging": {"dir": str(tmp_path), "run_name": "async", "tensorboard": False},
+        }
+    )
 
 
 def step_metrics(run_dir) -> dict[int, dict]:
@@ -103,8 +123,10 @@ def test_samples_come_from_the_weights_one_update_old(runs, tiny_model):
     for step in (1, 2, 3):
         batch = batches[step]
         m = batch["response_mask"].bool()
-        gap = {v: float((hf_logprobs(tiny_model, weights[v], batch) - batch["rollout_logprobs"])[m].abs().max())
-               for v in range(max(0, step - 2), step)}
+        gap = {
+            v: float((hf_logprobs(tiny_model, weights[v], batch) - batch["rollout_logprobs"])[m].abs().max())
+            for v in range(max(0, step - 2), step)
+        }
         generated_by = step - 1 - int(metrics[step]["async/staleness"])
         assert gap[generated_by] < ATOL, (step, gap)
         assert all(g > 100 * ATOL for v, g in gap.items() if v != generated_by), (step, gap)
@@ -128,7 +150,10 @@ def test_counts_add_up(runs):
     assert sorted(metrics) == [1, 2, 3]
     for step in (1, 2, 3):
         assert metrics[step]["samples"] == len(batches[step]) == PROMPTS * SAMPLES
-        prompts = [tuple(row[:n].tolist()) for row, n in zip(batches[step]["input_ids"], batches[step]["response_mask"].argmax(-1))]
+        prompts = [
+            tuple(row[:n].tolist())
+            for row, n in zip(batches[step]["input_ids"], batches[step]["response_mask"].argmax(-1))
+        ]
         assert len(set(prompts)) == PROMPTS and all(prompts.count(p) == SAMPLES for p in prompts)
         assert 0 <= metrics[step]["async/overlap_fraction"] <= 1
         assert metrics[step]["async/overlap_s"] <= metrics[step]["async/generate_s"]

@@ -5,6 +5,7 @@ Policy (2 ranks, ZeRO-3) + reference + reward + critic + 2 vLLM rollout workers 
 both sides compute in fp32 with different kernels, which moves log-probs by ~1e-6; stale weights
 after an lr=1e-2 Adam step move them by >1e-2. So 1e-4 tells "synced" from "stale" with margin.
 """
+
 import pytest
 import ray
 import torch
@@ -49,8 +50,12 @@ def greedy(rt, prompts):
 
 
 def trainer_logprobs(rt, samples, tokenizer):
-    batch = collate_samples([s["prompt_token_ids"] for s in samples], [s["response_token_ids"] for s in samples],
-                            tokenizer.pad_token_id, {"rollout_logprobs": [s["logprobs"] for s in samples]})
+    batch = collate_samples(
+        [s["prompt_token_ids"] for s in samples],
+        [s["response_token_ids"] for s in samples],
+        tokenizer.pad_token_id,
+        {"rollout_logprobs": [s["logprobs"] for s in samples]},
+    )
     return batch, ray.get(rt["policy"].async_run("compute_logprobs", batch))[0]
 
 
@@ -58,8 +63,11 @@ def test_generate_score_update_sync_cycle(ray_cluster, tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = [apply_chat_template(tokenizer, q) for q in QUESTIONS]
     resources = ResourcesConfig(
-        policy={"num_actors": 2, "cpus_per_actor": 0.25}, rollout={"num_actors": 2, "cpus_per_actor": 0.25},
-        reference={"cpus_per_actor": 0.25}, reward={"cpus_per_actor": 0.25}, critic={"cpus_per_actor": 0.25},
+        policy={"num_actors": 2, "cpus_per_actor": 0.25},
+        rollout={"num_actors": 2, "cpus_per_actor": 0.25},
+        reference={"cpus_per_actor": 0.25},
+        reward={"cpus_per_actor": 0.25},
+        critic={"cpus_per_actor": 0.25},
     )
     rt = start_runtime(tiny_model, resources)
     try:
@@ -80,11 +88,13 @@ def test_generate_score_update_sync_cycle(ray_cluster, tiny_model):
 
         # score, reference log-probs, values
         texts = [tokenizer.decode(s["prompt_token_ids"]) for s in samples]
-        scores, ref_logprobs, values = ray.get([
-            rt["reward"].async_run("score", texts, [s["text"] for s in samples])[0],
-            rt["reference"].async_run("compute_logprobs", batch)[0],
-            rt["critic"].async_run("compute_values", batch)[0],
-        ])
+        scores, ref_logprobs, values = ray.get(
+            [
+                rt["reward"].async_run("score", texts, [s["text"] for s in samples])[0],
+                rt["reference"].async_run("compute_logprobs", batch)[0],
+                rt["critic"].async_run("compute_values", batch)[0],
+            ]
+        )
         assert scores.shape == (8,) and torch.isfinite(scores).all()
         # Same weights everywhere so far: engine, trainer and reference agree on every sampled token.
         _, mismatch = compute_truncated_is_weights(old_logprobs, batch["rollout_logprobs"], mask)
@@ -93,7 +103,9 @@ def test_generate_score_update_sync_cycle(ray_cluster, tiny_model):
 
         # advantages (pure) and one PPO update of policy and critic
         kl = compute_kl(old_logprobs, ref_logprobs, "k1") * mask
-        advantages, returns = compute_advantages("gae", scores, mask, kl_penalty=0.01 * kl, values=values, gamma=1.0, lam=0.95)
+        advantages, returns = compute_advantages(
+            "gae", scores, mask, kl_penalty=0.01 * kl, values=values, gamma=1.0, lam=0.95
+        )
         batch.update(old_logprobs=old_logprobs, advantages=advantages, old_values=values, returns=returns)
         norm = float(compute_loss_normalizer(mask, "token_mean"))
         policy_refs = rt["policy"].async_scatter("train_step", batch.chunk(2), normalizer=norm)
@@ -121,9 +133,14 @@ def test_generate_score_update_sync_cycle(ray_cluster, tiny_model):
         hf.load_state_dict(ray.get(rt["policy"].async_run("full_state_dict"))[0], strict=False)
         for sample in fresh:
             ids = torch.tensor([sample["prompt_token_ids"]])
-            out = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
-            assert out[0, ids.shape[1]:].tolist()[: len(sample["response_token_ids"])] == sample["response_token_ids"]
+            out = hf.generate(
+                ids,
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            assert out[0, ids.shape[1] :].tolist()[: len(sample["response_token_ids"])] == sample["response_token_ids"]
     finally:
         for role in ("policy", "reference", "critic", "reward", "rollout"):
             rt[role].kill()
@@ -134,15 +151,22 @@ def test_colocated_roles_share_a_placement_group(ray_cluster, tiny_model):
     from actors.group import ActorGroup, PlacementPlan
     from actors.reference import ReferenceActor
 
-    resources = ResourcesConfig(policy={"cpus_per_actor": 0.25}, reference={"cpus_per_actor": 0.25},
-                                critic={"cpus_per_actor": 0.25}, colocate=[["policy", "reference"]])
+    resources = ResourcesConfig(
+        policy={"cpus_per_actor": 0.25},
+        reference={"cpus_per_actor": 0.25},
+        critic={"cpus_per_actor": 0.25},
+        colocate=[["policy", "reference"]],
+    )
     plan = PlacementPlan.create(resources, ["policy", "reference", "critic"])
     try:
         assert plan.groups["policy"] is plan.groups["reference"] is not plan.groups["critic"]
         assert plan.groups["policy"].bundle_specs == [{"CPU": 0.5}]  # one bundle holds rank 0 of both
         spec = ModelSpec(path=tiny_model, dtype="float32").model_dump()
         trainer = TrainerConfig(global_batch_size=4, micro_batch_size=4).model_dump()
-        groups = [ActorGroup(ReferenceActor, role, plan, model=spec, trainer=trainer) for role in ("policy", "reference", "critic")]
+        groups = [
+            ActorGroup(ReferenceActor, role, plan, model=spec, trainer=trainer)
+            for role in ("policy", "reference", "critic")
+        ]
         (_, pg_policy), (_, pg_reference), (_, pg_critic) = (ray.get(g.async_run("placement"))[0] for g in groups)
         assert pg_policy == pg_reference == plan.groups["policy"].id.hex()
         assert pg_critic == plan.groups["critic"].id.hex() != pg_policy

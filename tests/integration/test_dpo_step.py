@@ -1,5 +1,6 @@
 """PolicyActor.dpo_step on a real DeepSpeed engine: IPO trains on the sequence log-probs its
 config names (length-averaged by default, summed on request), DPO on summed ones."""
+
 import pytest
 import torch
 
@@ -38,16 +39,24 @@ def test_dpo_step_feeds_the_configured_sequence_logprobs(ray_cluster, tiny_model
 
     batch = pair_batch()
     g = torch.Generator().manual_seed(1)
-    configs = [DPOConfig(beta=0.5, loss_type="ipo"), DPOConfig(beta=0.5, loss_type="ipo", ipo_logprobs="sum"),
-               DPOConfig(beta=0.5)]
+    configs = [
+        DPOConfig(beta=0.5, loss_type="ipo"),
+        DPOConfig(beta=0.5, loss_type="ipo", ipo_logprobs="sum"),
+        DPOConfig(beta=0.5),
+    ]
     trainer = TrainerConfig(zero_stage=2, global_batch_size=PAIRS, micro_batch_size=2, lr=1e-6).model_dump()
     reported, expected = [], []
     for dpo in configs:
         plan = PlacementPlan.create(ResourcesConfig(policy={"num_actors": 1, "cpus_per_actor": 0.5}), ["policy"])
         try:
-            group = ActorGroup(PolicyActor, "policy", plan, trainer=trainer,
-                               algorithm=AlgorithmConfig(name="dpo", dpo=dpo.model_dump()).model_dump(),
-                               model=ModelSpec(path=tiny_model, dtype="float32").model_dump())
+            group = ActorGroup(
+                PolicyActor,
+                "policy",
+                plan,
+                trainer=trainer,
+                algorithm=AlgorithmConfig(name="dpo", dpo=dpo.model_dump()).model_dump(),
+                model=ModelSpec(path=tiny_model, dtype="float32").model_dump(),
+            )
             logprobs = ray_cluster.get(group.async_run("compute_logprobs", batch))[0]
             # a reference the policy has moved away from by a different amount on every token
             batch["ref_logprobs"] = logprobs - 0.3 * torch.rand(logprobs.shape, generator=g)

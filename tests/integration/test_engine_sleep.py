@@ -6,6 +6,7 @@ changes. What this checks is the path a GPU run takes: policy and engines coloca
 put to sleep after generation and woken before the weight sync, a generate or weight load while
 asleep refused, and the run working and logging that sleep is a no-op here.
 """
+
 import logging
 
 import pytest
@@ -21,20 +22,35 @@ def test_colocated_engines_sleep_between_generation_and_sync(ray_cluster, tiny_m
     from rlhf.data.sources import load_prompts
     from rlhf.data.stream import PromptStream
 
-    cfg = validate_config({
-        "models": {"policy": {"path": tiny_model, "dtype": "float32"}},
-        "data": {"source": "reasoning_gym:chain_sum", "task_kwargs": {"min_terms": 2, "max_terms": 2},
-                 "train_size": 16, "eval_size": 2, "chat_template": "none",
-                 "max_prompt_len": 64},
-        "algorithm": {"name": "grpo", "advantage": "grpo"},
-        "rollout": {"prompts_per_step": 2, "samples_per_prompt": 4, "max_new_tokens": 4, "eval_samples": 0,
-                    "sleep_during_training": True},
-        "rewards": [{"kind": "reasoning_gym"}],
-        "trainer": {"zero_stage": 2, "global_batch_size": 8, "micro_batch_size": 8, "total_steps": 2},
-        "resources": {"policy": {"cpus_per_actor": 0.5}, "rollout": {"cpus_per_actor": 0.5},
-                      "colocate": [["policy", "rollout"]]},
-        "logging": {"dir": str(tmp_path), "tensorboard": False},
-    })
+    cfg = validate_config(
+        {
+            "models": {"policy": {"path": tiny_model, "dtype": "float32"}},
+            "data": {
+                "source": "reasoning_gym:chain_sum",
+                "task_kwargs": {"min_terms": 2, "max_terms": 2},
+                "train_size": 16,
+                "eval_size": 2,
+                "chat_template": "none",
+                "max_prompt_len": 64,
+            },
+            "algorithm": {"name": "grpo", "advantage": "grpo"},
+            "rollout": {
+                "prompts_per_step": 2,
+                "samples_per_prompt": 4,
+                "max_new_tokens": 4,
+                "eval_samples": 0,
+                "sleep_during_training": True,
+            },
+            "rewards": [{"kind": "reasoning_gym"}],
+            "trainer": {"zero_stage": 2, "global_batch_size": 8, "micro_batch_size": 8, "total_steps": 2},
+            "resources": {
+                "policy": {"cpus_per_actor": 0.5},
+                "rollout": {"cpus_per_actor": 0.5},
+                "colocate": [["policy", "rollout"]],
+            },
+            "logging": {"dir": str(tmp_path), "tensorboard": False},
+        }
+    )
     coordinator = RLCoordinator(cfg)
     try:
         assert coordinator.plan.groups["policy"] is coordinator.plan.groups["rollout"]

@@ -13,6 +13,7 @@
 
 Runs are 3 steps of 4 prompts x 4 samples; "no sample lost" = every step trains on all 16.
 """
+
 import json
 import logging
 import time
@@ -51,8 +52,11 @@ def checkpoints(run_dir) -> list[str]:
 def live_placement_groups() -> list[str]:
     import ray
 
-    return [pg["name"] for pg in ray.util.placement_group_table().values()
-            if pg["state"] in ("PENDING", "CREATED") and pg["name"].startswith("rlhf-")]
+    return [
+        pg["name"]
+        for pg in ray.util.placement_group_table().values()
+        if pg["state"] in ("PENDING", "CREATED") and pg["name"].startswith("rlhf-")
+    ]
 
 
 def test_rollout_worker_killed_mid_generation_and_bad_rewards(ray_cluster, tiny_model, tmp_path, monkeypatch, caplog):
@@ -63,8 +67,10 @@ def test_rollout_worker_killed_mid_generation_and_bad_rewards(ray_cluster, tiny_
 
     (tmp_path / "bad.py").write_text(BAD_REWARDS)
     rewards = [{"kind": "python", "function": f"{tmp_path / 'reward.py'}:length"}]
-    rewards += [{"kind": "python", "function": f"{tmp_path / 'bad.py'}:{fn}", "timeout_s": 1, "fallback": 0.0}
-                for fn in ("hangs", "raises", "nan")]
+    rewards += [
+        {"kind": "python", "function": f"{tmp_path / 'bad.py'}:{fn}", "timeout_s": 1, "fallback": 0.0}
+        for fn in ("hangs", "raises", "nan")
+    ]
     submit, collect = RolloutGroup.async_generate_shard, RolloutGroup.collect
     shard_1_calls, killed, same_as_undisturbed = [], [], []
 
@@ -81,14 +87,21 @@ def test_rollout_worker_killed_mid_generation_and_bad_rewards(ray_cluster, tiny_
         samples, seconds = collect(self, prompts, sampling, refs, weights_from)
         if killed and not same_as_undisturbed:  # the same call once more, undisturbed (no update in between)
             again, _ = collect(self, prompts, sampling, self.start_generation(prompts, sampling), weights_from)
-            same_as_undisturbed.append([(s["prompt_index"], s["response_token_ids"]) for s in samples]
-                                       == [(s["prompt_index"], s["response_token_ids"]) for s in again])
+            same_as_undisturbed.append(
+                [(s["prompt_index"], s["response_token_ids"]) for s in samples]
+                == [(s["prompt_index"], s["response_token_ids"]) for s in again]
+            )
         return samples, seconds
 
     monkeypatch.setattr(RolloutGroup, "async_generate_shard", kill_worker_1_in_step_2)
     monkeypatch.setattr(RolloutGroup, "collect", collect_again_after_the_kill)
-    cfg = rl_config(tmp_path, tiny_model, "rollout-kill", rewards=rewards, **{
-        "trainer.total_steps": STEPS, "resources.rollout.num_actors": 2})
+    cfg = rl_config(
+        tmp_path,
+        tiny_model,
+        "rollout-kill",
+        rewards=rewards,
+        **{"trainer.total_steps": STEPS, "resources.rollout.num_actors": 2},
+    )
     with caplog.at_level(logging.WARNING):
         result = run(cfg)
 
@@ -134,11 +147,15 @@ def kill_policy_rank_at_update(monkeypatch, rank: int, update: int) -> list:
     return updates
 
 
-def test_policy_rank_killed_mid_update_restarts_from_the_checkpoint(ray_cluster, tiny_model, tmp_path, monkeypatch, caplog):
+def test_policy_rank_killed_mid_update_restarts_from_the_checkpoint(
+    ray_cluster, tiny_model, tmp_path, monkeypatch, caplog
+):
     from actors.launch import run
 
     updates = kill_policy_rank_at_update(monkeypatch, rank=1, update=2)  # in step 2, after step 1's checkpoint
-    cfg = rl_config(tmp_path, tiny_model, "policy-kill", **{"trainer.total_steps": STEPS, "resources.policy.num_actors": 2})
+    cfg = rl_config(
+        tmp_path, tiny_model, "policy-kill", **{"trainer.total_steps": STEPS, "resources.policy.num_actors": 2}
+    )
     with caplog.at_level(logging.INFO):
         result = run(cfg)
 
@@ -162,8 +179,9 @@ def test_without_restarts_a_dead_rank_stops_the_run_with_its_name(ray_cluster, t
     cfg = rl_config(tmp_path, tiny_model, "no-restart", **{"trainer.total_steps": 2, "checkpoint.max_restarts": 0})
     with pytest.raises(ActorFailure) as err:
         run(cfg)
-    assert str(err.value) == ("policy rank 0 died during step 1 (ActorDiedError); "
-                              "gave up after 0 restart(s) (checkpoint.max_restarts=0)")
+    assert str(err.value) == (
+        "policy rank 0 died during step 1 (ActorDiedError); gave up after 0 restart(s) (checkpoint.max_restarts=0)"
+    )
     assert not (tmp_path / "no-restart" / "checkpoints").exists() or not checkpoints(tmp_path / "no-restart")
     assert not live_placement_groups()
 
@@ -177,8 +195,14 @@ def test_a_rank_that_does_not_answer_is_named_and_a_lone_collective_times_out(ra
     plan = PlacementPlan.create(ResourcesConfig(policy={"num_actors": 2, "cpus_per_actor": 0.5}), ["policy"])
     try:
         trainer = TrainerConfig(global_batch_size=2, micro_batch_size=1, collective_timeout_s=3).model_dump()
-        group = ActorGroup(PolicyActor, "policy", plan, model=ModelSpec(path=tiny_model, dtype="float32").model_dump(),
-                           trainer=trainer, algorithm=AlgorithmConfig(name="grpo").model_dump())
+        group = ActorGroup(
+            PolicyActor,
+            "policy",
+            plan,
+            model=ModelSpec(path=tiny_model, dtype="float32").model_dump(),
+            trainer=trainer,
+            algorithm=AlgorithmConfig(name="grpo").model_dump(),
+        )
         ray.get(group.async_run("__ray_ready__"))
 
         def all_reduce(actor):

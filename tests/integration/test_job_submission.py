@@ -8,6 +8,7 @@ through `JobSubmissionClient`, and checks the job's logs and run directory. The 
 separate process on that head (it joins the cluster with the token the head's processes inherit);
 the pytest process never calls `ray.init`.
 """
+
 import json
 import shlex
 import sys
@@ -53,8 +54,11 @@ def wait_for_job(client, job_id: str, timeout_s: float):
 
 def post_job(url: str, entrypoint: str, headers: dict) -> int:
     """The HTTP status of a raw job submission (what `ray job submit` sends)."""
-    request = urllib.request.Request(f"{url}/api/jobs/", data=json.dumps({"entrypoint": entrypoint}).encode(),
-                                     headers={"Content-Type": "application/json", **headers})
+    request = urllib.request.Request(
+        f"{url}/api/jobs/",
+        data=json.dumps({"entrypoint": entrypoint}).encode(),
+        headers={"Content-Type": "application/json", **headers},
+    )
     try:
         return urllib.request.urlopen(request, timeout=30).status
     except urllib.error.HTTPError as e:
@@ -71,20 +75,33 @@ def test_sft_recipe_runs_as_a_submitted_job(head_node, ray_head, tmp_path):
     # The smallest real SFT run: rows without an `answer` need no vLLM engine for exact match,
     # so the job is the driver plus one DeepSpeed policy actor.
     config = tmp_path / "sft.yaml"
-    config.write_text(yaml.safe_dump({
-        "models": {"policy": {"path": model, "dtype": "float32"}},
-        "data": {"source": str(data), "chat_template": "none", "eval_size": 8, "max_prompt_len": 16, "max_response_len": 4},
-        "algorithm": {"name": "sft"},
-        "trainer": {"zero_stage": 0, "lr": 1e-3, "global_batch_size": 8, "micro_batch_size": 8},
-        "resources": {"policy": {"num_actors": 1, "cpus_per_actor": 1}},
-        "logging": {"run_name": "job", "tensorboard": False},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "models": {"policy": {"path": model, "dtype": "float32"}},
+                "data": {
+                    "source": str(data),
+                    "chat_template": "none",
+                    "eval_size": 8,
+                    "max_prompt_len": 16,
+                    "max_response_len": 4,
+                },
+                "algorithm": {"name": "sft"},
+                "trainer": {"zero_stage": 0, "lr": 1e-3, "global_batch_size": 8, "micro_batch_size": 8},
+                "resources": {"policy": {"num_actors": 1, "cpus_per_actor": 1}},
+                "logging": {"run_name": "job", "tensorboard": False},
+            }
+        )
+    )
     logs_dir = tmp_path / "runs"
     overrides = [f"trainer.total_steps={STEPS}", f"logging.dir={logs_dir}"]
     # `ls -a` first: the job's working directory is the uploaded copy of the repository, and
     # its listing shows what the upload left out (Ray drops .git and .venv; .gitignore, runs/).
-    entrypoint = shlex.join(["ls", "-a"]) + " && " + shlex.join(
-        [sys.executable, "-m", "recipes.sft", "--config", str(config), *overrides])
+    entrypoint = (
+        shlex.join(["ls", "-a"])
+        + " && "
+        + shlex.join([sys.executable, "-m", "recipes.sft", "--config", str(config), *overrides])
+    )
 
     # Without the token (or with a wrong one) the job API refuses, and nothing runs.
     intruder = tmp_path / "ran_without_token"
@@ -94,7 +111,9 @@ def test_sft_recipe_runs_as_a_submitted_job(head_node, ray_head, tmp_path):
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
     status = wait_for_job(client, job_id, timeout_s=240)
     logs = client.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, f"job {status}; logs:\n{logs[-4000:]}\nhead log:\n{head_log.read_text()[-2000:]}"
+    assert status == JobStatus.SUCCEEDED, (
+        f"job {status}; logs:\n{logs[-4000:]}\nhead log:\n{head_log.read_text()[-2000:]}"
+    )
 
     print("\n".join(line for line in logs.splitlines() if " step " in line or "held-out" in line))
     listing = set(logs.splitlines())

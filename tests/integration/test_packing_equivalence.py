@@ -1,6 +1,7 @@
 """Token-budget micro-batches on a real local Ray with DeepSpeed: the same log-probs and the same
 update as fixed-size micro-batches, on 1 rank and on 2 (ZeRO-2 and ZeRO-3), including ranks whose
 shares pack into different numbers of micro-batches."""
+
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ def variable_batch():
     for n in LENGTHS:
         ids = torch.randint(3, 300, (n,), generator=g).tolist()
         prompts.append(ids[: max(1, n // 3)])
-        responses.append(ids[max(1, n // 3):])
+        responses.append(ids[max(1, n // 3) :])
     return collate_samples(prompts, responses, pad_id=0)
 
 
@@ -32,8 +33,14 @@ def one_update(ray, model_path, stage, ranks, balance, **trainer_kwargs):
     plan = PlacementPlan.create(ResourcesConfig(policy={"num_actors": ranks, "cpus_per_actor": 0.5}), ["policy"])
     try:
         trainer = TrainerConfig(zero_stage=stage, global_batch_size=8, micro_batch_size=2, lr=1e-3, **trainer_kwargs)
-        group = ActorGroup(PolicyActor, "policy", plan, model=ModelSpec(path=model_path, dtype="float32").model_dump(),
-                           trainer=trainer.model_dump(), algorithm=AlgorithmConfig(name="grpo").model_dump())
+        group = ActorGroup(
+            PolicyActor,
+            "policy",
+            plan,
+            model=ModelSpec(path=model_path, dtype="float32").model_dump(),
+            trainer=trainer.model_dump(),
+            algorithm=AlgorithmConfig(name="grpo").model_dump(),
+        )
         batch = variable_batch()
         parts, order = batch.shard(ranks, balance)
         plans = ray.get(group.async_scatter("micro_batch_rows", parts))  # what each rank runs
@@ -46,8 +53,16 @@ def one_update(ray, model_path, stage, ranks, balance, **trainer_kwargs):
         assert len({round(m["grad_norm"], 6) for m in metrics}) == 1, metrics  # ranks agree on the global norm
         after = ray.get(group.async_run("compute_logprobs", batch))[0]
         state = ray.get(group.async_run("full_state_dict"))[0]
-        return {"parts": parts, "plans": plans, "before": before, "loss": sum(m["policy_loss"] for m in metrics),
-                "grad_norm": metrics[0]["grad_norm"], "after": after, "state": state, "mask": batch["response_mask"].bool()}
+        return {
+            "parts": parts,
+            "plans": plans,
+            "before": before,
+            "loss": sum(m["policy_loss"] for m in metrics),
+            "grad_norm": metrics[0]["grad_norm"],
+            "after": after,
+            "state": state,
+            "mask": batch["response_mask"].bool(),
+        }
     finally:
         plan.shutdown()
 
@@ -93,5 +108,7 @@ def test_token_budget_gives_the_padded_update(ray_cluster, tiny_model):
         # update moves by up to 3.1, agree to 3e-5.
         diff = torch.cat([(run["state"][n] - base["state"][n]).abs().flatten() for n in base["state"]])
         assert int((diff > 1e-6).sum()) <= diff.numel() // 10_000, (key, int((diff > 1e-6).sum()), float(diff.max()))
-        assert torch.allclose(run["after"][mask], base["after"][mask], atol=1e-4), \
-            (key, (run["after"] - base["after"])[mask].abs().max())
+        assert torch.allclose(run["after"][mask], base["after"][mask], atol=1e-4), (
+            key,
+            (run["after"] - base["after"])[mask].abs().max(),
+        )

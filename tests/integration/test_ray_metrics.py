@@ -9,6 +9,7 @@ way Prometheus would scrape it, and again seconds later: Ray forgets a gauge ser
 re-reported every export interval, so RayMetrics must keep re-reporting between steps. Ray's
 Prometheus endpoint takes no token (Prometheus scrapes it); the node's other HTTP APIs do.
 """
+
 import json
 import os
 import re
@@ -97,8 +98,15 @@ def status_without_token(url: str) -> int:
 def test_driver_gauges_reach_the_prometheus_endpoint():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_TOKEN"))}
     env |= {"RAY_metrics_report_interval_ms": "1000", "PYTHONPATH": str(ROOT)}  # a fresh local Ray, never a shared one
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=ROOT, env=env, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     temp_dir = None
     try:
         line = driver.stdout.readline()
@@ -110,22 +118,25 @@ def test_driver_gauges_reach_the_prometheus_endpoint():
         runtime_env_url = f"http://127.0.0.1:{first['runtime_env_agent']}/get_or_create_runtime_env"
         assert status_without_token(runtime_env_url) == 401
 
-        got = wait_for(port, {
-            series("step", role="coordinator"): 1,
-            series("reward_mean", role="reward"): 0.25,
-            series("reward_std", role="reward"): 0.5,
-            series("reward_function_mean", role="reward", function="accuracy"): 0.25,
-            series("reward_errors", role="reward", function="accuracy"): 3,
-            series("kl", role="policy"): 0.125,
-            series("policy_loss", role="policy"): -0.5,
-            series("value_loss", role="critic"): 1.5,
-            series("phase_seconds", role="rollout", phase="generate"): 2.0,
-            series("samples_per_second", role="rollout", phase="generate"): 4.0,  # 8 samples / 2 s
-            series("tokens_per_second", role="policy", phase="train"): 8.0,  # 8 x 4 tokens / 4 s
-            series("weight_sync_seconds", role="rollout"): 0.5,
-            series("logprob_mismatch", role="rollout", stat="mean_abs_logprob_diff"): 0.01,
-            series("metric", role="coordinator", name="lr"): 1e-5,
-        })
+        got = wait_for(
+            port,
+            {
+                series("step", role="coordinator"): 1,
+                series("reward_mean", role="reward"): 0.25,
+                series("reward_std", role="reward"): 0.5,
+                series("reward_function_mean", role="reward", function="accuracy"): 0.25,
+                series("reward_errors", role="reward", function="accuracy"): 3,
+                series("kl", role="policy"): 0.125,
+                series("policy_loss", role="policy"): -0.5,
+                series("value_loss", role="critic"): 1.5,
+                series("phase_seconds", role="rollout", phase="generate"): 2.0,
+                series("samples_per_second", role="rollout", phase="generate"): 4.0,  # 8 samples / 2 s
+                series("tokens_per_second", role="policy", phase="train"): 8.0,  # 8 x 4 tokens / 4 s
+                series("weight_sync_seconds", role="rollout"): 0.5,
+                series("logprob_mismatch", role="rollout", stat="mean_abs_logprob_diff"): 0.01,
+                series("metric", role="coordinator", name="lr"): 1e-5,
+            },
+        )
         # Prometheus metadata: the gauges are typed and described
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert "# TYPE ray_raylhf_reward_mean gauge" in body
@@ -138,13 +149,16 @@ def test_driver_gauges_reach_the_prometheus_endpoint():
         driver.stdin.write("\n")
         driver.stdin.flush()
         assert driver.stdout.readline(), driver.stderr.read()[-3000:]
-        wait_for(port, {  # a gauge shows the latest step's value
-            series("step", role="coordinator"): 2,
-            series("reward_mean", role="reward"): 0.75,
-            series("reward_errors", role="reward", function="accuracy"): 0,
-            series("samples_per_second", role="rollout", phase="generate"): 8.0,
-            series("weight_sync_seconds", role="rollout"): 0.25,
-        })
+        wait_for(
+            port,
+            {  # a gauge shows the latest step's value
+                series("step", role="coordinator"): 2,
+                series("reward_mean", role="reward"): 0.75,
+                series("reward_errors", role="reward", function="accuracy"): 0,
+                series("samples_per_second", role="rollout", phase="generate"): 8.0,
+                series("weight_sync_seconds", role="rollout"): 0.25,
+            },
+        )
         driver.stdin.write("\n")
         driver.stdin.flush()
         assert driver.wait(timeout=60) == 0, driver.stderr.read()[-3000:]

@@ -9,6 +9,7 @@ the role, the steps and the checkpoint.
 Resources: a request bigger than the cluster fails at once, before any placement group exists,
 naming the roles and what they ask (it used to wait 120 s for resources that never come).
 """
+
 import json
 import time
 from pathlib import Path
@@ -46,8 +47,14 @@ def test_nan_loss_on_one_rank_skips_the_update_on_every_rank(ray_cluster, tiny_m
     plan = PlacementPlan.create(ResourcesConfig(policy={"num_actors": 2, "cpus_per_actor": 0.5}), ["policy"])
     try:
         trainer = TrainerConfig(zero_stage=stage, global_batch_size=8, micro_batch_size=2, lr=LR).model_dump()
-        group = ActorGroup(PolicyActor, "policy", plan, model=ModelSpec(path=tiny_model, dtype="float32").model_dump(),
-                           trainer=trainer, algorithm=AlgorithmConfig(name="grpo").model_dump())
+        group = ActorGroup(
+            PolicyActor,
+            "policy",
+            plan,
+            model=ModelSpec(path=tiny_model, dtype="float32").model_dump(),
+            trainer=trainer,
+            algorithm=AlgorithmConfig(name="grpo").model_dump(),
+        )
         batch = random_batch()
         batch["advantages"] = torch.linspace(-1, 1, len(batch)).unsqueeze(1) * batch["response_mask"]
         norm = float(compute_loss_normalizer(batch["response_mask"], "token_mean"))
@@ -79,13 +86,25 @@ def rl_config(tmp_path, model, name: str, **overrides):
     (tmp_path / "reward.py").write_text(REWARD)
     raw = {
         "models": {"policy": {"path": model, "dtype": "float32"}},
-        "data": {"source": "reasoning_gym:chain_sum", "task_kwargs": {"min_terms": 2, "max_terms": 2},
-                 "train_size": 64, "eval_size": 0, "chat_template": "none", "max_prompt_len": 64},
+        "data": {
+            "source": "reasoning_gym:chain_sum",
+            "task_kwargs": {"min_terms": 2, "max_terms": 2},
+            "train_size": 64,
+            "eval_size": 0,
+            "chat_template": "none",
+            "max_prompt_len": 64,
+        },
         "algorithm": {"name": "grpo", "advantage": "grpo"},
         "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 8},
         "rewards": [{"kind": "python", "function": f"{tmp_path / 'reward.py'}:length"}],
-        "trainer": {"zero_stage": 2, "lr": 1e-3, "global_batch_size": 16, "micro_batch_size": 8, "total_steps": 5,
-                    "max_nonfinite_steps": 2},
+        "trainer": {
+            "zero_stage": 2,
+            "lr": 1e-3,
+            "global_batch_size": 16,
+            "micro_batch_size": 8,
+            "total_steps": 5,
+            "max_nonfinite_steps": 2,
+        },
         "resources": {role: {"cpus_per_actor": 0.5} for role in ("policy", "rollout")},
         "checkpoint": {"every_n_steps": 1, "keep_last": 5},
         "logging": {"dir": str(tmp_path), "run_name": name, "tensorboard": False},
@@ -134,7 +153,8 @@ def test_nan_advantages_are_skipped_then_stop_the_run_with_a_checkpoint(ray_clus
     checkpoints = tmp_path / "nan" / "checkpoints"
     assert str(err.value) == (
         f"policy: non-finite loss/gradients in 2 consecutive steps (steps 2..3); those updates were skipped; "
-        f"last good checkpoint: {checkpoints / 'step_00000003'}; lower trainer.lr or check the rewards")
+        f"last good checkpoint: {checkpoints / 'step_00000003'}; lower trainer.lr or check the rewards"
+    )
 
     rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     skips = {r["step"]: r["nonfinite_skips"] for r in rows if "nonfinite_skips" in r}
@@ -154,13 +174,23 @@ def test_nan_advantages_are_skipped_then_stop_the_run_with_a_checkpoint(ray_clus
 
 
 # ------------------------------------------------------------------------- resources
-@pytest.mark.parametrize("overrides, expected", [
-    ({"resources.policy.num_actors": 8, "trainer.global_batch_size": 16, "trainer.micro_batch_size": 1},
-     ["the run asks for 4.5 CPU in all (policy 8 x 0.5 CPU, rollout 1 x 0.5 CPU)", "the cluster has 2 CPU"]),
-    ({"resources.rollout.gpus_per_actor": 1},
-     ["rollout: one actor's bundle asks 0.5 CPU, 1 GPU", "largest node has 2 CPU, 0 GPU",
-      "lower resources.rollout.gpus_per_actor"]),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            {"resources.policy.num_actors": 8, "trainer.global_batch_size": 16, "trainer.micro_batch_size": 1},
+            ["the run asks for 4.5 CPU in all (policy 8 x 0.5 CPU, rollout 1 x 0.5 CPU)", "the cluster has 2 CPU"],
+        ),
+        (
+            {"resources.rollout.gpus_per_actor": 1},
+            [
+                "rollout: one actor's bundle asks 0.5 CPU, 1 GPU",
+                "largest node has 2 CPU, 0 GPU",
+                "lower resources.rollout.gpus_per_actor",
+            ],
+        ),
+    ],
+)
 def test_a_request_bigger_than_the_cluster_fails_at_once(ray_cluster, tiny_model, tmp_path, overrides, expected):
     import ray
 
@@ -172,5 +202,8 @@ def test_a_request_bigger_than_the_cluster_fails_at_once(ray_cluster, tiny_model
     assert time.monotonic() - began < 10
     for fragment in expected:
         assert fragment in str(err.value), str(err.value)
-    assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] in ("PENDING", "CREATED")
-                and pg["name"].startswith("rlhf-")], "a placement group was created"
+    assert not [
+        pg
+        for pg in ray.util.placement_group_table().values()
+        if pg["state"] in ("PENDING", "CREATED") and pg["name"].startswith("rlhf-")
+    ], "a placement group was created"

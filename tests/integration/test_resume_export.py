@@ -9,6 +9,7 @@ restored the wrong weights or the wrong prompts would change the numbers.
 Export: the final policy folder loads in `transformers` and in vLLM, and both give the same
 log-probs to the same tokens.
 """
+
 import json
 from pathlib import Path
 
@@ -27,26 +28,46 @@ TIMING = ("time/", "throughput/")
 
 def rl_config(tmp_path, model, name: str, **checkpoint):
     (tmp_path / "reward.py").write_text(REWARD)
-    return validate_config({
-        "models": {"policy": {"path": model, "dtype": "float32"}},
-        "data": {"source": "reasoning_gym:chain_sum", "task_kwargs": {"min_terms": 2, "max_terms": 2},
-                 "train_size": 64, "eval_size": 8, "chat_template": "none", "max_prompt_len": 64},
-        "algorithm": {"name": "grpo", "advantage": "grpo",
-                      "kl": {"coef": 0.05, "mode": "reward", "adaptive": True, "target": 0.01, "horizon": 100}},
-        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 8},
-        "rewards": [{"kind": "python", "function": f"{tmp_path / 'reward.py'}:length"}],
-        "trainer": {"zero_stage": 2, "lr": 1e-3, "global_batch_size": 16, "micro_batch_size": 8,
-                    "total_steps": STEPS, "scheduler": "linear"},
-        "resources": {role: {"cpus_per_actor": 0.5} for role in ("policy", "reference", "rollout")},
-        "checkpoint": {"every_n_steps": 2, **checkpoint},
-        "logging": {"dir": str(tmp_path), "run_name": name, "tensorboard": False},
-    })
+    return validate_config(
+        {
+            "models": {"policy": {"path": model, "dtype": "float32"}},
+            "data": {
+                "source": "reasoning_gym:chain_sum",
+                "task_kwargs": {"min_terms": 2, "max_terms": 2},
+                "train_size": 64,
+                "eval_size": 8,
+                "chat_template": "none",
+                "max_prompt_len": 64,
+            },
+            "algorithm": {
+                "name": "grpo",
+                "advantage": "grpo",
+                "kl": {"coef": 0.05, "mode": "reward", "adaptive": True, "target": 0.01, "horizon": 100},
+            },
+            "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 8},
+            "rewards": [{"kind": "python", "function": f"{tmp_path / 'reward.py'}:length"}],
+            "trainer": {
+                "zero_stage": 2,
+                "lr": 1e-3,
+                "global_batch_size": 16,
+                "micro_batch_size": 8,
+                "total_steps": STEPS,
+                "scheduler": "linear",
+            },
+            "resources": {role: {"cpus_per_actor": 0.5} for role in ("policy", "reference", "rollout")},
+            "checkpoint": {"every_n_steps": 2, **checkpoint},
+            "logging": {"dir": str(tmp_path), "run_name": name, "tensorboard": False},
+        }
+    )
 
 
 def step_metrics(run_dir) -> dict[int, dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(TIMING) and k != "time"}
-            for r in rows if "reward/mean" in r}
+    return {
+        r["step"]: {k: v for k, v in r.items() if not k.startswith(TIMING) and k != "time"}
+        for r in rows
+        if "reward/mean" in r
+    }
 
 
 @pytest.fixture(scope="module")
@@ -116,5 +137,5 @@ def test_exported_policy_loads_in_transformers_and_vllm(runs, tiny_model):
         ids = torch.tensor([sample["prompt_token_ids"] + sample["response_token_ids"]])
         with torch.no_grad():
             logprobs = compute_token_logprobs(model(input_ids=ids).logits, ids)[0]  # (T,) aligned with ids
-        response = logprobs[len(sample["prompt_token_ids"]):]
+        response = logprobs[len(sample["prompt_token_ids"]) :]
         assert torch.allclose(response, torch.tensor(sample["logprobs"]), atol=1e-3)

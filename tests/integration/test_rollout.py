@@ -2,6 +2,7 @@
 
 One engine serves the whole module: starting vLLM costs ~30-60 s on a 2-core machine.
 """
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -13,7 +14,11 @@ from tests.tiny_models import build_tiny_causal_lm
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.integration
 
-TEXTS = [f"State the final answer to the following arithmetic problem: {a} + {b} = {a + b}" for a in range(10) for b in range(10)]
+TEXTS = [
+    f"State the final answer to the following arithmetic problem: {a} + {b} = {a + b}"
+    for a in range(10)
+    for b in range(10)
+]
 QUESTIONS = ["What is 2 + 3?", "4 - 1 =", "Give only the final number."]
 MAX_TOKENS = 12
 # Both sides run fp32 on CPU; their kernels sum in different orders, which moved log-probs by at
@@ -32,7 +37,9 @@ def worker(ray_cluster, models):
     from actors.rollout import RolloutWorker
 
     # Half a CPU: the scheduler lets other actors share the two cores with the engine.
-    actor = RolloutWorker.options(num_cpus=0.5).remote(models[0], dtype="float32", seed=0, max_model_len=256, kv_cache_gib=1)
+    actor = RolloutWorker.options(num_cpus=0.5).remote(
+        models[0], dtype="float32", seed=0, max_model_len=256, kv_cache_gib=1
+    )
     yield actor
     ray.kill(actor)
 
@@ -42,8 +49,8 @@ def hf_greedy(model_dir, prompt_ids):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
-        response = out[0, len(prompt_ids):].tolist()
-        logits = model(out[:, :len(prompt_ids) + len(response)]).logits[0, len(prompt_ids) - 1:-1]
+        response = out[0, len(prompt_ids) :].tolist()
+        logits = model(out[:, : len(prompt_ids) + len(response)]).logits[0, len(prompt_ids) - 1 : -1]
         logprobs = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
     return response, logprobs.tolist()
 
@@ -55,7 +62,9 @@ def prompts_for(model_dir):
 
 def test_generate_returns_n_samples_per_prompt_with_logprobs(worker, models):
     prompts, tokenizer = prompts_for(models[0])
-    samples = ray.get(worker.generate.remote(prompts, {"n": 2, "temperature": 1.0, "max_tokens": MAX_TOKENS, "seed": 3}))
+    samples = ray.get(
+        worker.generate.remote(prompts, {"n": 2, "temperature": 1.0, "max_tokens": MAX_TOKENS, "seed": 3})
+    )
     assert [s["prompt_index"] for s in samples] == [0, 0, 1, 1, 2, 2]
     for s in samples:
         assert s["prompt_token_ids"] == tokenizer.encode(prompts[s["prompt_index"]], add_special_tokens=False)

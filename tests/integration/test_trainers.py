@@ -1,4 +1,5 @@
 """DeepSpeed trainer roles on a real local Ray: ZeRO-2/3 and 1/2 ranks agree on one update."""
+
 import pytest
 import torch
 
@@ -25,8 +26,14 @@ def one_update(ray, model_path, stage, ranks, on_policy=False):
     plan = PlacementPlan.create(ResourcesConfig(policy={"num_actors": ranks, "cpus_per_actor": 0.5}), ["policy"])
     try:
         trainer = TrainerConfig(zero_stage=stage, global_batch_size=8, micro_batch_size=2, lr=1e-2).model_dump()
-        group = ActorGroup(PolicyActor, "policy", plan, model=ModelSpec(path=model_path, dtype="float32").model_dump(),
-                           trainer=trainer, algorithm=AlgorithmConfig(name="grpo").model_dump())
+        group = ActorGroup(
+            PolicyActor,
+            "policy",
+            plan,
+            model=ModelSpec(path=model_path, dtype="float32").model_dump(),
+            trainer=trainer,
+            algorithm=AlgorithmConfig(name="grpo").model_dump(),
+        )
         batch = random_batch()
         batch["old_logprobs"] = ray.get(group.async_run("compute_logprobs", batch))[0]
         adv = torch.linspace(-1, 1, len(batch)).unsqueeze(1)

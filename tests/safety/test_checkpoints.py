@@ -7,6 +7,7 @@ checkpoint in this run's folder, a truncated and a bit-flipped file, a changed m
 a new run on a finished run's name, two processes on one run folder. Each must end in a reported
 fallback or a clear error, with every run's files intact.
 """
+
 import hashlib
 import logging
 import re
@@ -69,8 +70,12 @@ def fake_run(cfg, steps) -> tuple[Path, CheckpointDir]:
 
 def snapshot(*roots: Path) -> dict[str, str]:
     """sha256 of every file under the roots: equal snapshots = nothing written, moved or deleted."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for root in roots
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def truncate(path: Path) -> None:
@@ -100,15 +105,21 @@ def main_exits_with(argv_cfg, tmp_path, capsys, *overrides) -> str:
 # ---------------------------------------------------------------------------- two runs, one folder
 def test_two_runs_sharing_a_checkpoint_dir_each_keep_to_their_own(tmp_path, tiny_model):
     shared = tmp_path / "shared"
-    a_dir, a = fake_run(config(tmp_path, tiny_model, "a", **{"checkpoint.dir": shared, "checkpoint.keep_last": 2}), [1, 2, 3])
+    a_dir, a = fake_run(
+        config(tmp_path, tiny_model, "a", **{"checkpoint.dir": shared, "checkpoint.keep_last": 2}), [1, 2, 3]
+    )
     a_files = snapshot(a.root)
-    b_dir, b = fake_run(config(tmp_path, tiny_model, "b", **{"checkpoint.dir": shared, "checkpoint.keep_last": 2}),
-                        [1, 2, 3, 4])
+    _b_dir, b = fake_run(
+        config(tmp_path, tiny_model, "b", **{"checkpoint.dir": shared, "checkpoint.keep_last": 2}), [1, 2, 3, 4]
+    )
     assert a.root.parent == b.root.parent == shared.resolve() and a.root != b.root  # a folder per run
     assert snapshot(a.root) == a_files and steps(a) == [2, 3] and steps(b) == [3, 4]
     resumed = config(tmp_path, tiny_model, "a", **{"checkpoint.dir": shared, "checkpoint.resume": "true"})
     with opened(resumed) as (folder, checkpoints):
-        assert folder.path == a_dir and resume_point(resumed, checkpoints, restarted=False) == (3, a.root / "step_00000003")
+        assert folder.path == a_dir and resume_point(resumed, checkpoints, restarted=False) == (
+            3,
+            a.root / "step_00000003",
+        )
 
 
 def test_two_runs_in_one_checkpoint_root_neither_prunes_nor_replaces_the_others(tmp_path, tiny_model):
@@ -131,14 +142,18 @@ def test_two_runs_in_one_checkpoint_root_neither_prunes_nor_replaces_the_others(
         assert a.latest_good() == (3, a.root / "step_00000003") and b.latest_good() == (6, a.root / "step_00000006")
 
 
-def test_resuming_another_runs_checkpoint_is_refused_naming_it_and_resume_from_takes_it(tmp_path, tiny_model, capsys, caplog):
+def test_resuming_another_runs_checkpoint_is_refused_naming_it_and_resume_from_takes_it(
+    tmp_path, tiny_model, capsys, caplog
+):
     _, a = fake_run(config(tmp_path, tiny_model, "a"), [2])
     b_dir, b = fake_run(config(tmp_path, tiny_model, "b"), [])
     shutil.copytree(a.root / "step_00000002", b.root / "step_00000002")  # a's checkpoint in b's folder
     before = snapshot(b_dir, a.root)
     err = main_exits_with(config(tmp_path, tiny_model, "b"), tmp_path, capsys, "checkpoint.resume=true")
-    assert f"holds no checkpoint of this run ('b', id {b.run.run_id}); the newest there, step_00000002, belongs to " \
-           f"another run (run 'a', id {a.run.run_id})" in err
+    assert (
+        f"holds no checkpoint of this run ('b', id {b.run.run_id}); the newest there, step_00000002, belongs to "
+        f"another run (run 'a', id {a.run.run_id})" in err
+    )
     assert f"checkpoint.resume_from={b.root / 'step_00000002'}" in err
     assert snapshot(b_dir, a.root) == before
     # pointed at on purpose: a new run starts from it
@@ -149,10 +164,13 @@ def test_resuming_another_runs_checkpoint_is_refused_naming_it_and_resume_from_t
 
 
 # ------------------------------------------------------------------------------- damaged files
-@pytest.mark.parametrize("damage, reason", [
-    (truncate, r"is \d+ bytes, the manifest says \d+ \(truncated or overwritten\)"),
-    (flip_a_bit, "does not match its sha256 in the manifest"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (truncate, r"is \d+ bytes, the manifest says \d+ \(truncated or overwritten\)"),
+        (flip_a_bit, "does not match its sha256 in the manifest"),
+    ],
+)
 @pytest.mark.parametrize("file", [WEIGHTS, DRIVER_STATE, MANIFEST])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_model, caplog, damage, reason, file):
     cfg = config(tmp_path, tiny_model, "a")
@@ -188,25 +206,39 @@ def test_a_restart_with_only_damaged_checkpoints_stops_rather_than_start_over(tm
 
 
 # ----------------------------------------------------------------------------- compatibility
-def test_a_changed_model_or_layout_is_refused_and_resume_from_loads_a_changed_model_on_purpose(tmp_path, tiny_model, caplog):
+def test_a_changed_model_or_layout_is_refused_and_resume_from_loads_a_changed_model_on_purpose(
+    tmp_path, tiny_model, caplog
+):
     _, checkpoints = fake_run(config(tmp_path, tiny_model, "a"), [2])
     step2 = checkpoints.root / "step_00000002"
-    for change, named in [({"models.policy.path": "/elsewhere/model"},
-                           f"models.policy.path: checkpoint '{tiny_model}', this config '/elsewhere/model'"),
-                          ({"trainer.zero_stage": 3}, "trainer.zero_stage: checkpoint 2, this config 3"),
-                          ({"data.seed": 7}, "data.seed: checkpoint 0, this config 7")]:
+    for change, named in [
+        (
+            {"models.policy.path": "/elsewhere/model"},
+            f"models.policy.path: checkpoint '{tiny_model}', this config '/elsewhere/model'",
+        ),
+        ({"trainer.zero_stage": 3}, "trainer.zero_stage: checkpoint 2, this config 3"),
+        ({"data.seed": 7}, "data.seed: checkpoint 0, this config 7"),
+    ]:
         cfg = config(tmp_path, tiny_model, "a", **{"checkpoint.resume": "true"}, **change)
         with opened(cfg) as (_, again), pytest.raises(CheckpointError) as refused:
             resume_point(cfg, again, restarted=False)
         assert f"cannot resume from {step2}: it was written under a different config ({named})" in str(refused.value)
         assert f"checkpoint.resume_from={step2}" in str(refused.value)
-    moved = config(tmp_path, tiny_model, "b", **{"checkpoint.resume_from": step2, "models.policy.path": "/elsewhere/model"})
+    moved = config(
+        tmp_path, tiny_model, "b", **{"checkpoint.resume_from": step2, "models.policy.path": "/elsewhere/model"}
+    )
     with caplog.at_level(logging.WARNING, "raylhf"), opened(moved) as (_, b):
         assert resume_point(moved, b, restarted=False) == (2, step2)
     assert "differs from this config, loaded on purpose: models.policy.path" in caplog.text
     resharded = config(tmp_path, tiny_model, "c", **{"checkpoint.resume_from": step2, "trainer.zero_stage": 3})
-    with opened(resharded) as (_, c), pytest.raises(CheckpointError, match="cannot load into this config "
-                                                                           r"\(trainer.zero_stage: checkpoint 2, this config 3\)"):
+    with (
+        opened(resharded) as (_, c),
+        pytest.raises(
+            CheckpointError,
+            match="cannot load into this config "
+            r"\(trainer.zero_stage: checkpoint 2, this config 3\)",
+        ),
+    ):
         resume_point(resharded, c, restarted=False)
 
 
@@ -216,7 +248,9 @@ def test_a_damaged_or_missing_resume_from_is_refused_and_leaves_no_folder(tmp_pa
     flip_a_bit(step2 / WEIGHTS)
     err = main_exits_with(config(tmp_path, tiny_model, "b", **{"checkpoint.resume_from": step2}), tmp_path, capsys)
     assert f"error: checkpoint.resume_from={step2}: the checkpoint is damaged: {WEIGHTS} does not match" in err
-    err = main_exits_with(config(tmp_path, tiny_model, "b", **{"checkpoint.resume_from": checkpoints.root}), tmp_path, capsys)
+    err = main_exits_with(
+        config(tmp_path, tiny_model, "b", **{"checkpoint.resume_from": checkpoints.root}), tmp_path, capsys
+    )
     assert "is a folder of checkpoints: name one step_<k> folder inside it" in err
     assert not (tmp_path / "runs" / "b").exists()  # a run refused before it began leaves nothing behind
 
@@ -246,7 +280,9 @@ def test_two_processes_never_share_a_run_folder(tmp_path, tiny_model):
     cfg = config(tmp_path, tiny_model, "a", **{"checkpoint.resume": "true"})
     with opened(cfg) as (live, _):
         live.begin()
-        with pytest.raises(RunFolderError, match=r"runs/a is in use by another live run \(run [0-9a-f]{32}, status running"):
+        with pytest.raises(
+            RunFolderError, match=r"runs/a is in use by another live run \(run [0-9a-f]{32}, status running"
+        ):
             open_run_folder(cfg.logging.dir, "a", resume=True)
         elsewhere = open_run_folder(cfg.logging.dir, "a", resume=False)  # a new run goes elsewhere
         elsewhere.close()

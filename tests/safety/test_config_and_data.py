@@ -1,5 +1,6 @@
 """Attacks on the config and the data: each is a clear error before any actor starts (exit 2,
 naming the field, file, row or line), or a bad row that is counted; nothing is silently lost."""
+
 import json
 import logging
 import subprocess
@@ -16,8 +17,12 @@ from rlhf.preflight import check_before_start, python_function_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
-RL = {"models": {"policy": {"path": "smollm2-135m-instruct"}}, "data": {"source": "reasoning_gym:chain_sum"},
-      "algorithm": {"name": "grpo"}, "rewards": [{"kind": "reasoning_gym"}]}
+RL = {
+    "models": {"policy": {"path": "smollm2-135m-instruct"}},
+    "data": {"source": "reasoning_gym:chain_sum"},
+    "algorithm": {"name": "grpo"},
+    "rewards": [{"kind": "reasoning_gym"}],
+}
 
 
 def config_error(path=None, overrides=(), base=RL) -> str:
@@ -30,8 +35,10 @@ def config_error(path=None, overrides=(), base=RL) -> str:
 # ------------------------------------------------------------------------- duplicate keys
 def test_duplicate_key_in_the_config_file_names_key_and_lines(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("models:\n  policy: {path: p}\ndata: {source: imdb}\n"
-                    "trainer:\n  lr: 1.0e-6\n  total_steps: 5\n  lr: 1.0e-3\nalgorithm: {name: sft}\n")
+    path.write_text(
+        "models:\n  policy: {path: p}\ndata: {source: imdb}\n"
+        "trainer:\n  lr: 1.0e-6\n  total_steps: 5\n  lr: 1.0e-3\nalgorithm: {name: sft}\n"
+    )
     text = config_error(path)
     assert "duplicate key 'lr' (first given on line 5" in text and "line 7" in text and str(path) in text
 
@@ -46,19 +53,26 @@ def test_duplicate_key_in_a_flow_mapping_and_in_an_override(tmp_path):
 
 def test_yaml_merge_keys_may_still_override(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(RL) + "x: &t {lr: 1.0e-6, total_steps: 5}\n"
-                    "trainer: {<<: *t, lr: 2.0e-6}\n")
+    path.write_text(yaml.safe_dump(RL) + "x: &t {lr: 1.0e-6, total_steps: 5}\ntrainer: {<<: *t, lr: 2.0e-6}\n")
     text = config_error(path)  # the only problem left is the unknown top-level key x
     assert "x: unknown key" in text and "duplicate" not in text
 
 
 # ------------------------------------------------------------------------ non-finite numbers
-@pytest.mark.parametrize("override, where", [
-    ("trainer.lr=inf", "trainer.lr"), ("trainer.lr=.inf", "trainer.lr"), ("trainer.lr=.nan", "trainer.lr"),
-    ("trainer.lr=nan", "trainer.lr"), ("rewards.0.weight=-.inf", "rewards.0.weight"),
-    ("algorithm.kl.coef=.nan", "algorithm.kl.coef"), ("trainer.step_timeout_s=.inf", "trainer.step_timeout_s"),
-    ("rollout.top_p=.nan", "rollout.top_p"), ("resources.policy.cpus_per_actor=.inf", "resources.policy.cpus_per_actor"),
-])
+@pytest.mark.parametrize(
+    "override, where",
+    [
+        ("trainer.lr=inf", "trainer.lr"),
+        ("trainer.lr=.inf", "trainer.lr"),
+        ("trainer.lr=.nan", "trainer.lr"),
+        ("trainer.lr=nan", "trainer.lr"),
+        ("rewards.0.weight=-.inf", "rewards.0.weight"),
+        ("algorithm.kl.coef=.nan", "algorithm.kl.coef"),
+        ("trainer.step_timeout_s=.inf", "trainer.step_timeout_s"),
+        ("rollout.top_p=.nan", "rollout.top_p"),
+        ("resources.policy.cpus_per_actor=.inf", "resources.policy.cpus_per_actor"),
+    ],
+)
 def test_non_finite_overrides_are_refused_with_the_field_path(override, where):
     text = config_error(None, [override])
     assert f"{where} = " in text and "finite number" in text, text
@@ -108,8 +122,10 @@ def test_misspelt_reasoning_gym_task_and_task_option():
 def test_python_reward_checked_without_running_it(tmp_path):
     reward = tmp_path / "reward.py"
     marker = tmp_path / "ran"
-    reward.write_text(f"open({str(marker)!r}, 'w').close()\n\ndef length_reward(completions, samples):\n"
-                      "    return [len(c) for c in completions]\n")
+    reward.write_text(
+        f"open({str(marker)!r}, 'w').close()\n\ndef length_reward(completions, samples):\n"
+        "    return [len(c) for c in completions]\n"
+    )
     ok = {**RL, "rewards": [{"kind": "python", "function": f"{reward}:length_reward"}]}
     check_before_start(load_config(None, base=ok))
     text = config_error(None, [f"rewards.0.function={reward}:length_rewrd"], base=ok)
@@ -122,8 +138,10 @@ def test_python_reward_checked_without_running_it(tmp_path):
 
 def test_python_reward_names_bound_by_imports_or_under_if_count(tmp_path):
     reward = tmp_path / "reward.py"
-    reward.write_text("from os.path import getsize as size\ntry:\n    import numpy as np\nexcept ImportError:\n"
-                      "    np = None\nif True:\n    def late(c, s):\n        return [0] * len(c)\nscore = late\n")
+    reward.write_text(
+        "from os.path import getsize as size\ntry:\n    import numpy as np\nexcept ImportError:\n"
+        "    np = None\nif True:\n    def late(c, s):\n        return [0] * len(c)\nscore = late\n"
+    )
     for name in ("size", "np", "late", "score"):
         assert python_function_problem(f"{reward}:{name}") is None, name
     reward.write_text("from helpers import *\n")  # may define anything: the import at build time decides
@@ -137,20 +155,25 @@ def test_data_and_reward_mismatches_found_before_start(tmp_path):
     assert "data.task_kwargs.max_word" in text
     assert "no such file" in config_error(None, [f"data.source={tmp_path}/train.jsonl", "data.task_kwargs={}"])
     assert "only reasoning_gym:<task> and imdb" in config_error(
-        None, [f"data.source={tmp_path}/x.parquet", "data.task_kwargs={a: 1}"])
+        None, [f"data.source={tmp_path}/x.parquet", "data.task_kwargs={a: 1}"]
+    )
     assert "not the preference pairs" in config_error(None, ["algorithm.name=dpo"])
 
 
 def test_rlvr_with_a_misspelt_task_exits_2_before_ray():
     # runs `python -m recipes.rlvr ...` and reports afterwards whether Ray was started
-    probe = ("import runpy, sys\nsys.argv = ['rlvr', 'data.source=reasoning_gym:chain_summ']\ntry:\n"
-             "    runpy.run_module('recipes.rlvr', run_name='__main__')\nfinally:\n"
-             "    ray = sys.modules.get('ray')\n    print('RAY_STARTED', bool(ray and ray.is_initialized()))\n")
+    probe = (
+        "import runpy, sys\nsys.argv = ['rlvr', 'data.source=reasoning_gym:chain_summ']\ntry:\n"
+        "    runpy.run_module('recipes.rlvr', run_name='__main__')\nfinally:\n"
+        "    ray = sys.modules.get('ray')\n    print('RAY_STARTED', bool(ray and ray.is_initialized()))\n"
+    )
     started = time.monotonic()
     done = subprocess.run([PYTHON, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     took = time.monotonic() - started
     assert done.returncode == 2, done.stderr
-    assert "data.source = 'reasoning_gym:chain_summ': unknown reasoning-gym task; did you mean 'chain_sum'?" in done.stderr
+    assert (
+        "data.source = 'reasoning_gym:chain_summ': unknown reasoning-gym task; did you mean 'chain_sum'?" in done.stderr
+    )
     assert "Traceback" not in done.stderr
     assert "RAY_STARTED False" in done.stdout
     assert took < 20, f"took {took:.1f} s: the check should come before anything slow starts"
@@ -206,8 +229,9 @@ def test_a_row_without_the_answer_a_reward_needs_is_bad(tmp_path, caplog):
     with pytest.raises(DataError) as err:
         load_prompts(data(path), "train", math)
     text = str(err.value)
-    assert (f"{path}: row 2: field 'answer': missing; reward kind 'math' scores against it "
-            f"(data.answer_field='answer')") in text
+    assert (
+        f"{path}: row 2: field 'answer': missing; reward kind 'math' scores against it (data.answer_field='answer')"
+    ) in text
     assert f"{path}: row 3: field 'answer': empty" in text
     with caplog.at_level(logging.WARNING):
         assert load_prompts(data(path, on_bad_row="skip"), "train", math) == [GOOD]
@@ -226,13 +250,20 @@ def test_a_misspelt_answer_field_fails_every_row_instead_of_scoring_zero(tmp_pat
 
 def test_reasoning_gym_reward_on_file_rows_needs_the_task_in_metadata(tmp_path):
     rg = validate_config(RL).rewards
-    path = jsonl(tmp_path, row({**GOOD, "metadata": {"source_dataset": "chain_sum"}}), row(GOOD),
-                 row({**GOOD, "metadata": {"source_dataset": "chain_summ"}}))
+    path = jsonl(
+        tmp_path,
+        row({**GOOD, "metadata": {"source_dataset": "chain_sum"}}),
+        row(GOOD),
+        row({**GOOD, "metadata": {"source_dataset": "chain_summ"}}),
+    )
     with pytest.raises(DataError) as err:
         load_prompts(data(path), "train", rg)
     text = str(err.value)
     assert "row 2: field 'metadata': missing; reward kind 'reasoning_gym'" in text
-    assert "row 3: field 'metadata.source_dataset' = 'chain_summ': unknown reasoning-gym task; did you mean 'chain_sum'?" in text
+    assert (
+        "row 3: field 'metadata.source_dataset' = 'chain_summ': unknown reasoning-gym task; did you mean 'chain_sum'?"
+        in text
+    )
     # generated rows carry their task: nothing to check
     assert len(load_prompts(DataConfig(source="reasoning_gym:chain_sum", train_size=4), "train", rg)) == 4
 
@@ -242,7 +273,9 @@ def test_reasoning_gym_rows_may_have_a_null_answer_but_not_lack_the_field(tmp_pa
     rg = validate_config(RL).rewards
     meta = {"metadata": {"source_dataset": "rush_hour"}}
     path = jsonl(tmp_path, row({"prompt": "p1", "answer": None, **meta}), row({"prompt": "p2", **meta}))
-    with pytest.raises(DataError, match=r"1 of 2 rows are bad.*\n.*row 2: field 'answer': missing; reward kind 'reasoning_gym'"):
+    with pytest.raises(
+        DataError, match=r"1 of 2 rows are bad.*\n.*row 2: field 'answer': missing; reward kind 'reasoning_gym'"
+    ):
         load_prompts(data(path), "train", rg)
     both = validate_config({**RL, "rewards": [{"kind": "reasoning_gym"}, {"kind": "math"}]}).rewards
     with pytest.raises(DataError, match=r"row 1: field 'answer': missing \(null\); reward kind 'math'"):

@@ -11,6 +11,7 @@ covered too. The tests then, from outside that cluster:
   `ray_head`), Ray Client server included;
 - SIGKILL the driver and require that no process of its cluster is left.
 """
+
 import ipaddress
 import json
 import os
@@ -59,8 +60,15 @@ def start_driver() -> tuple[subprocess.Popen, dict]:
     # no RAY_ADDRESS: a fresh local cluster; no token of ours: the cluster must make its own
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_TOKEN"))}
     env |= {"PYTHONPATH": str(ROOT), "RAYLHF_RAY_HOST": "127.0.0.1"}
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=ROOT, env=env, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     line = driver.stdout.readline()
     if not line:
         driver.kill()
@@ -129,7 +137,11 @@ def listening(procs) -> list[tuple[str, str, int]]:
     out = []
     for p in procs:
         try:
-            out += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+            out += [
+                (p.name(), c.laddr.ip, c.laddr.port)
+                for c in p.net_connections("inet")
+                if c.status == psutil.CONN_LISTEN
+            ]
         except psutil.NoSuchProcess:
             pass
     return out
@@ -147,8 +159,11 @@ def other_addresses() -> list[str]:
     out = []
     for addrs in psutil.net_if_addrs().values():
         for a in addrs:
-            if a.family in (socket.AF_INET, socket.AF_INET6) and not is_loopback(a.address) \
-                    and not ipaddress.ip_address(a.address.split("%")[0]).is_link_local:
+            if (
+                a.family in (socket.AF_INET, socket.AF_INET6)
+                and not is_loopback(a.address)
+                and not ipaddress.ip_address(a.address.split("%")[0]).is_link_local
+            ):
                 out.append(a.address)
     return out
 
@@ -164,13 +179,16 @@ def assert_loopback_only(processes, must_include: set[str]) -> list[tuple[str, s
     """Every listening socket of the processes `processes()` returns is on loopback and none is
     reachable on another address; each process named in must_include is among the listeners
     (agents start seconds after their raylet: wait up to 60 s for them)."""
+
     def missing(sockets) -> list[str]:
         names = {name for name, _, _ in sockets}
         return [want for want in must_include if not any(want in name for name in names)]
 
     wait_until(lambda: not missing(listening(processes())), 60)
     sockets = listening(processes())
-    assert not missing(sockets), f"no listening socket of {missing(sockets)} among {sockets}: the process list is incomplete"
+    assert not missing(sockets), (
+        f"no listening socket of {missing(sockets)} among {sockets}: the process list is incomplete"
+    )
     exposed = [s for s in sockets if not is_loopback(s[1])]
     assert not exposed, f"listening beyond loopback: {exposed}"
     open_elsewhere = [(a, port) for a in other_addresses() for _, _, port in sockets if reachable(a, port)]
@@ -194,8 +212,11 @@ def gcs_call(address: str, token: str | None):
     with grpc.insecure_channel(address) as channel:
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
         try:
-            stub.GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(), timeout=10,
-                                metadata=[("authorization", f"Bearer {token}")] if token else None)
+            stub.GetAllNodeInfo(
+                gcs_service_pb2.GetAllNodeInfoRequest(),
+                timeout=10,
+                metadata=[("authorization", f"Bearer {token}")] if token else None,
+            )
             return "OK"
         except grpc.RpcError as e:
             return e.code().name
@@ -218,10 +239,15 @@ def test_local_cluster_refuses_requests_without_the_token(local_cluster, tmp_pat
     # it the fixed port 52365 and goes without it when another Ray holds that port (as the test
     # session's own cluster does in a full run); then there is nothing of ours there to attack.
     if info["agent_http"] <= 0:
-        holders = [c.pid for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == 52365]
+        holders = [
+            c.pid for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == 52365
+        ]
         assert holders, "the node's job API did not start, yet port 52365 is free"
-        warnings.warn(f"port 52365 is held by pid {holders}: this cluster has no job API to test; "
-                      "run tests/safety alone to cover it")
+        warnings.warn(
+            f"port 52365 is held by pid {holders}: this cluster has no job API to test; "
+            "run tests/safety alone to cover it",
+            stacklevel=2,
+        )
         return
     jobs = f"http://127.0.0.1:{info['agent_http']}/api/job_agent/jobs/"
     refused, accepted = tmp_path / "ran_without_token", tmp_path / "ran_with_token"
@@ -240,24 +266,35 @@ def test_joining_without_the_token_says_what_to_set(local_cluster, tmp_path):
     _, info = local_cluster
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env |= {"RAY_ADDRESS": info["gcs"], "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}  # no ~/.ray/auth_token
-    out = subprocess.run([sys.executable, "-c", "from actors.launch import ensure_ray; ensure_ray()"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "from actors.launch import ensure_ray; ensure_ray()"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0
     assert "RAY_AUTH_MODE=token" in out.stderr and "RAY_AUTH_TOKEN" in out.stderr, out.stderr[-2000:]
 
 
 def test_local_cluster_listens_on_loopback_only(local_cluster):
     driver, info = local_cluster
+
     def processes() -> list[psutil.Process]:
         return list({p.pid: p for p in family(driver.pid) + cluster_processes(info["temp_dir"])}.values())
 
-    assert info["worker"] in {p.pid for p in processes()}, "the probe actor's worker is not among the cluster's processes"
+    assert info["worker"] in {p.pid for p in processes()}, (
+        "the probe actor's worker is not among the cluster's processes"
+    )
     sockets = assert_loopback_only(processes, {"gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent"})
     assert len(sockets) >= 8, sockets  # GCS, raylet x2, agents, driver and worker core workers, ...
 
 
 def test_ray_start_head_listens_on_loopback_only(ray_head):
-    sockets = assert_loopback_only(lambda: family(ray_head.proc.pid), {"gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent"})
+    sockets = assert_loopback_only(
+        lambda: family(ray_head.proc.pid), {"gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent"}
+    )
     ports = {port for _, _, port in sockets}
     for name in ("gcs", "dashboard", "client", "agent_http", "metrics", "node_manager", "object_manager"):
         assert ray_head.ports[name] in ports, f"{name} port {ray_head.ports[name]} is not listening: {sockets}"
@@ -274,8 +311,9 @@ def test_sigkilled_driver_leaves_no_process_behind():
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
         # Ray alone leaves its dashboard and runtime-env agents alive (measured: over 60 s)
-        assert wait_until(lambda: not any(alive(p) for p in before), 30), \
+        assert wait_until(lambda: not any(alive(p) for p in before), 30), (
             f"still alive 30 s after SIGKILL: {describe(p for p in before if alive(p))}"
+        )
         assert not cluster_processes(info["temp_dir"])
         try:
             watchdog = psutil.Process(info["watchdog"])

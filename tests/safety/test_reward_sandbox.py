@@ -6,6 +6,7 @@ sandbox left behind, and no sample lost (one value per sample). Every attack is 
 that hang time out after TIMEOUT_S, the others after SLACK_S (a busy machine must not turn their
 failure into a timeout), and the tests assert on wall time.
 """
+
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +28,7 @@ N = 3
 NORMAL = ["a", "bb", "ccc"]  # the reward scores these by length: the run still works
 ATTACK = ["attack"] * N
 
-ATTACKS = '''
+ATTACKS = """
 import json, os, signal, socket, subprocess, sys, time
 
 MARK = {mark!r}
@@ -154,7 +156,7 @@ def connects(completions, samples):
     with socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
     return _normal(completions)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +213,7 @@ def marked_processes(mark: str) -> list[int]:
 def sandbox_namespace(named) -> str:
     """The PID namespace of the reward's (started) sandbox: its outer process's one child is its init."""
     sandbox = _sandbox(named)
-    children = open(f"/proc/{sandbox.proc.pid}/task/{sandbox.proc.pid}/children").read().split()
+    children = Path(f"/proc/{sandbox.proc.pid}/task/{sandbox.proc.pid}/children").read_text().split()
     assert len(children) == 1
     namespace = pid_namespace(int(children[0]))
     assert namespace != pid_namespace(os.getpid()), "the sandbox has no PID namespace of its own"
@@ -297,12 +299,15 @@ def test_a_pickle_payload_is_never_unpickled(attack_file, mark, function):
     assert not os.path.exists(f"/tmp/pwned-{mark}")
 
 
-@pytest.mark.parametrize("function, message", [
-    ("huge_list", "returned 10000000 values for 3 completions"),
-    ("huge_items", "sample 0: 'xxxxxx"),
-    ("huge_reply_bytes", "reply exceeded"),
-    ("forged_reply", "not the reply to this request"),
-])
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        ("huge_list", "returned 10000000 values for 3 completions"),
+        ("huge_items", "sample 0: 'xxxxxx"),
+        ("huge_reply_bytes", "reply exceeded"),
+        ("forged_reply", "not the reply to this request"),
+    ],
+)
 def test_huge_returns_are_capped(attack_file, mark, function, message):
     run, _ = attack(reward(attack_file, function), mark)
     assert (run.values, run.errors) == ([FALLBACK] * N, N)
@@ -310,12 +315,15 @@ def test_huge_returns_are_capped(attack_file, mark, function, message):
     assert len(run.first_error) < 1200
 
 
-@pytest.mark.parametrize("function, message", [
-    ("bad_values", "sample 0: nan is not a finite number"),
-    ("returns_dict", "returned a dict; expected a list of 3 numbers"),
-    ("returns_none", "returned a NoneType; expected a list of 3 numbers"),
-    ("none_items", "sample 0: None is not a finite number"),
-])
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        ("bad_values", "sample 0: nan is not a finite number"),
+        ("returns_dict", "returned a dict; expected a list of 3 numbers"),
+        ("returns_none", "returned a NoneType; expected a list of 3 numbers"),
+        ("none_items", "sample 0: None is not a finite number"),
+    ],
+)
 def test_values_that_are_not_finite_numbers_get_the_fallback(attack_file, mark, function, message):
     run, _ = attack(reward(attack_file, function), mark)
     assert (run.values, run.errors, run.timeouts) == ([FALLBACK] * N, N, 0)
@@ -420,17 +428,20 @@ def test_a_killed_trainer_leaves_no_sandbox_behind(attack_file, mark, tmp_path):
 
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
-    trainer = subprocess.Popen([sys.executable, str(script), f"{attack_file}:child_sleeps_past_timeout"],
-                               stdout=subprocess.PIPE, text=True)
+    trainer = subprocess.Popen(
+        [sys.executable, str(script), f"{attack_file}:child_sleeps_past_timeout"], stdout=subprocess.PIPE, text=True
+    )
     try:
         outer = int(trainer.stdout.readline())
         assert wait_until(lambda: marked_processes(mark), 10)  # the attack runs
-        (init,) = open(f"/proc/{outer}/task/{outer}/children").read().split()
+        (init,) = Path(f"/proc/{outer}/task/{outer}/children").read_text().split()
         namespace = pid_namespace(int(init))
         os.kill(trainer.pid, signal.SIGKILL)
         trainer.wait(5)
         assert wait_until(lambda: not marked_processes(mark) and not live_members(namespace))
-        assert wait_until(lambda: not os.path.exists(f"/proc/{outer}") or open(f"/proc/{outer}/stat").read().split()[2] == "Z")
+        assert wait_until(
+            lambda: not os.path.exists(f"/proc/{outer}") or Path(f"/proc/{outer}/stat").read_text().split()[2] == "Z"
+        )
     finally:
         trainer.kill()
         trainer.wait()

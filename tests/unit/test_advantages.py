@@ -70,9 +70,7 @@ def test_gae_matches_loop(gamma, lam):
 def test_gae_hand_example_discounting():
     # rewards [0, 0, 1], zero values, gamma 0.5, lam 1 -> [0.25, 0.5, 1]; a shifted exponent
     # (off-by-one) would give [0.5, 1, 1] or [0.125, 0.25, 0.5].
-    adv, _ = compute_gae_advantages(
-        torch.tensor([[0.0, 0.0, 1.0]]), torch.zeros(1, 3), torch.ones(1, 3), 0.5, 1.0
-    )
+    adv, _ = compute_gae_advantages(torch.tensor([[0.0, 0.0, 1.0]]), torch.zeros(1, 3), torch.ones(1, 3), 0.5, 1.0)
     torch.testing.assert_close(adv, torch.tensor([[0.25, 0.5, 1.0]]))
 
 
@@ -99,8 +97,11 @@ def test_gae_masked_positions_change_nothing():
     junk = torch.full_like(rewards, 1e6)
     a1, r1 = compute_gae_advantages(rewards, values, mask, 0.99, 0.95)
     a2, r2 = compute_gae_advantages(
-        torch.where(mask.bool(), rewards, junk), torch.where(mask.bool(), values, -junk),
-        mask, 0.99, 0.95,
+        torch.where(mask.bool(), rewards, junk),
+        torch.where(mask.bool(), values, -junk),
+        mask,
+        0.99,
+        0.95,
     )
     torch.testing.assert_close(a1, a2)
     torch.testing.assert_close(r1, r2)
@@ -137,12 +138,12 @@ def loop_group_advantages(scores, G, kind, eps=1e-6, tol=EQUAL_SCORE_TOL):
     """Plain-Python (float64) GRPO / Dr. GRPO / RLOO; a group equal up to tol gets exactly 0."""
     out = []
     for start in range(0, len(scores), G):
-        grp = [float(s) for s in scores[start:start + G]]
+        grp = [float(s) for s in scores[start : start + G]]
         if max(grp) - min(grp) <= tol * max(1.0, max(abs(s) for s in grp)):
             out += [0.0] * G
             continue
         mean = sum(grp) / G
-        for i, s in enumerate(grp):
+        for _i, s in enumerate(grp):
             if kind == "rloo":
                 out.append(s - (sum(grp) - s) / (G - 1))
             elif kind == "dr_grpo":
@@ -157,8 +158,13 @@ def _noisy_groups(G, seed):
     """float32 groups: random mixed ones, exact ties of values float32 cannot represent (the
     issue's 0.3 and 6.46), ties up to float32 rounding (one ulp apart), and small real gaps."""
     g = torch.Generator().manual_seed(seed)
-    groups = [torch.randn(G, generator=g), torch.full((G,), 0.3), torch.full((G,), 6.46),
-              torch.full((G,), -1234.5678), torch.randint(0, 2, (G,), generator=g).float()]
+    groups = [
+        torch.randn(G, generator=g),
+        torch.full((G,), 0.3),
+        torch.full((G,), 6.46),
+        torch.full((G,), -1234.5678),
+        torch.randint(0, 2, (G,), generator=g).float(),
+    ]
     ulp = torch.full((G,), 6.46)
     ulp[0] = torch.nextafter(ulp[0], torch.tensor(10.0))  # 6.46 and the next float32
     near = torch.full((G,), 0.3)
@@ -179,8 +185,8 @@ def test_group_estimators_match_float64_loop_and_zero_equal_groups(G, kind):
     torch.testing.assert_close(adv.double(), expected, rtol=1e-5, atol=1e-6)
     # groups 1-3 are exact ties, group 5 a tie up to one float32 step: exactly 0, not noise / std
     for k in (1, 2, 3, 5):
-        assert torch.equal(adv[k * G:(k + 1) * G], torch.zeros(G)), (k, adv[k * G:(k + 1) * G])
-    assert adv[6 * G:].abs().max() > 0  # a 1e-4 gap is a real difference
+        assert torch.equal(adv[k * G : (k + 1) * G], torch.zeros(G)), (k, adv[k * G : (k + 1) * G])
+    assert adv[6 * G :].abs().max() > 0  # a 1e-4 gap is a real difference
 
 
 def test_issue_examples_eight_equal_float32_scores_give_exact_zero():
@@ -188,8 +194,12 @@ def test_issue_examples_eight_equal_float32_scores_give_exact_zero():
     for value in (0.3, 6.46):
         for G in (3, 6, 7, 8, 16):
             scores = torch.full((2 * G,), value, dtype=torch.float32)
-            for adv in (compute_grpo_advantages(scores, G), compute_grpo_advantages(scores, G, normalize_std=False),
-                        compute_rloo_advantages(scores, G), compute_reinforce_plus_plus_baseline_scores(scores, G)):
+            for adv in (
+                compute_grpo_advantages(scores, G),
+                compute_grpo_advantages(scores, G, normalize_std=False),
+                compute_rloo_advantages(scores, G),
+                compute_reinforce_plus_plus_baseline_scores(scores, G),
+            ):
                 assert torch.equal(adv, torch.zeros(2 * G)), (value, G, adv)
 
 

@@ -1,4 +1,5 @@
 """The benchmark suite's pure helpers: step-time breakdown, role names, peak memory parsing."""
+
 import pytest
 
 from bench.stats import peak_kib, role_of, step_breakdown, step_walls
@@ -9,7 +10,13 @@ def test_step_walls_are_differences_of_the_run_clock():
 
 
 def test_breakdown_leaves_out_the_first_step_and_takes_medians():
-    phases = lambda g, t: {"time/generate": g, "time/score": 0.5, "time/reference": 1.0, "time/train": t, "time/sync": 0.5}
+    phases = lambda g, t: {
+        "time/generate": g,
+        "time/score": 0.5,
+        "time/reference": 1.0,
+        "time/train": t,
+        "time/sync": 0.5,
+    }
     metrics = [phases(50.0, 50.0), phases(4.0, 3.0), phases(5.0, 4.0), phases(6.0, 5.0)]
     walls = [200.0, 10.0, 12.0, 14.0]  # the warm-up step's 200 s must not count
     out = step_breakdown(walls, metrics)

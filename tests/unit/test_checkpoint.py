@@ -1,6 +1,7 @@
 """Checkpoint folders are published atomically with a manifest, pruned (this run's only), and a
 resume rewinds the logs to them. The attacks (shared folders, damaged files) are in
 tests/safety/test_checkpoints.py."""
+
 import hashlib
 import json
 import random
@@ -8,8 +9,19 @@ import random
 import pytest
 import torch
 
-from rlhf.checkpoint import (DRIVER_STATE, MANIFEST, CheckpointDir, CheckpointError, RunIdentity, differences,
-                             read_manifest, resume_fingerprint, rng_state, set_rng_state, verify_files)
+from rlhf.checkpoint import (
+    DRIVER_STATE,
+    MANIFEST,
+    CheckpointDir,
+    CheckpointError,
+    RunIdentity,
+    differences,
+    read_manifest,
+    resume_fingerprint,
+    rng_state,
+    set_rng_state,
+    verify_files,
+)
 from rlhf.config import ConfigError, validate_config
 from rlhf.run_log import RunLogger
 
@@ -82,26 +94,43 @@ def test_saving_a_step_again_replaces_this_runs_folder_only(tmp_path):
 
 
 def test_resume_fingerprint_sorts_the_fields_a_resume_must_match():
-    cfg = validate_config({"models": {"policy": {"path": "/models/p"}}, "data": {"source": "imdb"},
-                           "algorithm": {"name": "grpo"}, "rewards": [{"kind": "format"}],
-                           "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2},
-                           "trainer": {"global_batch_size": 4, "micro_batch_size": 2}})
+    cfg = validate_config(
+        {
+            "models": {"policy": {"path": "/models/p"}},
+            "data": {"source": "imdb"},
+            "algorithm": {"name": "grpo"},
+            "rewards": [{"kind": "format"}],
+            "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2},
+            "trainer": {"global_batch_size": 4, "micro_batch_size": 2},
+        }
+    )
     fp = resume_fingerprint(cfg)
-    assert fp["layout"] == {"algorithm.name": "grpo", "algorithm.advantage": "grpo", "trainer.zero_stage": 2,
-                            "resources.policy.num_actors": 1}
+    assert fp["layout"] == {
+        "algorithm.name": "grpo",
+        "algorithm.advantage": "grpo",
+        "trainer.zero_stage": 2,
+        "resources.policy.num_actors": 1,
+    }
     assert fp["model"]["models.policy.path"] == "/models/p" and fp["model"]["models.critic"] is None
     assert fp["data"]["data.source"] == "imdb"
     cfg.trainer.lr = 1.0  # free to change on resume
     assert resume_fingerprint(cfg) == fp
     cfg.models.policy.path = "/models/q"
     assert differences(fp["model"], resume_fingerprint(cfg)["model"]) == [
-        "models.policy.path: checkpoint '/models/p', this config '/models/q'"]
+        "models.policy.path: checkpoint '/models/p', this config '/models/q'"
+    ]
 
 
 def test_resume_and_resume_from_are_exclusive():
     with pytest.raises(ConfigError, match="checkpoint.resume_from starts a new run .*: set one"):
-        validate_config({"models": {"policy": {"path": "p"}}, "data": {"source": "imdb"}, "algorithm": {"name": "sft"},
-                         "checkpoint": {"resume": True, "resume_from": "runs/a/checkpoints/step_00000002"}})
+        validate_config(
+            {
+                "models": {"policy": {"path": "p"}},
+                "data": {"source": "imdb"},
+                "algorithm": {"name": "sft"},
+                "checkpoint": {"resume": True, "resume_from": "runs/a/checkpoints/step_00000002"},
+            }
+        )
 
 
 def test_rng_state_round_trip():

@@ -5,6 +5,7 @@ runs first (`prepare_config` fills Ray's AWS defaults, `validate_config` checks 
 against the JSON schema inside the ray package), and each recipe's resource requests are packed
 onto the declared node types the way its placement groups ask for them.
 """
+
 import copy
 import json
 from pathlib import Path
@@ -160,16 +161,25 @@ def test_fit_check_rejects_what_does_not_fit():
         check_fits(too_wide, cluster)
     # every actor fits a node, but together they need more GPUs than max_workers nodes have
     ranks = sum(n["GPU"] for n in nodes_at_max(cluster))  # + the rollout engine: one too many
-    too_many = load_config(sft, GPU_OVERRIDES + [f"resources.policy.num_actors={ranks}",
-                                                 "trainer.micro_batch_size=1", f"trainer.global_batch_size={ranks}"])
+    too_many = load_config(
+        sft,
+        GPU_OVERRIDES
+        + [f"resources.policy.num_actors={ranks}", "trainer.micro_batch_size=1", f"trainer.global_batch_size={ranks}"],
+    )
     with pytest.raises(AssertionError, match="GPU in all"):
         check_fits(too_many, cluster)
     # the totals fit, but a node holds only one of these bundles and there are too few nodes
     workers = len(nodes_at_max(cluster)) - 1
     share = per_node / 2 + 0.5  # more than half a node: two never share one
     assert (workers + 1) * share <= workers * per_node
-    fragmented = load_config(sft, [f"resources.policy.num_actors={workers + 1}", f"resources.policy.gpus_per_actor={share}",
-                                   "trainer.micro_batch_size=1", f"trainer.global_batch_size={workers + 1}"])
+    fragmented = load_config(
+        sft,
+        [
+            f"resources.policy.num_actors={workers + 1}",
+            f"resources.policy.gpus_per_actor={share}",
+            "trainer.micro_batch_size=1",
+            f"trainer.global_batch_size={workers + 1}",
+        ],
+    )
     with pytest.raises(AssertionError, match="do not pack"):
         check_fits(fragmented, cluster)
-

@@ -1,4 +1,5 @@
 """The config tree: YAML + dotted overrides, strict keys, actionable errors, cross-field checks."""
+
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,14 @@ def test_round_trip_through_yaml(tmp_path):
 def test_dotted_overrides_parse_values_as_yaml(tmp_path):
     cfg = load_config(
         write(tmp_path, MINIMAL),
-        ["algorithm.kl.coef=0.02", "trainer.lr=1e-5", "rollout.stop=[a, b]", "trainer.offload=true",
-         "rewards.0.weight=2.5", "models.critic.path=critic/dir"],
+        [
+            "algorithm.kl.coef=0.02",
+            "trainer.lr=1e-5",
+            "rollout.stop=[a, b]",
+            "trainer.offload=true",
+            "rewards.0.weight=2.5",
+            "models.critic.path=critic/dir",
+        ],
     )
     assert cfg.algorithm.kl.coef == 0.02
     assert cfg.trainer.lr == 1e-5
@@ -54,7 +61,10 @@ def test_dotted_overrides_parse_values_as_yaml(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("algorithm.kl.cof=0.1", ["algorithm.kl.cof", "unknown key", "did you mean 'coef'?"]),  # typo lists allowed keys
+        (
+            "algorithm.kl.cof=0.1",
+            ["algorithm.kl.cof", "unknown key", "did you mean 'coef'?"],
+        ),  # typo lists allowed keys
         ("trainer.lr=.inf", ["trainer.lr", "inf", "finite number"]),  # inf passes gt=0: refused on its own
         ("rewards.0.kind=maths", ["rewards.0.kind", "'maths'", "did you mean 'math'?"]),
         ("algorithm.kl.estimator=k4", ["algorithm.kl.estimator", "'k4'", "'k1', 'k2' or 'k3'"]),
@@ -87,8 +97,10 @@ def test_every_error_is_reported_at_once(tmp_path):
     "overrides, message",
     [
         (["trainer.global_batch_size=10", "trainer.micro_batch_size=4"], "divisible by trainer.micro_batch_size"),
-        (["trainer.global_batch_size=8", "trainer.micro_batch_size=4", "resources.policy.num_actors=4"],
-         "resources.policy.num_actors"),
+        (
+            ["trainer.global_batch_size=8", "trainer.micro_batch_size=4", "resources.policy.num_actors=4"],
+            "resources.policy.num_actors",
+        ),
         (["rollout.prompts_per_step=3", "rollout.samples_per_prompt=2"], "samples per step"),
         (["rollout.samples_per_prompt=1", "rollout.prompts_per_step=16"], "samples_per_prompt must be >= 2"),
         (["algorithm.advantage=gae"], "models.critic"),
@@ -98,9 +110,18 @@ def test_every_error_is_reported_at_once(tmp_path):
         (["rewards=[{kind: python, function: no_colon}]"], "path/to/file.py:function"),
         (["rewards=[{kind: model}]"], "models.reward"),
         (["rollout.sleep_during_training=true"], "add a group such as \\[policy, rollout\\]"),
-        (["rollout.sleep_during_training=true", "resources.colocate=[[policy, rollout]]", "rollout.async_rollouts=true"],
-         "choose one"),
-        (["rollout.tensor_parallel_size=2"], "resources.rollout.gpus_per_actor=2"),  # the bundle must hold the engine's GPUs
+        (
+            [
+                "rollout.sleep_during_training=true",
+                "resources.colocate=[[policy, rollout]]",
+                "rollout.async_rollouts=true",
+            ],
+            "choose one",
+        ),
+        (
+            ["rollout.tensor_parallel_size=2"],
+            "resources.rollout.gpus_per_actor=2",
+        ),  # the bundle must hold the engine's GPUs
     ],
 )
 def test_cross_field_checks(tmp_path, overrides, message):
@@ -109,9 +130,16 @@ def test_cross_field_checks(tmp_path, overrides, message):
 
 
 def test_sleep_during_training_with_colocated_rollout(tmp_path):
-    cfg = load_config(write(tmp_path, MINIMAL), ["rollout.sleep_during_training=true", "resources.colocate=[[policy, rollout]]"])
+    cfg = load_config(
+        write(tmp_path, MINIMAL), ["rollout.sleep_during_training=true", "resources.colocate=[[policy, rollout]]"]
+    )
     assert cfg.rollout.sleep_during_training and not cfg.rollout.async_rollouts
-    assert load_config(write(tmp_path, MINIMAL), ["rollout.async_rollouts=true", "rollout.max_staleness=2"]).rollout.max_staleness == 2
+    assert (
+        load_config(
+            write(tmp_path, MINIMAL), ["rollout.async_rollouts=true", "rollout.max_staleness=2"]
+        ).rollout.max_staleness
+        == 2
+    )
     with pytest.raises(ConfigError, match="rollout.max_staleness"):
         load_config(write(tmp_path, MINIMAL), ["rollout.max_staleness=0"])
 

@@ -1,5 +1,6 @@
 """docs/config.md is generated from the config models and must stay in step with them; every
 field carries a description; removed keys fail with a message that says what replaced them."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,12 @@ from rlhf.config import REMOVED_KEYS, ConfigError, RunConfig, load_config
 from rlhf.config_docs import DOC_PATH, REGENERATE, render_reference, sections, undescribed_fields
 
 ROOT = Path(__file__).resolve().parents[2]
-MINIMAL = {"models": {"policy": {"path": "p"}}, "data": {"source": "reasoning_gym:chain_sum"},
-           "algorithm": {"name": "grpo"}, "rewards": [{"kind": "reasoning_gym"}]}
+MINIMAL = {
+    "models": {"policy": {"path": "p"}},
+    "data": {"source": "reasoning_gym:chain_sum"},
+    "algorithm": {"name": "grpo"},
+    "rewards": [{"kind": "reasoning_gym"}],
+}
 
 
 def test_docs_config_md_is_what_the_generator_writes():
@@ -21,14 +26,17 @@ def test_docs_config_md_is_what_the_generator_writes():
     if actual != expected:
         old, new = actual.splitlines(), expected.splitlines()
         line = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
-        pytest.fail(f"{DOC_PATH} is out of date with rlhf/config.py (first difference at line {line + 1}): "
-                    f"run `{REGENERATE}`")
+        pytest.fail(
+            f"{DOC_PATH} is out of date with rlhf/config.py (first difference at line {line + 1}): run `{REGENERATE}`"
+        )
 
 
 def test_every_field_has_a_description():
     missing = undescribed_fields()
-    assert not missing, (f"{len(missing)} config field(s) have no description; add Field(description=...) in "
-                         "rlhf/config.py, then run `" + REGENERATE + "`:\n  " + "\n  ".join(missing))
+    assert not missing, (
+        f"{len(missing)} config field(s) have no description; add Field(description=...) in "
+        "rlhf/config.py, then run `" + REGENERATE + "`:\n  " + "\n  ".join(missing)
+    )
 
 
 def test_the_reference_has_one_row_per_field_of_every_model():
@@ -40,8 +48,16 @@ def test_the_reference_has_one_row_per_field_of_every_model():
     rows = [row.key for t in tables for row in t.rows]
     assert len(rows) == sum(len(m.model_fields) for m in models)
     text = render_reference()
-    for key in ("models.<role>.path", "resources.<role>.gpus_per_actor", "rewards.<i>.kind", "algorithm.dpo.beta",
-                "checkpoint.keep_last", "logging.log_every", "algorithm.kl.coef", "data.source"):
+    for key in (
+        "models.<role>.path",
+        "resources.<role>.gpus_per_actor",
+        "rewards.<i>.kind",
+        "algorithm.dpo.beta",
+        "checkpoint.keep_last",
+        "logging.log_every",
+        "algorithm.kl.coef",
+        "data.source",
+    ):
         assert f"| `{key}` |" in text
 
 
@@ -62,10 +78,13 @@ def test_rows_show_type_default_and_constraints_read_from_the_fields():
     assert "&lt;task>" in _row(text, "data.source")[4]  # a bare <task> would be read as an HTML tag
 
 
-@pytest.mark.parametrize("override, replacement", [
-    ("rollout.num_engines=2", "set resources.rollout.num_actors"),
-    ("algorithm.reward_lm_coef=0.1", "it had no effect"),
-])
+@pytest.mark.parametrize(
+    "override, replacement",
+    [
+        ("rollout.num_engines=2", "set resources.rollout.num_actors"),
+        ("algorithm.reward_lm_coef=0.1", "it had no effect"),
+    ],
+)
 def test_a_removed_key_says_what_to_do_instead(override, replacement):
     key = override.split("=")[0]
     with pytest.raises(ConfigError) as err:

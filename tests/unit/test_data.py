@@ -1,4 +1,5 @@
 """reasoning-gym prompts: deterministic, scoreable, held-out split disjoint from train."""
+
 from rlhf.data.chat import apply_chat_template
 from rlhf.data.reasoning_gym import CHAIN_SUM_EASY, DEFAULT_SUFFIX, reasoning_gym_prompts, train_heldout_split
 from rlhf.rewards.verifiers import reasoning_gym_reward
@@ -22,8 +23,8 @@ def test_heldout_questions_never_appear_in_train():
 
 
 def test_chat_template_wraps_the_prompt_for_generation():
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     from rlhf.models import CHATML_TEMPLATE
 

@@ -14,9 +14,17 @@ def test_no_informative_group_gives_no_rows():
     assert informative_group_rows(torch.ones(8), 4).numel() == 0
 
 
-@pytest.mark.parametrize("count, n, global_batch, expected", [
-    (64, 8, 64, 64), (63, 8, 64, 0), (100, 4, 16, 96), (48, 8, 12, 48), (47, 8, 12, 24), (5, 2, 4, 4),
-])
+@pytest.mark.parametrize(
+    "count, n, global_batch, expected",
+    [
+        (64, 8, 64, 64),
+        (63, 8, 64, 0),
+        (100, 4, 16, 96),
+        (48, 8, 12, 48),
+        (47, 8, 12, 24),
+        (5, 2, 4, 4),
+    ],
+)
 def test_whole_group_count(count, n, global_batch, expected):
     k = whole_group_count(count, n, global_batch)
     assert k == expected and k % n == 0 and k % global_batch == 0

@@ -1,5 +1,6 @@
 """scripts/gpu_check_torch.py runs without a GPU (tiny shapes, --quick) and every row passes or
 says why it was skipped; it imports nothing distributed, so it runs on a bare CUDA machine."""
+
 import json
 import subprocess
 import sys
@@ -22,8 +23,13 @@ print(json.dumps(heavy))
 def test_gpu_check_quick_passes_on_cpu(tmp_path):
     out = tmp_path / "table.txt"
     # run as the coordinator will: a file path, the repository root as cwd, no PYTHONPATH needed
-    proc = subprocess.run([sys.executable, "scripts/gpu_check_torch.py", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "scripts/gpu_check_torch.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     table = out.read_text()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert table.strip() in proc.stdout  # the same table on stdout and in --out

@@ -1,4 +1,5 @@
 """The consecutive-skip counter that stops an RL run whose updates keep failing (rlhf/guards.py)."""
+
 from rlhf.guards import NonFiniteGuard
 
 
@@ -9,8 +10,10 @@ def test_stops_after_limit_consecutive_skipped_steps():
     assert guard.update(3, {"nonfinite_skips": 2.0}) == []  # several skipped updates in one step count once
     assert guard.update(4, {"nonfinite_skips": 1.0}) == ["policy"]
     msg = guard.message(["policy"], "/runs/x/checkpoints/step_00000004")
-    assert msg == ("policy: non-finite loss/gradients in 3 consecutive steps (steps 2..4); those updates were skipped; "
-                   "last good checkpoint: /runs/x/checkpoints/step_00000004; lower trainer.lr or check the rewards")
+    assert msg == (
+        "policy: non-finite loss/gradients in 3 consecutive steps (steps 2..4); those updates were skipped; "
+        "last good checkpoint: /runs/x/checkpoints/step_00000004; lower trainer.lr or check the rewards"
+    )
 
 
 def test_a_clean_step_resets_the_count():

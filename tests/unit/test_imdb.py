@@ -1,4 +1,5 @@
 """Built-in IMDB data: clean text, fixed disjoint splits, pairs whose preference is the sentiment."""
+
 import pytest
 
 from rlhf.data.imdb import (

@@ -41,7 +41,7 @@ def test_token_level_matches_loop_and_caps():
 
 def test_sequence_level_is_capped_product_of_ratios():
     trainer, rollout = rand(3), rand(4)
-    w, m = compute_truncated_is_weights(trainer, rollout, MASK, cap=2.0, level="sequence")
+    w, _m = compute_truncated_is_weights(trainer, rollout, MASK, cap=2.0, level="sequence")
     for b in range(2):
         log_w = sum(trainer[b, t].item() - rollout[b, t].item() for t in range(4) if MASK[b, t])
         expected = min(math.exp(log_w), 2.0)

@@ -1,4 +1,5 @@
 """RunLogger's extra sinks, and how actors/metrics.py maps a step's metrics onto Ray gauges (no Ray started)."""
+
 import re
 
 from actors.metrics import GAUGES, metric_sinks, records
@@ -6,12 +7,35 @@ from rlhf.config import LoggingConfig
 from rlhf.run_log import RunLogger
 
 STEP = {
-    "reward/mean": 0.5, "reward/std": 0.25, "reward/accuracy": 0.5, "reward/format": 1.0,
-    "reward_errors/accuracy": 2.0, "reward_timeouts/accuracy": 1.0, "rollout/worker_restarts": 1.0, "kl": 0.01, "kl_coef": 0.05, "entropy": 1.5, "clip_fraction": 0.1,
-    "policy_loss": -0.2, "value_loss": 0.3, "critic_clip_fraction": 0.05, "grad_norm": 2.0, "critic_grad_norm": 4.0,
-    "response_length/mean": 10.0, "samples": 8.0, "time/generate": 2.0, "time/score": 0.5, "time/reference": 1.0,
-    "time/train": 4.0, "time/sync": 0.25, "time/step": 7.75, "throughput/generate_tokens_per_s": 41.0,
-    "mismatch/mean_abs_logprob_diff": 0.003, "lr": 1e-5, "eval/reward_mean": 0.4, "nan_metric": float("nan"),
+    "reward/mean": 0.5,
+    "reward/std": 0.25,
+    "reward/accuracy": 0.5,
+    "reward/format": 1.0,
+    "reward_errors/accuracy": 2.0,
+    "reward_timeouts/accuracy": 1.0,
+    "rollout/worker_restarts": 1.0,
+    "kl": 0.01,
+    "kl_coef": 0.05,
+    "entropy": 1.5,
+    "clip_fraction": 0.1,
+    "policy_loss": -0.2,
+    "value_loss": 0.3,
+    "critic_clip_fraction": 0.05,
+    "grad_norm": 2.0,
+    "critic_grad_norm": 4.0,
+    "response_length/mean": 10.0,
+    "samples": 8.0,
+    "time/generate": 2.0,
+    "time/score": 0.5,
+    "time/reference": 1.0,
+    "time/train": 4.0,
+    "time/sync": 0.25,
+    "time/step": 7.75,
+    "throughput/generate_tokens_per_s": 41.0,
+    "mismatch/mean_abs_logprob_diff": 0.003,
+    "lr": 1e-5,
+    "eval/reward_mean": 0.4,
+    "nan_metric": float("nan"),
 }
 
 
@@ -53,7 +77,7 @@ def test_records_map_each_metric_to_a_tagged_gauge():
 
 
 def test_every_gauge_name_is_a_valid_prometheus_name_and_tags_match_its_keys():
-    for name, value, tags in records(3, STEP):
+    for name, _value, tags in records(3, STEP):
         assert name in GAUGES and re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", name)
         assert set(tags) == {"role", *GAUGES[name][1]}, name
         assert all(isinstance(v, str) for v in tags.values())

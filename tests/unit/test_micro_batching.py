@@ -1,11 +1,12 @@
 """Token-budget micro-batching (rlhf/batch.py): packing, splitting to a count, balancing ranks."""
+
 import random
 
 import pytest
 import torch
 
 from rlhf.algos import aggregate_loss, compute_loss_normalizer, compute_token_logprobs
-from rlhf.batch import Batch, balance_across_ranks, collate_samples, split_micro_batches, token_budget_micro_batches
+from rlhf.batch import balance_across_ranks, collate_samples, split_micro_batches, token_budget_micro_batches
 from rlhf.config import TrainerConfig
 
 
@@ -142,8 +143,17 @@ def test_packed_micro_batches_give_the_padded_loss_and_gradient():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     batch = variable_batch(10)
     batch["advantages"] = torch.linspace(-1, 1, 10).unsqueeze(1) * batch["response_mask"]
     norm = compute_loss_normalizer(batch["response_mask"], "token_mean")

@@ -1,4 +1,5 @@
 """Tiny test models: build, load in transformers, round-trip the chat template."""
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

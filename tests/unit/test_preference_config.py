@@ -1,4 +1,5 @@
 """Config rules for the preference loops: which model each algorithm needs."""
+
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ DATA = {"source": "imdb"}
 
 
 def test_reward_model_run_needs_no_policy_but_a_reward_model():
-    cfg = validate_config({"models": {"reward": {"path": "all-minilm-l6-v2"}}, "data": DATA, "algorithm": {"name": "reward_model"}})
+    cfg = validate_config(
+        {"models": {"reward": {"path": "all-minilm-l6-v2"}}, "data": DATA, "algorithm": {"name": "reward_model"}}
+    )
     assert cfg.models.policy is None
     with pytest.raises(ConfigError, match="models.reward.path"):
         validate_config({"models": {}, "data": DATA, "algorithm": {"name": "reward_model"}})

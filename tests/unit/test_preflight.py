@@ -2,6 +2,7 @@
 placement bundles vs the cluster's nodes (rlhf/resources.py), model paths (rlhf/models.py),
 batches that do not split over a role's ranks (rlhf/config.py), and data sources, task names and
 reward functions (rlhf/preflight.py; its attacks are in tests/safety/test_config_and_data.py)."""
+
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,12 @@ def res(**roles) -> ResourcesConfig:
 
 # ------------------------------------------------------------------------------ bundles
 def test_bundles_one_per_actor_and_colocated_ranks_summed():
-    cfg = res(policy={"num_actors": 2, "cpus_per_actor": 1, "gpus_per_actor": 1},
-              rollout={"num_actors": 1, "cpus_per_actor": 0.5, "gpus_per_actor": 1},
-              reference={"cpus_per_actor": 0.25}, colocate=[["policy", "rollout"]])
+    cfg = res(
+        policy={"num_actors": 2, "cpus_per_actor": 1, "gpus_per_actor": 1},
+        rollout={"num_actors": 1, "cpus_per_actor": 0.5, "gpus_per_actor": 1},
+        reference={"cpus_per_actor": 0.25},
+        colocate=[["policy", "rollout"]],
+    )
     assert placement_sets(cfg, RL_ROLES) == [
         (["policy", "rollout"], [{"CPU": 1.5, "GPU": 2}, {"CPU": 1, "GPU": 1}]),
         (["reference"], [{"CPU": 0.25}]),
@@ -54,8 +58,12 @@ def test_too_many_cpus_in_all_names_roles_and_totals():
 def test_gpu_on_a_cpu_cluster_fits_no_node():
     cfg = res(policy={"gpus_per_actor": 1})
     problems = fit_problems(cfg, ["policy", "rollout"], **LAPTOP)
-    assert any("policy: one actor's bundle asks 1 CPU, 1 GPU" in p and "largest node has 2 CPU, 0 GPU" in p
-               and "resources.policy.gpus_per_actor" in p for p in problems), problems
+    assert any(
+        "policy: one actor's bundle asks 1 CPU, 1 GPU" in p
+        and "largest node has 2 CPU, 0 GPU" in p
+        and "resources.policy.gpus_per_actor" in p
+        for p in problems
+    ), problems
     assert any("1 GPU in all (policy 1 x 1 GPU)" in p and "the cluster has 0 GPU" in p for p in problems), problems
 
 
@@ -68,7 +76,7 @@ def test_a_bundle_wider_than_every_node_fails_even_if_the_total_suffices():
 
 def test_colocated_bundle_names_every_member():
     cfg = res(policy={"cpus_per_actor": 1.5}, rollout={"cpus_per_actor": 1}, colocate=[["policy", "rollout"]])
-    (problem, *rest) = fit_problems(cfg, ["policy", "rollout"], **LAPTOP)
+    (problem, *_rest) = fit_problems(cfg, ["policy", "rollout"], **LAPTOP)
     assert problem.startswith("policy+rollout:") and "summed into one bundle" in problem
     assert "resources.policy.cpus_per_actor" in problem and "resources.rollout.cpus_per_actor" in problem
 
@@ -98,11 +106,18 @@ def test_check_model_paths_names_every_bad_field(tmp_path):
     good = tmp_path / "model"
     good.mkdir()
     (good / "config.json").write_text("{}")
-    cfg = validate_config({
-        "models": {"policy": {"path": str(good)}, "reward": {"path": str(tmp_path / "rm")},
-                   "critic": {"path": "smollm2-135m-instruct"}, "reference": {"path": str(tmp_path)}},
-        "data": {"source": "imdb"}, "algorithm": {"name": "ppo", "advantage": "gae"},
-    })
+    cfg = validate_config(
+        {
+            "models": {
+                "policy": {"path": str(good)},
+                "reward": {"path": str(tmp_path / "rm")},
+                "critic": {"path": "smollm2-135m-instruct"},
+                "reference": {"path": str(tmp_path)},
+            },
+            "data": {"source": "imdb"},
+            "algorithm": {"name": "ppo", "advantage": "gae"},
+        }
+    )
     with pytest.raises(ConfigError) as err:
         check_model_paths(cfg.models)
     text = str(err.value)
@@ -115,23 +130,46 @@ def test_run_stops_on_a_bad_model_path_before_ray(tmp_path, monkeypatch):
     import actors.launch as launch
 
     monkeypatch.setattr(launch, "ensure_ray", lambda: pytest.fail("Ray was started"))
-    cfg = validate_config({"models": {"policy": {"path": str(tmp_path / "missing")}}, "data": {"source": "imdb"},
-                           "algorithm": {"name": "sft"}, "logging": {"dir": str(tmp_path)}})
+    cfg = validate_config(
+        {
+            "models": {"policy": {"path": str(tmp_path / "missing")}},
+            "data": {"source": "imdb"},
+            "algorithm": {"name": "sft"},
+            "logging": {"dir": str(tmp_path)},
+        }
+    )
     with pytest.raises(ConfigError, match="models.policy.path"):
         launch.run(cfg)
 
 
 # ------------------------------------------------------------------------------ batch splits
-MINIMAL = {"models": {"policy": {"path": "p"}}, "data": {"source": "reasoning_gym:chain_sum"},
-           "algorithm": {"name": "grpo"}, "rewards": [{"kind": "reasoning_gym"}]}
+MINIMAL = {
+    "models": {"policy": {"path": "p"}},
+    "data": {"source": "reasoning_gym:chain_sum"},
+    "algorithm": {"name": "grpo"},
+    "rewards": [{"kind": "reasoning_gym"}],
+}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["algorithm.advantage=gae", "models.critic.path=c", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
-      "resources.critic.num_actors=3"], r"resources.critic.num_actors \(3\)"),
-    (["resources.rollout.num_actors=4", "rollout.prompts_per_step=2",
-      "trainer.global_batch_size=16"], "resources.rollout.num_actors=4 engines share rollout.prompts_per_step=2"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            [
+                "algorithm.advantage=gae",
+                "models.critic.path=c",
+                "trainer.global_batch_size=16",
+                "trainer.micro_batch_size=4",
+                "resources.critic.num_actors=3",
+            ],
+            r"resources.critic.num_actors \(3\)",
+        ),
+        (
+            ["resources.rollout.num_actors=4", "rollout.prompts_per_step=2", "trainer.global_batch_size=16"],
+            "resources.rollout.num_actors=4 engines share rollout.prompts_per_step=2",
+        ),
+    ],
+)
 def test_batches_that_do_not_split_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides, base=MINIMAL)
@@ -158,7 +196,10 @@ def test_run_stops_on_a_misspelt_reward_function_before_ray(tmp_path, monkeypatc
     (tmp_path / "reward.py").write_text("def length(completions, samples):\n    return [len(c) for c in completions]\n")
     monkeypatch.setattr(launch, "ensure_ray", lambda: pytest.fail("Ray was started"))
     base = MINIMAL | {"models": {"policy": {"path": "smollm2-135m-instruct"}}}
-    cfg = load_config(None, [f"rewards=[{{kind: python, function: '{tmp_path}/reward.py:lenght'}}]",
-                             f"logging.dir={tmp_path}"], base=base)
+    cfg = load_config(
+        None,
+        [f"rewards=[{{kind: python, function: '{tmp_path}/reward.py:lenght'}}]", f"logging.dir={tmp_path}"],
+        base=base,
+    )
     with pytest.raises(ConfigError, match=r"rewards.0.function = .*reward.py:lenght'.*did you mean 'length'\?"):
         launch.run(cfg)

@@ -1,4 +1,5 @@
 """`rlhf/` is a pure library: importing every module in it must not import ray, deepspeed or vllm."""
+
 import json
 import subprocess
 import sys

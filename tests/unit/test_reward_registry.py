@@ -1,4 +1,5 @@
 """Reward registry: every kind builds, and a failing reward costs its fallback, never the run."""
+
 import json
 import textwrap
 import threading
@@ -49,7 +50,9 @@ def python_reward(user_file, function, timeout_s=30.0, fallback=-1.0) -> NamedRe
 
 
 def test_builtin_kinds_score_and_model_is_remote():
-    specs = [RewardSpec(kind=k) for k in ("math", "format", "reasoning_gym", "model")] + [RewardSpec(kind="format", weight=0.5)]
+    specs = [RewardSpec(kind=k) for k in ("math", "format", "reasoning_gym", "model")] + [
+        RewardSpec(kind="format", weight=0.5)
+    ]
     rewards = build_reward_functions(specs, task="reasoning_gym:chain_sum")
     assert [r.name for r in rewards] == ["math", "format", "reasoning_gym", "model", "format#2"]
     assert rewards[3].remote and rewards[3].fn is None
@@ -65,8 +68,10 @@ def test_python_reward_from_a_file(user_file):
 
 @pytest.mark.parametrize(
     "function, message",
-    [("missing", "defines no 'missing'; callables in it: ['hangs', 'length'"),
-     ("NOT_A_FUNCTION", "'NOT_A_FUNCTION' is a int, not a function")],
+    [
+        ("missing", "defines no 'missing'; callables in it: ['hangs', 'length'"),
+        ("NOT_A_FUNCTION", "'NOT_A_FUNCTION' is a int, not a function"),
+    ],
 )
 def test_python_reward_load_errors_name_what_is_wrong(user_file, function, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -172,32 +177,53 @@ def test_http_reward_gives_up_after_retries(reward_server, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ reply validation
-@pytest.mark.parametrize("raw, values, errors, batch_error", [
-    ([1, 0.5, True], [1.0, 0.5, 1.0], [], None),  # ints and bools are numbers
-    ([float("nan"), float("inf"), "1.0"], [None] * 3,
-     [[0, "sample 0: nan is not a finite number"], [1, "sample 1: inf is not a finite number"],
-      [2, "sample 2: '1.0' is not a finite number"]], None),
-    ({0: 1.0, 1: 1.0, 2: 1.0}, [None] * 3, [], "returned a dict; expected a list of 3 numbers"),
-    (None, [None] * 3, [], "returned a NoneType; expected a list of 3 numbers"),
-    ("abc", [None] * 3, [], "returned a str; expected a list of 3 numbers"),
-    ([1.0] * 4, [None] * 3, [], "returned 4 values for 3 completions"),
-    (iter(lambda: 1.0, None), [None] * 3, [], "returned more values for 3 completions"),  # endless, bounded
-    ((x for x in [1.0, 2.0, 3.0]), [1.0, 2.0, 3.0], [], None),
-])
+@pytest.mark.parametrize(
+    "raw, values, errors, batch_error",
+    [
+        ([1, 0.5, True], [1.0, 0.5, 1.0], [], None),  # ints and bools are numbers
+        (
+            [float("nan"), float("inf"), "1.0"],
+            [None] * 3,
+            [
+                [0, "sample 0: nan is not a finite number"],
+                [1, "sample 1: inf is not a finite number"],
+                [2, "sample 2: '1.0' is not a finite number"],
+            ],
+            None,
+        ),
+        ({0: 1.0, 1: 1.0, 2: 1.0}, [None] * 3, [], "returned a dict; expected a list of 3 numbers"),
+        (None, [None] * 3, [], "returned a NoneType; expected a list of 3 numbers"),
+        ("abc", [None] * 3, [], "returned a str; expected a list of 3 numbers"),
+        ([1.0] * 4, [None] * 3, [], "returned 4 values for 3 completions"),
+        (iter(lambda: 1.0, None), [None] * 3, [], "returned more values for 3 completions"),  # endless, bounded
+        ((x for x in [1.0, 2.0, 3.0]), [1.0, 2.0, 3.0], [], None),
+    ],
+)
 def test_what_a_reward_returns_becomes_numbers_or_named_failures(raw, values, errors, batch_error):
     from rlhf.rewards.sandbox_server import _as_values
 
     assert _as_values(raw, 3) == (values, errors, batch_error)
 
 
-@pytest.mark.parametrize("reply, values, first", [
-    ({"values": [1.0, 2, None], "errors": [[2, "sample 2: boom"]], "batch_error": None}, [1.0, 2.0, None], "sample 2: boom"),
-    ({"values": [1.0, True, "1"]}, [1.0, None, None], "sample 1: the reward sandbox sent no number"),  # forged: checked again
-    ({"values": [1e309, float("nan"), 0.0]}, [None, None, 0.0], "sample 0: the reward sandbox sent no number"),
-    ({"values": [1.0, 2.0]}, [None] * 3, "the reward sandbox sent a malformed reply (no list of values)"),
-    ({"values": {"0": 1.0}}, [None] * 3, "the reward sandbox sent a malformed reply (no list of values)"),
-    ({"values": [0.0] * 3, "batch_error": "x" * 5000}, [0.0] * 3, "x" * 1000),  # messages are cut
-])
+@pytest.mark.parametrize(
+    "reply, values, first",
+    [
+        (
+            {"values": [1.0, 2, None], "errors": [[2, "sample 2: boom"]], "batch_error": None},
+            [1.0, 2.0, None],
+            "sample 2: boom",
+        ),
+        (
+            {"values": [1.0, True, "1"]},
+            [1.0, None, None],
+            "sample 1: the reward sandbox sent no number",
+        ),  # forged: checked again
+        ({"values": [1e309, float("nan"), 0.0]}, [None, None, 0.0], "sample 0: the reward sandbox sent no number"),
+        ({"values": [1.0, 2.0]}, [None] * 3, "the reward sandbox sent a malformed reply (no list of values)"),
+        ({"values": {"0": 1.0}}, [None] * 3, "the reward sandbox sent a malformed reply (no list of values)"),
+        ({"values": [0.0] * 3, "batch_error": "x" * 5000}, [0.0] * 3, "x" * 1000),  # messages are cut
+    ],
+)
 def test_the_trainer_trusts_no_part_of_a_sandbox_reply(reply, values, first):
     from rlhf.rewards.registry import checked_reply
 

@@ -1,4 +1,5 @@
 """Verifiable rewards on real reasoning-gym entries and math answers: right -> 1, wrong -> 0."""
+
 import pytest
 
 from rlhf.data.reasoning_gym import CHAIN_SUM_EASY, reasoning_gym_prompts

@@ -25,24 +25,26 @@ def test_unknown_schedule_is_rejected():
 def simulate_async(max_staleness: int, total_steps: int) -> list[int]:
     """The coordinator's bookkeeping without engines: a step takes its prefetched samples (or
     generates now), prefetches ahead on the current weights, then trains (one more version)."""
-    version, in_flight, staleness = 0, {}, []
-    for step in range(1, total_steps + 1):
+    in_flight, staleness = {}, []
+    for version, step in enumerate(range(1, total_steps + 1)):  # one weight version per step
         generated_by = in_flight.pop(step, version)
         staleness.append(version - generated_by)
         for ahead in steps_to_prefetch(step, max_staleness, total_steps, in_flight):
             assert ahead not in in_flight
             in_flight[ahead] = version
-        version += 1
     assert not in_flight  # nothing generated past the last step
     return staleness
 
 
-@pytest.mark.parametrize("k, expected", [
-    (1, [0, 1, 1, 1, 1, 1]),
-    (2, [0, 1, 2, 2, 2, 2]),
-    (3, [0, 1, 2, 3, 3, 3]),
-    (9, [0, 1, 2, 3, 4, 5]),  # never ahead of the run's last step
-])
+@pytest.mark.parametrize(
+    "k, expected",
+    [
+        (1, [0, 1, 1, 1, 1, 1]),
+        (2, [0, 1, 2, 2, 2, 2]),
+        (3, [0, 1, 2, 3, 3, 3]),
+        (9, [0, 1, 2, 3, 4, 5]),  # never ahead of the run's last step
+    ],
+)
 def test_prefetch_keeps_staleness_within_the_bound(k, expected):
     assert simulate_async(k, total_steps=6) == expected
     assert max(expected) <= k

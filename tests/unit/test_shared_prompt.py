@@ -1,14 +1,27 @@
 """Shared-prompt packing and response-only logits (rlhf/shared_prompt.py) against today's path:
 `compute_token_logprobs(model(...).logits)` on one row per sample, on real (tiny, random) Llama
 and Qwen2 models: equal log-probs, GRPO loss and every parameter's gradient."""
+
 import pytest
 import torch
 
-from rlhf.algos import (compute_grpo_advantages, compute_kl, compute_loss_normalizer, compute_policy_loss,
-                        compute_token_logprobs, kl_loss)
+from rlhf.algos import (
+    compute_grpo_advantages,
+    compute_kl,
+    compute_loss_normalizer,
+    compute_policy_loss,
+    compute_token_logprobs,
+    kl_loss,
+)
 from rlhf.batch import collate_samples
-from rlhf.shared_prompt import (consecutive_groups, group_micro_batches, pack_shared_prompts, packed_lengths,
-                                response_logprobs, shared_prompt_logprobs)
+from rlhf.shared_prompt import (
+    consecutive_groups,
+    group_micro_batches,
+    pack_shared_prompts,
+    packed_lengths,
+    response_logprobs,
+    shared_prompt_logprobs,
+)
 
 TOL = 1e-5  # fp32: the paths differ only in summation order
 
@@ -17,9 +30,18 @@ def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
-    config = config_cls(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        tie_word_embeddings=True, initializer_range=0.2, attn_implementation=attn)
+    config = config_cls(
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        attn_implementation=attn,
+    )
     torch.manual_seed(seed)
     return model_cls(config).float().eval()
 
@@ -70,7 +92,7 @@ def grads(model):
 def assert_grads_close(a, b, tol=TOL):
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=tol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], b[name], atol=tol, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("qwen2", "eager")])
@@ -125,8 +147,9 @@ def test_ragged_groups_padding_and_temperature_without_grad():
         ref = compute_token_logprobs(logits, batch["input_ids"], temperature=0.7) * batch["response_mask"]
         pack = pack_shared_prompts(batch["input_ids"], batch["attention_mask"], batch["response_mask"], groups)
         shared = shared_prompt_logprobs(model, pack, chunk_tokens=5, temperature=0.7)
-        plain = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-                                  chunk_tokens=5, temperature=0.7)
+        plain = response_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], chunk_tokens=5, temperature=0.7
+        )
     torch.testing.assert_close(shared, ref, atol=TOL, rtol=0)
     torch.testing.assert_close(plain, ref, atol=TOL, rtol=0)
     assert pack.input_ids.shape[1] % 8 == 0 and pack.input_ids.shape[0] == len(RAGGED)

@@ -1,4 +1,5 @@
 """Data sources: files are validated row by row before training; every source gives normalised rows."""
+
 import json
 
 import pytest
@@ -18,18 +19,24 @@ from rlhf.data.sources import (
 GOOD = {"prompt": "What is 2 + 3?", "answer": "5"}
 # One bad row of each kind, at known lines; lines 1, 3 and 8 are good.
 LINES = [
-    json.dumps(GOOD),                                   # 1 good
-    '{"prompt": "What is 1 + 1?", "answer": ',          # 2 malformed JSON
+    json.dumps(GOOD),  # 1 good
+    '{"prompt": "What is 1 + 1?", "answer": ',  # 2 malformed JSON
     json.dumps({"prompt": "What is 4 + 4?", "answer": 8, "level": 2}),  # 3 good (answer type is free)
-    json.dumps({"question": "no prompt field"}),        # 4 missing field
-    json.dumps({"prompt": 42}),                         # 5 wrong type
-    json.dumps({"prompt": "   "}),                      # 6 empty prompt
-    json.dumps({"prompt": "x" * 5000}),                 # 7 too long (256 tokens x 8 chars = 2048)
+    json.dumps({"question": "no prompt field"}),  # 4 missing field
+    json.dumps({"prompt": 42}),  # 5 wrong type
+    json.dumps({"prompt": "   "}),  # 6 empty prompt
+    json.dumps({"prompt": "x" * 5000}),  # 7 too long (256 tokens x 8 chars = 2048)
     json.dumps({"prompt": "What is 9 - 2?", "answer": "7"}),  # 8 good
-    json.dumps(["not", "an", "object"]),                # 9 not an object
+    json.dumps(["not", "an", "object"]),  # 9 not an object
 ]
-BAD_LINES = {2: "invalid JSON", 4: "field 'prompt': missing", 5: "field 'prompt': expected str, got int",
-             6: "field 'prompt': empty string", 7: "field 'prompt': too long", 9: "expected a JSON object"}
+BAD_LINES = {
+    2: "invalid JSON",
+    4: "field 'prompt': missing",
+    5: "field 'prompt': expected str, got int",
+    6: "field 'prompt': empty string",
+    7: "field 'prompt': too long",
+    9: "expected a JSON object",
+}
 
 
 @pytest.fixture
@@ -93,7 +100,12 @@ def test_configured_field_names_become_normalised_keys(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     data = cfg(path, prompt_field="question", chosen_field="good", rejected_field="bad", prompt_suffix="!")
     pairs = load_preference_pairs(data)
-    assert sorted(pairs, key=lambda p: p["prompt"])[0] == {"prompt": "q0!", "chosen": "g0", "rejected": "b0", "source_prompt": "old"}
+    assert sorted(pairs, key=lambda p: p["prompt"])[0] == {
+        "prompt": "q0!",
+        "chosen": "g0",
+        "rejected": "b0",
+        "source_prompt": "old",
+    }
 
     sft = load_sft_pairs(cfg(path, prompt_field="question", response_field="good"))
     assert {(s["prompt"], s["response"]) for s in sft} == {(f"q{i}", f"g{i}") for i in range(4)}
@@ -141,8 +153,14 @@ def test_eval_source_is_used_whole(tmp_path):
 
 
 def test_reasoning_gym_prompts_via_config():
-    data = DataConfig(source="reasoning_gym:chain_sum", task_kwargs=CHAIN_SUM_EASY, train_size=20, eval_size=5,
-                      seed=1, prompt_suffix=" Answer:")
+    data = DataConfig(
+        source="reasoning_gym:chain_sum",
+        task_kwargs=CHAIN_SUM_EASY,
+        train_size=20,
+        eval_size=5,
+        seed=1,
+        prompt_suffix=" Answer:",
+    )
     train, heldout = load_prompts(data, "train"), load_prompts(data, "eval")
     assert len(train) == 20 and len(heldout) == 5
     assert all(p["prompt"] == p["question"] + " Answer:" for p in train + heldout)
