@@ -14,12 +14,14 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from rlhf.names import did_you_mean
 from rlhf.strict_yaml import parse_yaml
@@ -599,7 +601,7 @@ REMOVED_KEYS = {
 }
 
 
-def _describe(error: dict, root: type[BaseModel]) -> str:
+def _describe(error: ErrorDetails, root: type[BaseModel]) -> str:
     where = ".".join(str(p) for p in error["loc"]) or "<root>"
     value = error.get("input")
     if error["type"] == "extra_forbidden":
@@ -617,7 +619,7 @@ def _describe(error: dict, root: type[BaseModel]) -> str:
     return f"{where} = {value!r}: {msg}"
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """Walk the model tree along `loc` to list the keys valid at that level."""
     for part in loc:
         if isinstance(part, int):
@@ -625,9 +627,10 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         field = model.model_fields.get(str(part))
         if field is None:
             return []
-        model = _model_of(field.annotation)
-        if model is None:
+        sub_model = _model_of(field.annotation)
+        if sub_model is None:
             return []
+        model = sub_model
     return sorted(model.model_fields)
 
 
@@ -641,7 +644,7 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def validate_config(raw: dict, source: str = "config") -> RunConfig:
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
@@ -653,6 +656,7 @@ def nonfinite_paths(value: Any, path: str = "") -> list[str]:
     """Dotted paths of every inf/NaN float inside nested dicts and lists (`a.b.0 = inf`)."""
     if isinstance(value, float) and not math.isfinite(value):
         return [f"{path or '<value>'} = {value}"]
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, (list, tuple)):
@@ -662,7 +666,7 @@ def nonfinite_paths(value: Any, path: str = "") -> list[str]:
     return [p for k, v in items for p in nonfinite_paths(v, f"{path}.{k}" if path else str(k))]
 
 
-def apply_override(raw: dict, override: str) -> None:
+def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply one `dotted.key=value` override in place; the value is parsed as YAML (1e-6, true, [a, b])."""
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
@@ -693,9 +697,11 @@ def apply_override(raw: dict, override: str) -> None:
         node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None
+) -> RunConfig:
     """Read YAML (if given) on top of `base`, apply overrides, validate. Raises ConfigError."""
-    raw: dict = copy.deepcopy(base or {})  # overrides edit nested sections in place: never the caller's
+    raw: dict[str, Any] = copy.deepcopy(base or {})  # overrides edit nested sections in place: never the caller's
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -717,7 +723,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     return validate_config(raw, source=str(path) if path else "config")
 
 
-def _deep_merge(a: dict, b: dict) -> dict:
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
@@ -726,4 +732,5 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 def dump_config(cfg: RunConfig) -> str:
     """YAML text that `load_config` reads back to an equal config."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    text: str = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return text

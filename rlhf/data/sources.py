@@ -35,10 +35,10 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from rlhf.rewards.verifiers import REWARD_SAMPLE_FIELDS
 
@@ -77,7 +77,7 @@ class RowReport:
 
 
 # ------------------------------------------------------------------------------------- reading
-def load_rows(source: str, split: str = "train") -> list[dict | UnreadableRow]:
+def load_rows(source: str, split: str = "train") -> list[dict[str, Any] | UnreadableRow]:
     """Rows of a local .jsonl/.json/.parquet file or a `datasets` name (`split` is for the latter).
 
     JSONL is read line by line so a malformed line becomes an `UnreadableRow` at its place
@@ -109,17 +109,18 @@ def load_rows(source: str, split: str = "train") -> list[dict | UnreadableRow]:
         raise DataError(
             f"{source}: could not load with `datasets` (split {split!r}): {type(e).__name__}: {e}. {hint}"
         ) from e
-    return dataset.to_list()
+    rows: list[dict[str, Any] | UnreadableRow] = dataset.to_list()
+    return rows
 
 
-def _read_jsonl(path: Path) -> list[dict | UnreadableRow]:
+def _read_jsonl(path: Path) -> list[dict[str, Any] | UnreadableRow]:
     # Bytes, split on b"\n" only: str.splitlines() would also split at U+2028, U+0085 or a lone \r
     # inside a JSON string, and decoding the whole file at once would lose every row to one bad byte.
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8).rstrip()
     return [_parse_jsonl_line(line) for line in data.split(b"\n")] if data else []
 
 
-def _parse_jsonl_line(line: bytes) -> dict | UnreadableRow:
+def _parse_jsonl_line(line: bytes) -> dict[str, Any] | UnreadableRow:
     if not line.strip():
         return UnreadableRow("blank line (JSON Lines holds one object per line)")
     try:
@@ -139,8 +140,8 @@ class _NotStrictJSON(ValueError):
     """What Python's json accepts but JSON does not, or keeps silently: NaN, Infinity, repeated keys."""
 
 
-def _object_without_repeats(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
+def _object_without_repeats(pairs: list[tuple[str, object]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
             raise _NotStrictJSON(f"key {key!r} appears twice in one object (JSON parsers keep only one)")
@@ -148,12 +149,14 @@ def _object_without_repeats(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def _refuse_constant(name: str):
+def _refuse_constant(name: str) -> NoReturn:
     raise _NotStrictJSON(f"{name} is not a JSON number")
 
 
 # ---------------------------------------------------------------------------------- validation
-def row_problems(row: dict | UnreadableRow, required: dict[str, type | tuple], max_chars: dict[str, int]) -> list[str]:
+def row_problems(
+    row: dict[str, Any] | UnreadableRow, required: Mapping[str, type | tuple[type, ...]], max_chars: Mapping[str, int]
+) -> list[str]:
     """Problems of one row as `field 'x': what is wrong` (empty if the row is good)."""
     if isinstance(row, UnreadableRow):
         return [row.error]
@@ -167,24 +170,24 @@ def row_problems(row: dict | UnreadableRow, required: dict[str, type | tuple], m
             problems.append(f"field {name!r}: expected {want}, got {type(value).__name__} {_short(value)}")
         elif isinstance(value, str) and not value.strip():
             problems.append(f"field {name!r}: empty string")
-        elif name in max_chars and len(value) > max_chars[name]:
+        elif name in max_chars and isinstance(value, Sized) and len(value) > max_chars[name]:
             problems.append(f"field {name!r}: too long ({len(value)} characters, limit {max_chars[name]})")
     return problems
 
 
-def _short(value) -> str:
+def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
 def validate_rows(
-    rows: list[dict | UnreadableRow],
-    required: dict[str, type | tuple],
+    rows: Sequence[dict[str, Any] | UnreadableRow],
+    required: Mapping[str, type | tuple[type, ...]],
     source: str,
-    max_chars: dict[str, int] | None = None,
+    max_chars: Mapping[str, int] | None = None,
     on_bad_row: Literal["strict", "skip"] = "strict",
-    more_checks: Callable[[dict], list[str]] | None = None,
-) -> tuple[list[dict], RowReport]:
+    more_checks: Callable[[dict[str, Any]], list[str]] | None = None,
+) -> tuple[list[dict[str, Any]], RowReport]:
     """Keep rows whose `required` fields exist, have the type, are non-empty and fit `max_chars`,
     and in which `more_checks(row)` finds no problem.
 
@@ -194,7 +197,8 @@ def validate_rows(
     """
     if on_bad_row not in ("strict", "skip"):
         raise ValueError(f"on_bad_row must be 'strict' or 'skip', got {on_bad_row!r}")
-    good, report = [], RowReport(total_rows=len(rows))
+    good: list[dict[str, Any]] = []
+    report = RowReport(total_rows=len(rows))
     for n, row in enumerate(rows, start=1):
         problems = row_problems(row, required, max_chars or {})
         if more_checks is not None and not isinstance(row, UnreadableRow):
@@ -203,6 +207,7 @@ def validate_rows(
             report.bad_rows += 1
             report.problems += [f"{source}: row {n}: {p}" for p in problems]
         else:
+            assert not isinstance(row, UnreadableRow)  # an unreadable row always has a problem
             good.append(row)
     if report.bad_rows:
         summary = f"{source}: {report.bad_rows} of {report.total_rows} rows are bad ({len(report.problems)} problems)"
@@ -217,7 +222,9 @@ def validate_rows(
 
 
 # ------------------------------------------------------------------------------------ dispatch
-def load_prompts(data_cfg: DataConfig, split: str = "train", rewards: Sequence[RewardSpec] = ()) -> list[dict]:
+def load_prompts(
+    data_cfg: DataConfig, split: str = "train", rewards: Sequence[RewardSpec] = ()
+) -> list[dict[str, Any]]:
     """Prompts for generation: `prompt`, and `answer` plus any metadata the source has.
 
     `rewards`: the run's reward specs; a row lacking a field one of them reads (see
@@ -226,17 +233,17 @@ def load_prompts(data_cfg: DataConfig, split: str = "train", rewards: Sequence[R
     return _load("prompts", data_cfg, split, tuple(sorted({r.kind for r in rewards})))
 
 
-def load_preference_pairs(data_cfg: DataConfig, split: str = "train") -> list[dict]:
+def load_preference_pairs(data_cfg: DataConfig, split: str = "train") -> list[dict[str, Any]]:
     """Preference pairs: `prompt`, `chosen`, `rejected` (plus any other fields of the source)."""
     return _load("preference", data_cfg, split)
 
 
-def load_sft_pairs(data_cfg: DataConfig, split: str = "train") -> list[dict]:
+def load_sft_pairs(data_cfg: DataConfig, split: str = "train") -> list[dict[str, Any]]:
     """Supervised pairs: `prompt`, `response` (plus any other fields of the source)."""
     return _load("sft", data_cfg, split)
 
 
-def _load(kind: Kind, cfg: DataConfig, split: str, reward_kinds: tuple[str, ...] = ()) -> list[dict]:
+def _load(kind: Kind, cfg: DataConfig, split: str, reward_kinds: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if split == "eval" and cfg.eval_size == 0 and not cfg.eval_source:
@@ -255,12 +262,16 @@ def _load(kind: Kind, cfg: DataConfig, split: str, reward_kinds: tuple[str, ...]
     return [{**row, "prompt": row["prompt"] + cfg.prompt_suffix} for row in rows]
 
 
-def _builtin_rows(kind: Kind, source: str, cfg: DataConfig, split: str) -> list[dict]:
+def _builtin_rows(kind: Kind, source: str, cfg: DataConfig, split: str) -> list[dict[str, Any]]:
     size = cfg.train_size if split == "train" else cfg.eval_size
     if source == "imdb":
         from rlhf.data import imdb
 
-        build = {"prompts": imdb.imdb_prompts, "preference": imdb.imdb_preference_pairs, "sft": imdb.imdb_sft_pairs}
+        build: dict[Kind, Callable[..., list[dict[str, Any]]]] = {
+            "prompts": imdb.imdb_prompts,
+            "preference": imdb.imdb_preference_pairs,
+            "sft": imdb.imdb_sft_pairs,
+        }
         try:
             return build[kind](size, seed=cfg.seed, split=split, **cfg.task_kwargs)
         except (TypeError, ValueError) as e:
@@ -300,8 +311,8 @@ def _fields(kind: Kind, cfg: DataConfig) -> dict[str, str]:
 
 
 def _file_rows(
-    kind: Kind, source: str, cfg: DataConfig, part: str, checks: Callable[[dict], list[str]] | None = None
-) -> list[dict]:
+    kind: Kind, source: str, cfg: DataConfig, part: str, checks: Callable[[dict[str, Any]], list[str]] | None = None
+) -> list[dict[str, Any]]:
     if cfg.task_kwargs:
         raise DataError(
             f"data.task_kwargs={cfg.task_kwargs} only applies to reasoning_gym:<task> and imdb, not {source!r}"
@@ -330,7 +341,7 @@ def _file_rows(
 
 def _reward_field_checks(
     reward_kinds: Sequence[str], cfg: DataConfig, source: str, from_file: bool
-) -> Callable[[dict], list[str]] | None:
+) -> Callable[[dict[str, Any]], list[str]] | None:
     """A row check for the fields the run's rewards read (None if they read none).
 
     File rows are checked as read (before renaming), so the gold answer is under the configured
@@ -350,7 +361,7 @@ def _reward_field_checks(
     answer_key = cfg.answer_field if from_file else "answer"
     mapped = f"data.answer_field={cfg.answer_field!r}" if from_file else f"rows of {source!r} have none"
 
-    def check(row: dict) -> list[str]:
+    def check(row: dict[str, Any]) -> list[str]:
         problems = []
         if "answer" in needs:
             value, why = row.get(answer_key), f"reward kind {needs['answer']!r} scores against it ({mapped})"
@@ -370,7 +381,7 @@ def _reward_field_checks(
     return check
 
 
-def _task_metadata_problems(metadata) -> list[str]:
+def _task_metadata_problems(metadata: object) -> list[str]:
     from rlhf.data.reasoning_gym import task_name_problem
 
     why = (
@@ -387,7 +398,7 @@ def _task_metadata_problems(metadata) -> list[str]:
     return [f"field 'metadata.source_dataset' = {task!r}: {problem}"] if problem else []
 
 
-def _rename(row: dict, fields: dict[str, str]) -> dict:
+def _rename(row: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
     """Row with configured field names replaced by normalised keys; nothing is lost.
 
     A column that already has a normalised name but is not the configured field (say a
@@ -401,7 +412,9 @@ def _rename(row: dict, fields: dict[str, str]) -> dict:
     return out | values
 
 
-def hold_out_by_prompt(rows: list[dict], eval_size: int, seed: int, source: str) -> tuple[list[dict], list[dict]]:
+def hold_out_by_prompt(
+    rows: list[dict[str, Any]], eval_size: int, seed: int, source: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, heldout): `eval_size` distinct prompts, drawn with `seed`, and all their rows go to heldout.
 
     Train comes back in the same seeded order, so taking its first k rows is a random sample.

@@ -24,6 +24,7 @@ deadline, and only the samples that raise again get the fallback; a timeout cost
 from __future__ import annotations
 
 import atexit
+import http.client
 import importlib
 import json
 import math
@@ -42,7 +43,7 @@ from rlhf.rewards.sandbox import Sandbox, SandboxError, SandboxLimits
 if TYPE_CHECKING:
     from rlhf.config import RewardSpec
 
-RewardFn = Callable[[list[str], list[dict]], list[float]]
+RewardFn = Callable[[list[str], list[dict[str, Any]]], list[float]]
 HTTP_RETRIES = 3
 HTTP_FIRST_BACKOFF_S = 0.5
 HTTP_MAX_REPLY_BYTES = 16 * 1024 * 1024
@@ -58,9 +59,9 @@ class RewardFactory:
     makes it. This is what crosses to the sandbox, as JSON; calling it here builds it in-process."""
 
     build: str
-    args: tuple = ()
+    args: tuple[object, ...] = ()  # JSON values
 
-    def __call__(self, completions: list[str], samples: list[dict]) -> Sequence[float]:
+    def __call__(self, completions: list[str], samples: list[dict[str, Any]]) -> Sequence[float]:
         fn = _BUILT.get(self)
         if fn is None:
             module, _, name = self.build.partition(":")
@@ -98,7 +99,7 @@ def load_python_reward(path: str, function: str, source: str | None = None) -> R
     if not hasattr(module, function):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise ValueError(f"{where}: the file defines no {function!r}; callables in it: {found}")
-    fn = getattr(module, function)
+    fn: RewardFn = getattr(module, function)  # a user's: what it returns is checked (checked_reply)
     if not callable(fn):
         raise ValueError(f"{where}: {function!r} is a {type(fn).__name__}, not a function")
     return fn
@@ -126,7 +127,7 @@ def http_reward(url: str, timeout_s: float, first_backoff_s: float = HTTP_FIRST_
     5xx are retried up to HTTP_RETRIES times with exponential backoff; the rest raise.
     """
 
-    def http_reward(completions: list[str], samples: list[dict]) -> list[float]:
+    def http_reward(completions: list[str], samples: list[dict[str, Any]]) -> list[float]:
         # default=str: sample metadata may hold values JSON has no type for (sets, dates)
         body = json.dumps({"completions": completions, "samples": samples}, default=str).encode()
         request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
@@ -148,12 +149,13 @@ def http_reward(url: str, timeout_s: float, first_backoff_s: float = HTTP_FIRST_
             time.sleep(max(0.0, min(first_backoff_s * 2**attempt, deadline - time.monotonic())))
         if not isinstance(reply, dict) or "rewards" not in reply:
             raise ValueError(f"{url} replied {str(reply)[:200]!r}; expected a JSON object with a 'rewards' list")
-        return reply["rewards"]
+        rewards: list[float] = reply["rewards"]  # checked by the caller (checked_reply)
+        return rewards
 
     return http_reward
 
 
-def _read_before(response, deadline: float, url: str) -> bytes:
+def _read_before(response: http.client.HTTPResponse, deadline: float, url: str) -> bytes:
     """The body, read a chunk at a time while time is left and under HTTP_MAX_REPLY_BYTES."""
     body = b""
     while chunk := response.read1(65536):
@@ -192,7 +194,9 @@ def build_reward_functions(specs: list[RewardSpec], task: str | None = None) -> 
     task = task.removeprefix("reasoning_gym:") if task else None
     rewards: list[NamedReward] = []
     for spec in specs:
-        name, fn, trusted, network = spec.kind, None, True, False
+        name: str = spec.kind
+        fn: RewardFactory | None = None
+        trusted, network = True, False
         if spec.kind == "reasoning_gym":
             fn = RewardFactory("rlhf.rewards.verifiers:reasoning_gym_reward", (task,))
         elif spec.kind == "math":
@@ -200,6 +204,7 @@ def build_reward_functions(specs: list[RewardSpec], task: str | None = None) -> 
         elif spec.kind == "format":
             fn = RewardFactory("rlhf.rewards.verifiers:format_reward")
         elif spec.kind == "python":
+            assert spec.function is not None  # RewardSpec requires it for kind=python
             path, function = _split_target(spec.function)
             path = str(Path(path).resolve())  # the sandbox runs elsewhere
             source = read_reward_file(path, function)
@@ -256,7 +261,7 @@ class RewardRun(NamedTuple):
     timeouts: int = 0  # of those errors, samples lost because the call timed out
 
 
-def run_reward_function(reward: NamedReward, completions: list[str], samples: list[dict]) -> RewardRun:
+def run_reward_function(reward: NamedReward, completions: list[str], samples: list[dict[str, Any]]) -> RewardRun:
     """(values, errors, first_error, timeouts) for one batch: see RewardRun.
 
     Never raises for the reward's failures. A timeout, a dead or misbehaving sandbox, or a
@@ -285,7 +290,7 @@ def run_reward_function(reward: NamedReward, completions: list[str], samples: li
     return RewardRun([reward.fallback if v is None else v for v in values], len(errors), first_error)
 
 
-def checked_reply(reply: dict, n: int) -> tuple[list[float | None], list[str]]:
+def checked_reply(reply: dict[str, Any], n: int) -> tuple[list[float | None], list[str]]:
     """(n finite floats or None, error messages) from a sandbox reply, trusting nothing in it."""
     values, errors, batch_error = reply.get("values"), reply.get("errors"), reply.get("batch_error")
     if not isinstance(values, list) or len(values) != n:
@@ -304,12 +309,14 @@ def _is_finite_number(value: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------- sandboxes
-_sandboxes: dict[tuple, Sandbox] = {}
+_sandboxes: dict[tuple[RewardFactory, SandboxLimits, bool, bool], Sandbox] = {}
 _sandboxes_lock = threading.Lock()
 
 
 def _sandbox(reward: NamedReward) -> Sandbox:
     """The sandbox of this reward (one per function and limits, shared by equal rewards); not started yet."""
+    if reward.fn is None:
+        raise ValueError(f"reward {reward.name!r} is scored by the reward-model actor: it has no sandbox")
     key = (reward.fn, reward.limits, reward.trusted, reward.retry_alone)
     with _sandboxes_lock:
         if key not in _sandboxes:

@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from rlhf.rewards.sandbox_server import MESSAGE_CHARS, NOBODY
 
@@ -76,23 +77,23 @@ def max_reply_bytes(n: int) -> int:
 class Sandbox:
     """One sandbox process serving one reward; started lazily, replaced after a timeout or death."""
 
-    def __init__(self, build: str, args: tuple, limits: SandboxLimits, trusted: bool, retry_alone: bool):
+    def __init__(self, build: str, args: tuple[object, ...], limits: SandboxLimits, trusted: bool, retry_alone: bool):
         # trusted: `build` is our code, built before the privilege drop (imports as the trainer's
         # user); untrusted (a user's file): built after it, from the source text in `args`.
-        self.config = {
+        self.config: dict[str, object] = {
             "build": build,
             "args": list(args),
             "limits": asdict(limits),
             "trusted": trusted,
             "retry_alone": retry_alone,
         }
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.home: str | None = None
         self.isolation: list[str] = []
         self.stderr_tail = b""
         self.lock = threading.Lock()  # one request at a time: a request and its reply share the pipes
 
-    def call(self, completions: list[str], samples: list[dict], timeout_s: float) -> dict:
+    def call(self, completions: list[str], samples: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
         """The server's validated-shape reply {"values", "errors", "batch_error"}. TimeoutError past
         `timeout_s`, SandboxError if the sandbox died or misbehaved (it is then replaced)."""
         nonce = secrets.token_hex(8)  # the reply must echo it: a stale or forged line is caught
@@ -174,14 +175,15 @@ class Sandbox:
                 pass
             self.proc.wait()
             for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-                pipe.close()
+                if pipe is not None:
+                    pipe.close()
             self.proc = None
         if self.home:
             shutil.rmtree(self.home, ignore_errors=True)
             self.home = None
 
     def _write(self, data: bytes, deadline: float) -> None:
-        fd = self.proc.stdin.fileno()
+        fd, _, _ = self._fds()
         view = memoryview(data)
         while view:
             if not select.select([], [fd], [], max(0.0, deadline - time.monotonic()))[1]:
@@ -191,9 +193,16 @@ class Sandbox:
             except BrokenPipeError:
                 raise SandboxError(self._died("before reading its request")) from None
 
-    def _read_reply(self, deadline: float, cap: int) -> dict:
+    def _fds(self) -> tuple[int, int, int]:
+        """stdin, stdout and stderr of the running sandbox (all pipes: see _start_locked)."""
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.stdout is None or proc.stderr is None:
+            raise SandboxError("the reward sandbox is not running")
+        return proc.stdin.fileno(), proc.stdout.fileno(), proc.stderr.fileno()
+
+    def _read_reply(self, deadline: float, cap: int) -> dict[str, Any]:
         """One JSON line from stdout within `deadline` and `cap` bytes; stderr drained meanwhile."""
-        out, err = self.proc.stdout.fileno(), self.proc.stderr.fileno()
+        _, out, err = self._fds()
         watched, line = [out, err], b""
         while b"\n" not in line:
             left = deadline - time.monotonic()
@@ -221,10 +230,12 @@ class Sandbox:
         return reply
 
     def _died(self, when: str) -> str:
-        try:
-            code = self.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            code = None
+        code: int | None = None
+        if self.proc is not None:
+            try:
+                code = self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
         tail = self.stderr_tail.decode(errors="replace").strip().splitlines()[-3:]
         cause = "; its stderr ends: " + " | ".join(tail) if tail else ""
         return f"the reward sandbox died {when} (exit status {code}: out of memory or a limit?){cause}"[:1000]
@@ -232,7 +243,7 @@ class Sandbox:
 
 def _children(pid: int) -> list[int]:
     """The pids of `pid`'s children, found here in /proc (the sandbox is not trusted to say)."""
-    found = []
+    found: list[int] = []
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/stat") as f:

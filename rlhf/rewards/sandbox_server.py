@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 NOBODY = 65534  # the uid/gid the server takes when started as root
@@ -27,8 +27,13 @@ CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 1, 8, 38, 47, 2
 CAP_DAC_READ_SEARCH = 2
 
+# A reward function as built here: (completions, samples) -> whatever it returns (checked by _as_values).
+Reward = Callable[[list[str], list[dict[str, Any]]], object]
+# [sample index, message] pairs: lists, as they cross to the trainer in JSON.
+SampleErrors = list[list[int | str]]
 
-def _libc():
+
+def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
@@ -69,7 +74,7 @@ def _tasks_of(uid: int) -> int:
     return count
 
 
-def _limit_and_drop(limits: dict, home: str) -> list[str]:
+def _limit_and_drop(limits: dict[str, Any], home: str) -> list[str]:
     """Hard rlimits, no new privileges, and the `nobody` user if we are root."""
     root = os.geteuid() == 0
     mb = 1024 * 1024
@@ -144,7 +149,7 @@ def _message(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:MESSAGE_CHARS]
 
 
-def _as_values(raw: Any, n: int) -> tuple[list, list, str | None]:
+def _as_values(raw: Any, n: int) -> tuple[list[float | None], SampleErrors, str | None]:
     """(values, [[i, message]...], batch error) from what a reward returned, for n completions."""
     if isinstance(raw, (Mapping, str, bytes, set, frozenset)) or raw is None:
         return [None] * n, [], f"returned a {type(raw).__name__}; expected a list of {n} numbers"
@@ -158,9 +163,10 @@ def _as_values(raw: Any, n: int) -> tuple[list, list, str | None]:
         return [None] * n, [], f"returned a {type(raw).__name__}; expected a list of {n} numbers"
     if len(items) != n:
         return [None] * n, [], f"returned {'more' if len(items) > n else len(items)} values for {n} completions"
-    values, errors = [], []
+    values: list[float | None] = []
+    errors: SampleErrors = []
     for i, value in items:
-        number = None
+        number: float | None = None
         if not isinstance(value, (str, bytes)):  # float("1") would pass; a reward must be a number
             try:
                 number = float(value)
@@ -176,7 +182,7 @@ def _as_values(raw: Any, n: int) -> tuple[list, list, str | None]:
 _SERVER_PID = 0  # set in _serve
 
 
-def _run(fn, completions: list, samples: list) -> Any:
+def _run(fn: Reward, completions: list[str], samples: list[dict[str, Any]]) -> object:
     try:
         return fn(completions, samples)
     finally:
@@ -184,7 +190,7 @@ def _run(fn, completions: list, samples: list) -> Any:
             os._exit(0)
 
 
-def _score(fn, completions: list, samples: list, retry_alone: bool) -> dict:
+def _score(fn: Reward, completions: list[str], samples: list[dict[str, Any]], retry_alone: bool) -> dict[str, Any]:
     n = len(completions)
     try:
         values, errors, batch_error = _as_values(_run(fn, completions, samples), n)
@@ -229,18 +235,19 @@ def _kill_leftovers(in_pid_namespace: bool) -> None:
             break
 
 
-def _build(config: dict):
+def _build(config: dict[str, Any]) -> Reward:
     module, _, name = config["build"].partition(":")
-    return getattr(importlib.import_module(module), name)(*config["args"])
+    fn: Reward = getattr(importlib.import_module(module), name)(*config["args"])
+    return fn
 
 
-def _serve(config: dict, isolation: list[str]) -> None:
+def _serve(config: dict[str, Any], isolation: list[str]) -> None:
     global _SERVER_PID
     _SERVER_PID = os.getpid()
     reply_fd = os.dup(1)  # replies go here; what the reward prints goes to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    fn = None
+    fn: Reward | None = None
     try:
         if config["trusted"]:
             fn = _build(config)

@@ -12,8 +12,9 @@ import threading
 import warnings
 from collections.abc import Callable
 from functools import cache
+from typing import Any
 
-RewardFn = Callable[[list[str], list[dict]], list[float]]
+RewardFn = Callable[[list[str], list[dict[str, Any]]], list[float]]
 
 # The sample fields each reward kind reads. A prompt row without them can only ever score 0 (the
 # functions below never raise), so data loading reports such rows as bad (rlhf.data.sources)
@@ -61,10 +62,11 @@ def final_answer(text: str) -> str | None:
 
 # ------------------------------------------------------------------------------- reasoning-gym
 @cache
-def _reasoning_gym_scorer(task: str) -> Callable:
+def _reasoning_gym_scorer(task: str) -> Callable[..., float]:
     import reasoning_gym
 
-    return reasoning_gym.get_score_answer_fn(task)
+    scorer: Callable[..., float] = reasoning_gym.get_score_answer_fn(task)  # (answer, entry=...) -> score
+    return scorer
 
 
 def reasoning_gym_reward(
@@ -77,8 +79,8 @@ def reasoning_gym_reward(
     numeric tasks (chain_sum, basic_arithmetic, gsm_symbolic); pass another for the rest.
     """
 
-    def reasoning_gym_reward(completions: list[str], samples: list[dict]) -> list[float]:
-        rewards = []
+    def reasoning_gym_reward(completions: list[str], samples: list[dict[str, Any]]) -> list[float]:
+        rewards: list[float] = []
         for completion, sample in zip(completions, samples, strict=True):
             try:
                 scorer = _reasoning_gym_scorer(task or sample["metadata"]["source_dataset"])
@@ -103,9 +105,10 @@ def math_answer_reward(timeout_seconds: int = 5, answer_key: str = "answer") -> 
     """
     from math_verify import parse, verify
 
-    def as_math(answer: str):
+    def as_math(answer: str) -> list[object]:  # math-verify's parse: sympy expressions and strings
         # Wrapping in \boxed{} makes math-verify read the whole string, LaTeX or plain.
-        return parse(f"\\boxed{{{answer}}}", parsing_timeout=limit())
+        parsed: list[object] = parse(f"\\boxed{{{answer}}}", parsing_timeout=limit())
+        return parsed
 
     def limit() -> int | None:
         if threading.current_thread() is threading.main_thread():
@@ -113,8 +116,8 @@ def math_answer_reward(timeout_seconds: int = 5, answer_key: str = "answer") -> 
         warnings.warn("math_answer_reward off the main thread: math-verify runs without a timeout", stacklevel=2)
         return None
 
-    def math_answer_reward(completions: list[str], samples: list[dict]) -> list[float]:
-        rewards = []
+    def math_answer_reward(completions: list[str], samples: list[dict[str, Any]]) -> list[float]:
+        rewards: list[float] = []
         for completion, sample in zip(completions, samples, strict=True):
             try:
                 answer = final_answer(completion)
@@ -138,7 +141,7 @@ def format_reward(pattern: str = ONLY_A_NUMBER, score: float = 1.0) -> RewardFn:
     """
     compiled = re.compile(pattern)
 
-    def format_reward(completions: list[str], samples: list[dict]) -> list[float]:
+    def format_reward(completions: list[str], samples: list[dict[str, Any]]) -> list[float]:
         return [score if compiled.fullmatch(c) else 0.0 for c in completions]
 
     return format_reward
