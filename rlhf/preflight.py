@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import ast
 import inspect
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rlhf.config import ConfigError, RunConfig
 from rlhf.data.sources import FILE_SUFFIXES
@@ -89,7 +91,12 @@ def _imdb_problems(where: str, cfg: RunConfig, kind: str) -> list[str]:
     from rlhf.data import imdb
 
     problems = []
-    build = {"prompts": imdb.imdb_prompts, "preference": imdb.imdb_preference_pairs, "sft": imdb.imdb_sft_pairs}[kind]
+    builders: dict[str, Callable[..., list[dict[str, Any]]]] = {
+        "prompts": imdb.imdb_prompts,
+        "preference": imdb.imdb_preference_pairs,
+        "sft": imdb.imdb_sft_pairs,
+    }
+    build = builders[kind]
     options = [name for name in inspect.signature(build).parameters if name not in ("n", "seed", "split")]
     for option in cfg.data.task_kwargs:
         if option not in options:
@@ -112,7 +119,12 @@ def _imdb_problems(where: str, cfg: RunConfig, kind: str) -> list[str]:
 def reward_problems(cfg: RunConfig) -> list[str]:
     problems = []
     for i, reward in enumerate(cfg.rewards):
-        if reward.kind == "python" and (problem := python_function_problem(reward.function)):
+        # (RewardSpec requires a function for kind=python; the None check is for the type checker)
+        if (
+            reward.kind == "python"
+            and reward.function is not None
+            and (problem := python_function_problem(reward.function))
+        ):
             problems.append(f"rewards.{i}.function = {reward.function!r}: {problem}")
     return problems
 

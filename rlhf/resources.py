@@ -35,7 +35,7 @@ def actor_request(res: RoleResources) -> dict[str, float]:
 def placement_sets(cfg: ResourcesConfig, roles: list[str]) -> list[tuple[list[str], list[dict[str, float]]]]:
     """(member roles, bundles) of every placement group the run creates, in creation order:
     the colocated sets first, then one per remaining role."""
-    colocated = [[r for r in group if r in roles] for group in cfg.colocate]
+    colocated: list[list[str]] = [[r for r in group if r in roles] for group in cfg.colocate]
     sets = [g for g in colocated if g] + [[r] for r in roles if not any(r in g for g in colocated)]
     out = []
     for members in sets:

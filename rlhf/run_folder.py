@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("raylhf")
 
@@ -35,19 +36,20 @@ class RunFolderError(RuntimeError):
 @dataclass
 class RunFolder:
     path: Path
-    info: dict  # run.json's content
+    info: dict[str, Any]  # run.json's content
     resumed: bool = False  # an existing run reopened (checkpoint.resume=true), not a new one
     _lock_fd: int | None = field(default=None, repr=False)
 
     @property
     def run_id(self) -> str:
-        return self.info["run_id"]
+        run_id: str = self.info["run_id"]  # _read_info checked that it is a string
+        return run_id
 
     @property
     def name(self) -> str:
         return self.path.name
 
-    def update(self, **fields) -> None:
+    def update(self, **fields: Any) -> None:
         """Record fields in run.json (status, checkpoints, ...), atomically."""
         self.info.update(fields)
         _write_atomically(self.path / RUN_FILE, json.dumps(self.info, indent=2))
@@ -107,13 +109,14 @@ def open_run_folder(parent: str | Path, name: str, resume: bool) -> RunFolder:
             _describe(named),
             path,
         )
+    assert info is not None  # the loop above only ends with a folder claimed
     folder = RunFolder(path, info)
     folder._lock_fd = _lock(path)
     log.info("run folder: %s (run %s)", path, folder.run_id)
     return folder
 
 
-def _claim(path: Path, name: str) -> dict | None:
+def _claim(path: Path, name: str) -> dict[str, Any] | None:
     """Create run.json in `path` if the folder is new or empty; None when it is taken. Creating
     the file exclusively makes the claim safe against another run claiming the same folder now."""
     try:
@@ -155,7 +158,7 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _read_info(path: Path) -> dict:
+def _read_info(path: Path) -> dict[str, Any]:
     file = path / RUN_FILE
     if not file.is_file():
         raise RunFolderError(

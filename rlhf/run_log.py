@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +24,7 @@ class MetricSink(Protocol):
     def close(self) -> None: ...
 
 
-def format_metrics(metrics: dict) -> str:
+def format_metrics(metrics: Mapping[str, float]) -> str:
     """'eval/accuracy=0.17, eval/response_length=11.46' for log lines."""
     return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
@@ -128,11 +129,11 @@ def _lines_up_to(path: Path, step: int) -> list[str]:
 class PhaseTimer:
     """`with timer("generate"): ...` adds the block's wall seconds to `timer.seconds["generate"]`."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
-    def __call__(self, phase: str):
+    def __call__(self, phase: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield

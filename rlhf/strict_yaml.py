@@ -7,12 +7,13 @@ from typing import Any
 import yaml
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
+# yaml ships no types (the types-PyYAML stubs are not installed), so its SafeLoader is Any to mypy.
+class UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
     """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last,
     silently). Keys brought in by a `<<:` merge may still be overridden, as YAML intends."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first_line: dict = {}
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}  # key -> the line it was first given on
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
@@ -29,7 +30,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     key_node.start_mark,
                 )
             first_line[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep)
+        return mapping
 
 
 def parse_yaml(text: str, name: str) -> Any:
