@@ -401,4 +401,5 @@ def test_grpo_batch_std_matches_loop():
     batch_std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     expected = (centered / (batch_std + 1e-6)).float()
     torch.testing.assert_close(adv, expected.unsqueeze(1).expand(-1, 4))
+    assert torch.equal(adv[group_ids == 1000], torch.zeros(3, 4))  # an all-equal group: exactly 0
     assert returns is None and ADVANTAGE_ESTIMATORS["grpo_batch_std"].needs_groups
