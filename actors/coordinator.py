@@ -37,6 +37,7 @@ from rlhf.algos import (
     compute_advantages,
     compute_kl,
     compute_loss_normalizer,
+    contiguous_group_ids,
     informative_group_rows,
     masked_mean,
     whole_group_count,
@@ -75,7 +76,7 @@ class RLCoordinator:
         self.tokenizer = AutoTokenizer.from_pretrained(models.policy.tokenizer or self.policy_path)
         roles = ["policy", "rollout"]
         roles += ["reference"] if a.kl.coef > 0 else []
-        roles += ["critic"] if a.advantage == "gae" else []
+        roles += ["critic"] if a.advantage_estimator.needs_critic else []
         roles += ["reward"] if models.reward else []
         self.plan = PlacementPlan.create(cfg.resources, roles)
         common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
@@ -188,7 +189,7 @@ class RLCoordinator:
             a.advantage,
             scores,
             mask,
-            group_size=n,
+            group_ids=contiguous_group_ids(len(scores), n),  # contiguous groups until batch["group_ids"]
             kl_penalty=penalty,
             values=batch.get("old_values"),
             gamma=a.gamma,
@@ -268,7 +269,8 @@ class RLCoordinator:
             for k, v in reward_metrics.items():  # means weighted by samples so refills average correctly
                 metrics[k] = metrics.get(k, 0.0) + (v if k.startswith(COUNTS) else v * len(batch_samples))
             if a.dynamic_sampling:
-                rows = informative_group_rows(batch_scores, n)
+                # each round's samples come back as contiguous groups of n
+                rows = informative_group_rows(batch_scores, contiguous_group_ids(len(batch_scores), n))
                 batch_samples, batch_scores = [batch_samples[i] for i in rows], batch_scores[rows]
             samples += batch_samples
             scores.append(batch_scores)

@@ -6,10 +6,10 @@ import torch
 
 from actors.trainer import CausalLMRole, forward_logits
 from rlhf.algos import (
+    POLICY_LOSSES,
     aggregate_loss,
     compute_entropy,
     compute_kl,
-    compute_policy_loss,
     compute_sequence_logprobs,
     compute_token_logprobs,
     compute_truncated_is_weights,
@@ -59,7 +59,7 @@ class PolicyActor(CausalLMRole):
                         cap=a.importance_sampling.cap,
                         level=a.importance_sampling.level,
                     )
-                loss, metrics = compute_policy_loss(
+                loss, metrics = POLICY_LOSSES[a.policy_loss].fn(
                     logprobs,
                     old,
                     micro["advantages"],

@@ -15,15 +15,29 @@ import copy
 import math
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import ErrorDetails
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, core_schema
 
+from rlhf.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageEstimator
+from rlhf.algos.kl import KL_ESTIMATORS
+from rlhf.algos.losses import POLICY_LOSSES
 from rlhf.names import did_you_mean
+from rlhf.registry import Registry
+from rlhf.rewards.registry import REWARD_KINDS
 from rlhf.strict_yaml import parse_yaml
 
 Role = Literal["policy", "reference", "reward", "critic", "rollout"]
@@ -35,6 +49,17 @@ class Section(BaseModel):
     float may be inf or NaN (`lr: .inf` satisfies `gt=0`, and a NaN fails no comparison)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+@dataclass(frozen=True)
+class RegisteredName:
+    """Field metadata: the value is a name in `registry` (checked with a did-you-mean error);
+    docs/config.md lists the registered names and what each does."""
+
+    registry: Registry[Any]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self.registry.check, handler(source))
 
 
 # --------------------------------------------------------------------------------------- models
@@ -60,7 +85,9 @@ class ModelsConfig(Section):
         description="sequence-classification reward model: scores RL samples, is what reward_model trains, "
         "and scores DPO's held-out samples",
     )
-    critic: ModelSpec | None = Field(None, description="value model; used only with algorithm.advantage='gae'")
+    critic: ModelSpec | None = Field(
+        None, description="value model; used only by an algorithm.advantage that needs a critic (gae)"
+    )
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -196,7 +223,7 @@ class KLConfig(Section):
         description="RL: weight of KL(policy || reference); 0: no KL term and no "
         "reference model (with adaptive: the starting value)",
     )
-    estimator: Literal["k1", "k2", "k3"] = Field(
+    estimator: Annotated[str, RegisteredName(KL_ESTIMATORS)] = Field(
         "k3", description="per-token KL estimator: k1 log-ratio, k2 half its square, k3 unbiased and >= 0 (GRPO)"
     )
     mode: Literal["reward", "loss"] = Field(
@@ -253,10 +280,13 @@ class AlgorithmConfig(Section):
         description="the loop: ppo, grpo and rlvr run the same RL loop (a label: advantage, rewards and models decide "
         "what it does); dpo, sft and reward_model train without rollouts"
     )
-    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"] = Field(
+    advantage: Annotated[str, RegisteredName(ADVANTAGE_ESTIMATORS)] = Field(
         "grpo",
-        description="RL advantage estimator: gae (critic), grpo (group z-score), dr_grpo (minus group mean), "
-        "rloo (leave-one-out), reinforce++ (batch-whitened returns), reinforce++_baseline",
+        description="RL advantage estimator, e.g. gae (needs models.critic), grpo (group z-score), rloo; "
+        "all are listed under Registered names",
+    )
+    policy_loss: Annotated[str, RegisteredName(POLICY_LOSSES)] = Field(
+        "ppo", description="RL policy loss: ppo is the clipped surrogate (with clip_low, clip_high, dual_clip)"
     )
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="per-token discount of gae and reinforce++ (1: none)")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda: lower trusts the critic more (1: Monte Carlo)")
@@ -294,13 +324,18 @@ class AlgorithmConfig(Section):
     )
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO loss settings (algorithm.name='dpo')")
 
+    @property
+    def advantage_estimator(self) -> AdvantageEstimator:
+        """The registered estimator `advantage` names, with what it needs (needs_critic, needs_groups)."""
+        return ADVANTAGE_ESTIMATORS[self.advantage]
+
 
 class RewardSpec(Section):
     """One reward function; a run's reward is the weighted sum of its rewards."""
 
-    kind: Literal["reasoning_gym", "math", "format", "python", "model", "http"] = Field(
-        description="reasoning_gym: the task's verifier; math: math-verify against the answer; format: 1 if the "
-        "completion is just a number; python: `function`; http: POST to `url`; model: models.reward"
+    kind: Annotated[str, RegisteredName(REWARD_KINDS)] = Field(
+        description="which reward function (listed under Registered names): python needs `function`, "
+        "http needs `url`, model needs models.reward"
     )
     weight: float = Field(1.0, description="multiplies this reward in the sum (negative: a penalty)")
     function: str | None = Field(None, description="'path/to/file.py:function' for kind=python")
@@ -531,7 +566,7 @@ class RunConfig(Section):
             )
         # every trained role splits each global batch over its ranks, then into micro-batches
         trained = ["reward"] if algo.name == "reward_model" else ["policy"]
-        trained += ["critic"] if self.is_rl and algo.advantage == "gae" else []
+        trained += ["critic"] if self.is_rl and algo.advantage_estimator.needs_critic else []
         for role in trained:
             ranks = getattr(res, role).num_actors
             if t.global_batch_size % (t.micro_batch_size * ranks):
@@ -546,14 +581,13 @@ class RunConfig(Section):
                     f"rollout.prompts_per_step x rollout.samples_per_prompt = {per_step} samples per step "
                     f"must be divisible by trainer.global_batch_size={t.global_batch_size}"
                 )
-            group_based = algo.advantage in ("grpo", "dr_grpo", "rloo", "reinforce++_baseline")
-            if group_based and ro.samples_per_prompt < 2:
+            if algo.advantage_estimator.needs_groups and ro.samples_per_prompt < 2:
                 raise ValueError(
                     f"algorithm.advantage={algo.advantage!r} compares samples of one prompt: "
                     f"rollout.samples_per_prompt must be >= 2, got {ro.samples_per_prompt}"
                 )
-            if algo.advantage == "gae" and self.models.critic is None:
-                raise ValueError("algorithm.advantage='gae' needs a value model: set models.critic.path")
+            if algo.advantage_estimator.needs_critic and self.models.critic is None:
+                raise ValueError(f"algorithm.advantage={algo.advantage!r} needs a value model: set models.critic.path")
             if not self.rewards and self.models.reward is None:
                 raise ValueError("an RL run needs a reward: add an entry to `rewards` or set models.reward")
             if res.rollout.num_actors > ro.prompts_per_step:
@@ -568,7 +602,7 @@ class RunConfig(Section):
                 f"algorithm.clip_high={algo.clip_high} is below clip_low={algo.clip_low}; "
                 "clip-higher means clip_high >= clip_low"
             )
-        if any(r.kind == "model" for r in self.rewards) and self.models.reward is None:
+        if any(REWARD_KINDS[r.kind].remote for r in self.rewards) and self.models.reward is None:
             raise ValueError("rewards has kind=model but models.reward is not set")
         if ro.sleep_during_training and not any("rollout" in group and len(group) > 1 for group in res.colocate):
             raise ValueError(

@@ -11,6 +11,7 @@ tests/unit/test_config_docs.py keeps the file equal to `render_reference()` and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 import typing
@@ -21,7 +22,8 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from rlhf.config import REMOVED_KEYS, ROLES, RunConfig
+from rlhf.config import REMOVED_KEYS, ROLES, RegisteredName, RunConfig
+from rlhf.registry import Registry
 
 DOC_PATH = "docs/config.md"
 REGENERATE = "python scripts/gen_config_docs.py"
@@ -165,6 +167,7 @@ def _constraints(field: FieldInfo) -> str:
             if isinstance(item, kind):
                 out.append(f"{symbol} {getattr(item, attr):g}")
     choices, in_list = _literal_choices(field.annotation)
+    choices += [name for item in field.metadata if isinstance(item, RegisteredName) for name in item.registry]
     if choices:
         out.append(("items: " if in_list else "one of: ") + ", ".join(f"`{c}`" for c in choices))
     return "; ".join(out)
@@ -192,6 +195,29 @@ def _table(table: Table) -> list[str]:
     return lines + [""]
 
 
+def registered_fields(root: type[BaseModel] = RunConfig) -> list[tuple[str, Registry[Any]]]:
+    """(dotted key, registry) of every field whose value names a registry entry."""
+    return [
+        (row.key, item.registry)
+        for table in sections(root)
+        for row in table.rows
+        for item in row.field.metadata
+        if isinstance(item, RegisteredName)
+    ]
+
+
+def _properties(entry: Any) -> str:
+    """An entry's declared properties that are set (`needs_critic`, `remote`, ...)."""
+    fields = [f.name for f in dataclasses.fields(entry) if f.name not in ("name", "summary")]
+    return ", ".join(f"`{name}`" for name in fields if getattr(entry, name) is True)
+
+
+def _registered(key: str, registry: Registry[Any]) -> list[str]:
+    lines = [f"### `{key}` ({registry.kind})", "", "| name | what it does | declares |", "|---|---|---|"]
+    lines += [f"| `{e.name}` | {_cell(e.summary)} | {_properties(e)} |" for e in registry.entries()]
+    return lines + [""]
+
+
 def render_reference(root: type[BaseModel] = RunConfig) -> str:
     lines = [
         "# Configuration reference",
@@ -206,6 +232,17 @@ def render_reference(root: type[BaseModel] = RunConfig) -> str:
     ]
     for table in sections(root):
         lines += _table(table)
+    if registered := registered_fields(root):
+        lines += [
+            "## Registered names",
+            "",
+            "These fields name an entry of a registry: a function registered with a decorator where it",
+            "is defined (CONTRIBUTING.md shows how to add one). A name that is not registered is an error",
+            "that suggests the closest one.",
+            "",
+        ]
+        for key, registry in registered:
+            lines += _registered(key, registry)
     if REMOVED_KEYS:
         lines += [
             "## Removed keys",

@@ -4,8 +4,9 @@ No Ray, DeepSpeed or vLLM here; every function is unit-tested on CPU (tests/unit
 """
 
 from rlhf.algos.advantages import (
-    EQUAL_SCORE_TOL,
-    ESTIMATORS,
+    ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
+    advantage_estimator,
     broadcast_sequence_advantages,
     compute_advantages,
     compute_gae_advantages,
@@ -15,7 +16,6 @@ from rlhf.algos.advantages import (
     compute_reinforce_plus_plus_returns,
     compute_rloo_advantages,
     compute_token_rewards,
-    equal_score_groups,
 )
 from rlhf.algos.aggregation import (
     AGG_MODES,
@@ -26,6 +26,7 @@ from rlhf.algos.aggregation import (
     masked_whiten,
 )
 from rlhf.algos.dynamic_sampling import informative_group_rows, whole_group_count
+from rlhf.algos.groups import EQUAL_SCORE_TOL, contiguous_group_ids, equal_score_groups
 from rlhf.algos.importance import compute_truncated_is_weights
 from rlhf.algos.kl import (
     KL_ESTIMATORS,
@@ -33,9 +34,11 @@ from rlhf.algos.kl import (
     FixedKLController,
     apply_kl_penalty,
     compute_kl,
+    kl_estimator,
     kl_loss,
 )
 from rlhf.algos.losses import (
+    POLICY_LOSSES,
     bradley_terry_loss,
     compute_entropy,
     compute_entropy_from_logprobs,
@@ -44,17 +47,21 @@ from rlhf.algos.losses import (
     compute_token_logprobs,
     compute_value_loss,
     dpo_loss,
+    policy_loss,
     reward_model_loss,
     sft_loss,
 )
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
     "EQUAL_SCORE_TOL",
-    "ESTIMATORS",
     "KL_ESTIMATORS",
+    "POLICY_LOSSES",
     "AdaptiveKLController",
+    "AdvantageInputs",
     "FixedKLController",
+    "advantage_estimator",
     "aggregate_loss",
     "apply_kl_penalty",
     "bradley_terry_loss",
@@ -76,13 +83,16 @@ __all__ = [
     "compute_token_rewards",
     "compute_truncated_is_weights",
     "compute_value_loss",
+    "contiguous_group_ids",
     "dpo_loss",
     "equal_score_groups",
     "informative_group_rows",
+    "kl_estimator",
     "kl_loss",
     "masked_mean",
     "masked_sum",
     "masked_whiten",
+    "policy_loss",
     "reward_model_loss",
     "sft_loss",
     "whole_group_count",

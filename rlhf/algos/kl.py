@@ -8,17 +8,43 @@ With r = pi_ref(y) / pi(y) (so log r = ref_logprobs - logprobs), Schulman's esti
     k3 = (r - 1) - log r       unbiased, low variance, >= 0 (since x - 1 >= log x)
 So k1 = logprobs - ref_logprobs: positive when the policy puts *more* mass on its sample than
 the reference, which is the direction the penalty pushes against.
+
+`KL_ESTIMATORS` maps the config's algorithm.kl.estimator to one `@kl_estimator` function of the
+per-token log-ratio log r (B, T).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from rlhf.algos.aggregation import aggregate_loss
+from rlhf.registry import Entry, Registry, summary_of
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KLFn = Callable[[torch.Tensor], torch.Tensor]  # log r = ref_logprobs - logprobs (B, T) -> KL (B, T)
+
+
+@dataclass(frozen=True)
+class KLEstimator(Entry):
+    fn: KLFn
+
+
+KL_ESTIMATORS: Registry[KLEstimator] = Registry("KL estimator")
+
+
+def kl_estimator(name: str) -> Callable[[KLFn], KLFn]:
+    """Register the decorated function of log r as the KL estimator `name` (algorithm.kl.estimator)."""
+
+    def register(fn: KLFn) -> KLFn:
+        KL_ESTIMATORS.add(KLEstimator(name, summary_of(fn), fn))
+        return fn
+
+    return register
+
 
 # k3's exp(log r) overflows float32 past log r ~ 88. Above this cap exp is continued by its
 # tangent line, so value and gradient stay finite and keep their sign (a clamp would zero both).
@@ -39,15 +65,25 @@ def compute_kl(
     log_r = ref_logprobs - logprobs  # (B, T)
     if mask is not None:
         log_r = torch.where(mask.bool(), log_r, torch.zeros_like(log_r))
-    if estimator == "k1":
-        kl = -log_r
-    elif estimator == "k2":
-        kl = 0.5 * log_r**2
-    elif estimator == "k3":
-        kl = _exp_capped(log_r) - 1.0 - log_r
-    else:
-        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
-    return kl
+    return KL_ESTIMATORS[estimator].fn(log_r)
+
+
+@kl_estimator("k1")
+def k1(log_r: torch.Tensor) -> torch.Tensor:
+    """-log r: the log-ratio; unbiased, high variance, can be negative per token."""
+    return -log_r
+
+
+@kl_estimator("k2")
+def k2(log_r: torch.Tensor) -> torch.Tensor:
+    """(log r)^2 / 2: biased, low variance, >= 0."""
+    return 0.5 * log_r**2
+
+
+@kl_estimator("k3")
+def k3(log_r: torch.Tensor) -> torch.Tensor:
+    """(r - 1) - log r: unbiased, low variance, >= 0 (GRPO)."""
+    return _exp_capped(log_r) - 1.0 - log_r
 
 
 def _exp_capped(x: torch.Tensor, cap: float = K3_EXP_CAP) -> torch.Tensor:
@@ -85,16 +121,16 @@ def kl_loss(
 class FixedKLController:
     """A constant KL coefficient; `update` does nothing. Same interface as the adaptive one."""
 
-    def __init__(self, coef: float):
+    def __init__(self, coef: float) -> None:
         self.value = float(coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:
         pass
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, float]:
         return {"value": self.value}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value = float(state["value"])
 
 
@@ -107,7 +143,7 @@ class AdaptiveKLController:
     The clip keeps one noisy KL estimate from moving the coefficient by more than 20% per horizon.
     """
 
-    def __init__(self, init_coef: float, target: float, horizon: float):
+    def __init__(self, init_coef: float, target: float, horizon: float) -> None:
         if target <= 0 or horizon <= 0:
             raise ValueError("AdaptiveKLController needs target > 0 and horizon > 0")
         self.value = float(init_coef)
@@ -118,10 +154,10 @@ class AdaptiveKLController:
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, float]:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value = float(state["value"])
         self.target = float(state["target"])
         self.horizon = float(state["horizon"])

@@ -6,16 +6,60 @@ mask (B, T), 1 on tokens that count. Per-token losses are reduced by `aggregate_
 (`agg_mode`, `global_normalizer`: see aggregation.py for gradient-accumulation invariance).
 Inputs at masked positions are replaced by 0 before any arithmetic, so padding never leaks
 into a loss or a gradient.
+
+`POLICY_LOSSES` maps the config's algorithm.policy_loss to one `@policy_loss` function with the
+signature of `PolicyLossFn`; the PPO clipped surrogate is "ppo".
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from rlhf.algos.aggregation import aggregate_loss, masked_mean
+from rlhf.registry import Entry, Registry, summary_of
 
 Normalizer = float | torch.Tensor | None
+
+
+class PolicyLossFn(Protocol):
+    """A policy loss: token tensors (B, T) in, (scalar loss to minimise, detached scalar metrics) out."""
+
+    def __call__(
+        self,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        dual_clip: float | None = None,
+        is_weights: torch.Tensor | None = None,
+        agg_mode: str = "token_mean",
+        global_normalizer: Normalizer = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class PolicyLoss(Entry):
+    fn: PolicyLossFn
+
+
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+
+
+def policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Register the decorated function as the policy loss `name` (algorithm.policy_loss)."""
+
+    def register(fn: PolicyLossFn) -> PolicyLossFn:
+        POLICY_LOSSES.add(PolicyLoss(name, summary_of(fn), fn))
+        return fn
+
+    return register
 
 
 def _zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -42,6 +86,7 @@ def compute_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatu
     return F.pad(logprobs, (1, 0), value=0.0)  # (B, T)
 
 
+@policy_loss("ppo")
 def compute_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -54,7 +99,9 @@ def compute_policy_loss(
     agg_mode: str = "token_mean",
     global_normalizer: Normalizer = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate (Schulman et al. 2017), to minimise. Returns (loss, metrics).
+    """PPO clipped surrogate (Schulman et al. 2017), with clip-higher and dual clip.
+
+    To minimise. Returns (loss, metrics).
 
     logprobs (B, T) under the current policy (with grad); old_logprobs (B, T) from the policy
     that generated the batch; advantages (B, T). With ratio = exp(logprobs - old_logprobs):

@@ -1,14 +1,16 @@
 """Turn the config's `rewards:` list into reward functions, and run them so a bad one cannot stop a run.
 
 A reward function is a plain callable `(completions, samples) -> list[float]` (TRL style; see
-rlhf.rewards.verifiers). `build_reward_functions` maps each RewardSpec kind to one:
+rlhf.rewards.verifiers). Each RewardSpec kind is one `@reward_kind` builder in `REWARD_KINDS`
+(the same Registry mechanism as the algorithms', rlhf/registry.py; the config checks kinds
+against it), and `build_reward_functions` calls the builder of each spec:
 
     reasoning_gym  the task's own scorer (task from data.source, else each sample's metadata)
     math           math_answer_reward (math-verify against sample["answer"])
     format         format_reward (the completion is just a number)
     python         `function: path/to/file.py:name`, a function in a user's file
-    http           POST {"completions": [...], "samples": [...]} to `url`, read {"rewards": [...]}
     model          scored by the reward-model Ray actor elsewhere: `remote=True`, no function here
+    http           POST {"completions": [...], "samples": [...]} to `url`, read {"rewards": [...]}
 
 `run_reward_function` never raises for a reward's failure and loses no sample: each sample gets
 its reward or the spec's `fallback`, and every fallback is counted with the first error's text.
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from rlhf.registry import Entry, Registry, summary_of
 from rlhf.rewards.sandbox import Sandbox, SandboxError, SandboxLimits
 
 if TYPE_CHECKING:
@@ -183,54 +186,108 @@ def sandbox_limits(spec: RewardSpec, network: bool) -> SandboxLimits:
     )
 
 
+# ------------------------------------------------------------------------------- reward kinds
+class RewardBuild(NamedTuple):
+    """What a kind's builder makes of one spec."""
+
+    fn: RewardFactory | None  # None: scored elsewhere (the kind is registered remote)
+    name: str | None = None  # the reward's name in metrics; default: the kind
+    trusted: bool = True  # our code; False: a user's file (imported now, in its sandbox, to fail early)
+    network: bool = False  # the sandbox gets network access
+    retry_alone: bool = False  # a batch that raises is retried one sample at a time
+
+
+RewardBuilder = Callable[["RewardSpec", "str | None"], RewardBuild]  # (spec, reasoning-gym task)
+
+
+@dataclass(frozen=True)
+class RewardKind(Entry):
+    build: RewardBuilder
+    remote: bool = False  # scored by the reward-model actor (models.reward), not by a function here
+
+
+REWARD_KINDS: Registry[RewardKind] = Registry("reward kind")
+
+
+def reward_kind(name: str, *, remote: bool = False) -> Callable[[RewardBuilder], RewardBuilder]:
+    """Register the decorated builder as the reward kind `name` (rewards[i].kind)."""
+
+    def register(build: RewardBuilder) -> RewardBuilder:
+        REWARD_KINDS.add(RewardKind(name, summary_of(build), build, remote))
+        return build
+
+    return register
+
+
+@reward_kind("reasoning_gym")
+def _reasoning_gym(spec: RewardSpec, task: str | None) -> RewardBuild:
+    """The reasoning-gym task's own verifier (task from data.source, else each sample's metadata)."""
+    return RewardBuild(RewardFactory("rlhf.rewards.verifiers:reasoning_gym_reward", (task,)))
+
+
+@reward_kind("math")
+def _math(spec: RewardSpec, task: str | None) -> RewardBuild:
+    """1 if math-verify finds the completion's answer equal to the sample's answer."""
+    return RewardBuild(RewardFactory("rlhf.rewards.verifiers:math_answer_reward"))
+
+
+@reward_kind("format")
+def _format(spec: RewardSpec, task: str | None) -> RewardBuild:
+    """1 if the completion is just a number."""
+    return RewardBuild(RewardFactory("rlhf.rewards.verifiers:format_reward"))
+
+
+@reward_kind("python")
+def _python(spec: RewardSpec, task: str | None) -> RewardBuild:
+    """`function: path/to/file.py:name`, a function in a user's file, in a sandbox."""
+    path, function = _split_target(spec.function or "")
+    path = str(Path(path).resolve())  # the sandbox runs elsewhere
+    source = read_reward_file(path, function)
+    fn = RewardFactory("rlhf.rewards.registry:load_python_reward", (path, function, source))
+    return RewardBuild(fn, f"python:{function}", trusted=False, network=spec.network, retry_alone=True)
+
+
+@reward_kind("model", remote=True)
+def _model(spec: RewardSpec, task: str | None) -> RewardBuild:
+    """The reward model of models.reward, on its Ray actor."""
+    return RewardBuild(None)
+
+
+@reward_kind("http")
+def _http(spec: RewardSpec, task: str | None) -> RewardBuild:
+    """POST the completions and samples as JSON to `url`; the reply holds the rewards."""
+    args = (spec.url, spec.timeout_s, HTTP_FIRST_BACKOFF_S)
+    return RewardBuild(RewardFactory("rlhf.rewards.registry:http_reward", args), network=True)
+
+
 def build_reward_functions(specs: list[RewardSpec], task: str | None = None) -> list[NamedReward]:
     """One NamedReward per spec, named by kind ("python:<fn>" for python; "#2", "#3" on repeats).
 
     `task` is the reasoning-gym task ("chain_sum" or "reasoning_gym:chain_sum") for kind
-    reasoning_gym; None scores each sample with its own `metadata["source_dataset"]`. A python
-    reward's sandbox starts here, so a missing file or function, one that is not callable, or a
-    file that fails to import fails now with a ValueError instead of mid-run.
+    reasoning_gym; None scores each sample with its own `metadata["source_dataset"]`. A user's
+    reward (kind python) starts its sandbox here, so a missing file or function, one that is not
+    callable, or a file that fails to import fails now with a ValueError instead of mid-run.
     """
     task = task.removeprefix("reasoning_gym:") if task else None
     rewards: list[NamedReward] = []
     for spec in specs:
-        name: str = spec.kind
-        fn: RewardFactory | None = None
-        trusted, network = True, False
-        if spec.kind == "reasoning_gym":
-            fn = RewardFactory("rlhf.rewards.verifiers:reasoning_gym_reward", (task,))
-        elif spec.kind == "math":
-            fn = RewardFactory("rlhf.rewards.verifiers:math_answer_reward")
-        elif spec.kind == "format":
-            fn = RewardFactory("rlhf.rewards.verifiers:format_reward")
-        elif spec.kind == "python":
-            assert spec.function is not None  # RewardSpec requires it for kind=python
-            path, function = _split_target(spec.function)
-            path = str(Path(path).resolve())  # the sandbox runs elsewhere
-            source = read_reward_file(path, function)
-            name, trusted, network = f"python:{function}", False, spec.network
-            fn = RewardFactory("rlhf.rewards.registry:load_python_reward", (path, function, source))
-        elif spec.kind == "http":
-            fn, network = (
-                RewardFactory("rlhf.rewards.registry:http_reward", (spec.url, spec.timeout_s, HTTP_FIRST_BACKOFF_S)),
-                True,
-            )
-        elif spec.kind != "model":
-            raise ValueError(f"rewards: unknown kind {spec.kind!r}")
+        kind = REWARD_KINDS[spec.kind]
+        built = kind.build(spec, task)
+        name = built.name or spec.kind
         taken = sum(r.name == name or r.name.startswith(name + "#") for r in rewards)
         name = f"{name}#{taken + 1}" if taken else name
         reward = NamedReward(
             name,
             spec.weight,
-            fn,
+            built.fn,
             spec.timeout_s,
             spec.fallback,
-            spec.kind == "model",
-            sandbox_limits(spec, network),
-            trusted,
-            retry_alone=spec.kind == "python",
+            kind.remote,
+            sandbox_limits(spec, built.network),
+            built.trusted,
+            retry_alone=built.retry_alone,
         )
-        if spec.kind == "python":
+        if not built.trusted:
             try:
                 _sandbox(reward).start()
             except TimeoutError:

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from rlhf.algos.advantages import (
-    EQUAL_SCORE_TOL,
     broadcast_sequence_advantages,
     compute_gae_advantages,
     compute_grpo_advantages,
@@ -13,9 +12,9 @@ from rlhf.algos.advantages import (
     compute_reinforce_plus_plus_returns,
     compute_rloo_advantages,
     compute_token_rewards,
-    equal_score_groups,
 )
 from rlhf.algos.dynamic_sampling import informative_group_rows
+from rlhf.algos.groups import EQUAL_SCORE_TOL, contiguous_group_ids, equal_score_groups
 
 
 def holey_mask(B, T, seed):
@@ -116,8 +115,8 @@ def test_advantages_carry_no_gradient():
 
 def test_grpo_matches_loop():
     scores, G = torch.randn(12, generator=torch.Generator().manual_seed(13)), 4
-    adv = compute_grpo_advantages(scores, G)
-    adv_dr = compute_grpo_advantages(scores, G, normalize_std=False)
+    adv = compute_grpo_advantages(scores, ids(12, G))
+    adv_dr = compute_grpo_advantages(scores, ids(12, G), normalize_std=False)
     for start in range(0, 12, G):
         grp = [scores[i].item() for i in range(start, start + G)]
         mean = sum(grp) / G
@@ -129,29 +128,42 @@ def test_grpo_matches_loop():
 
 def test_grpo_identical_scores_give_zero():
     scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.5])
-    adv = compute_grpo_advantages(scores, 3)
+    adv = compute_grpo_advantages(scores, ids(9, 3))
     torch.testing.assert_close(adv[:6], torch.zeros(6))
     assert adv[6] > 0 and adv[7] < 0  # the better sample is pushed up, the worse down
 
 
-def loop_group_advantages(scores, G, kind, eps=1e-6, tol=EQUAL_SCORE_TOL):
-    """Plain-Python (float64) GRPO / Dr. GRPO / RLOO; a group equal up to tol gets exactly 0."""
-    out = []
-    for start in range(0, len(scores), G):
-        grp = [float(s) for s in scores[start : start + G]]
+ids = contiguous_group_ids  # (B, n) -> group ids of contiguous groups of n
+
+
+def loop_group_advantages(scores, group_ids, kind, eps=1e-6, tol=EQUAL_SCORE_TOL):
+    """Plain-Python (float64) GRPO / Dr. GRPO / RLOO over explicit group ids (any order, any
+    sizes); a group equal up to tol, or of one row, gets exactly 0."""
+    rows_of = {}
+    for row, gid in enumerate(group_ids):
+        rows_of.setdefault(gid, []).append(row)
+    out = [0.0] * len(scores)
+    for rows in rows_of.values():
+        grp, G = [float(scores[r]) for r in rows], len(rows)
         if max(grp) - min(grp) <= tol * max(1.0, max(abs(s) for s in grp)):
-            out += [0.0] * G
-            continue
+            continue  # all equal (a group of one too): 0
         mean = sum(grp) / G
-        for _i, s in enumerate(grp):
+        for r, s in zip(rows, grp):
             if kind == "rloo":
-                out.append(s - (sum(grp) - s) / (G - 1))
+                out[r] = s - (sum(grp) - s) / (G - 1)
             elif kind == "dr_grpo":
-                out.append(s - mean)
+                out[r] = s - mean
             else:
                 std = (sum((x - mean) ** 2 for x in grp) / (G - 1)) ** 0.5
-                out.append((s - mean) / (std + eps))
+                out[r] = (s - mean) / (std + eps)
     return torch.tensor(out, dtype=torch.float64)
+
+
+def group_fn(kind):
+    """The tensor function of each group estimator, as (scores, group_ids) -> (B,)."""
+    if kind == "rloo":
+        return compute_rloo_advantages
+    return lambda s, g: compute_grpo_advantages(s, g, normalize_std=kind == "grpo")
 
 
 def _noisy_groups(G, seed):
@@ -176,11 +188,8 @@ def _noisy_groups(G, seed):
 @pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "rloo"])
 def test_group_estimators_match_float64_loop_and_zero_equal_groups(G, kind):
     scores = _noisy_groups(G, seed=G)
-    if kind == "rloo":
-        adv = compute_rloo_advantages(scores, G)
-    else:
-        adv = compute_grpo_advantages(scores, G, normalize_std=kind == "grpo")
-    expected = loop_group_advantages(scores.tolist(), G, kind)
+    adv = group_fn(kind)(scores, ids(len(scores), G))
+    expected = loop_group_advantages(scores.tolist(), ids(len(scores), G).tolist(), kind)
     assert adv.dtype == torch.float32
     torch.testing.assert_close(adv.double(), expected, rtol=1e-5, atol=1e-6)
     # groups 1-3 are exact ties, group 5 a tie up to one float32 step: exactly 0, not noise / std
@@ -194,11 +203,12 @@ def test_issue_examples_eight_equal_float32_scores_give_exact_zero():
     for value in (0.3, 6.46):
         for G in (3, 6, 7, 8, 16):
             scores = torch.full((2 * G,), value, dtype=torch.float32)
+            group_ids = ids(2 * G, G)
             for adv in (
-                compute_grpo_advantages(scores, G),
-                compute_grpo_advantages(scores, G, normalize_std=False),
-                compute_rloo_advantages(scores, G),
-                compute_reinforce_plus_plus_baseline_scores(scores, G),
+                compute_grpo_advantages(scores, group_ids),
+                compute_grpo_advantages(scores, group_ids, normalize_std=False),
+                compute_rloo_advantages(scores, group_ids),
+                compute_reinforce_plus_plus_baseline_scores(scores, group_ids),
             ):
                 assert torch.equal(adv, torch.zeros(2 * G)), (value, G, adv)
 
@@ -207,30 +217,81 @@ def test_dynamic_sampling_and_advantages_share_one_equal_rule():
     """A group is dropped by dynamic sampling exactly when the group estimators give it 0."""
     for G in (3, 8):
         scores = _noisy_groups(G, seed=100 + G)
-        equal = equal_score_groups(scores, G)
-        kept_groups = (informative_group_rows(scores, G).view(-1, G)[:, 0] // G).tolist()
-        assert kept_groups == [i for i in range(len(equal)) if not equal[i]]
-        zero = (compute_grpo_advantages(scores, G).view(-1, G) == 0).all(1)
+        group_ids = ids(len(scores), G)
+        equal = equal_score_groups(scores, group_ids)  # (B,) per row
+        assert informative_group_rows(scores, group_ids).tolist() == (~equal).nonzero().flatten().tolist()
+        zero = compute_grpo_advantages(scores, group_ids) == 0
         assert torch.equal(zero, equal)
-        assert [bool(equal[k]) for k in (0, 1, 2, 3, 5, 6)] == [False, True, True, True, True, False]
+        per_group = equal.view(-1, G)[:, 0]
+        assert [bool(per_group[k]) for k in (0, 1, 2, 3, 5, 6)] == [False, True, True, True, True, False]
 
 
-def test_grpo_rejects_ragged_groups():
-    with pytest.raises(ValueError):
-        compute_grpo_advantages(torch.zeros(7), 4)
+def test_contiguous_group_ids_reject_ragged_groups_and_estimators_bad_ids():
+    assert ids(6, 3).tolist() == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="whole number of groups"):
+        ids(7, 4)
+    with pytest.raises(ValueError, match="group_ids must have shape"):
+        compute_grpo_advantages(torch.zeros(7), ids(8, 4))
+    with pytest.raises(ValueError, match="integers"):
+        compute_rloo_advantages(torch.zeros(4), torch.zeros(4))
+
+
+def _shuffled_unequal_groups(seed):
+    """Groups of sizes 1, 2, 3, 5 and 8 (mixed, all-equal, near-equal), rows shuffled, sparse ids."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [
+        (torch.tensor([2.5]), 40),  # a group of one
+        (torch.tensor([0.0, 1.0]), 7),
+        (torch.full((3,), 0.3), 1000),  # all equal, not exact in float32
+        (torch.randn(5, generator=g), 3),
+        (torch.randint(0, 2, (8,), generator=g).float(), 12),
+        (torch.full((5,), 6.46), 5),
+    ]
+    scores = torch.cat([s for s, _ in parts])
+    group_ids = torch.cat([torch.full((len(s),), gid) for s, gid in parts])
+    perm = torch.randperm(len(scores), generator=g)
+    return scores[perm].float(), group_ids[perm]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "rloo"])
+def test_group_estimators_with_shuffled_rows_and_unequal_group_sizes_match_loop(seed, kind):
+    scores, group_ids = _shuffled_unequal_groups(seed)
+    adv = group_fn(kind)(scores, group_ids)
+    expected = loop_group_advantages(scores.tolist(), group_ids.tolist(), kind)
+    torch.testing.assert_close(adv.double(), expected, rtol=1e-5, atol=1e-6)
+    for gid in (40, 1000, 5):  # a group of one, and all-equal groups: exactly 0
+        assert torch.equal(adv[group_ids == gid], torch.zeros(int((group_ids == gid).sum())))
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "rloo"])
+def test_group_estimators_do_not_depend_on_row_order(kind):
+    scores, group_ids = _noisy_groups(8, seed=5), ids(56, 8)
+    perm = torch.randperm(56, generator=torch.Generator().manual_seed(6))
+    in_order = group_fn(kind)(scores, group_ids)
+    shuffled = group_fn(kind)(scores[perm], group_ids[perm])
+    torch.testing.assert_close(shuffled, in_order[perm], rtol=1e-6, atol=1e-7)
+
+
+def test_equal_score_groups_per_row_and_nan():
+    scores = torch.tensor([1.0, 2.0, float("nan"), 3.0, 3.0, 5.0, 1.0])
+    group_ids = torch.tensor([0, 1, 1, 2, 2, 3, 0])
+    # group 0 (rows 0, 6) equal; group 1 has a NaN: not equal; group 2 equal; group 3 of one: equal
+    assert equal_score_groups(scores, group_ids).tolist() == [True, False, False, True, True, True, True]
+    assert informative_group_rows(scores, group_ids).tolist() == [1, 2]
 
 
 def test_rloo_baseline_is_mean_of_others():
     scores, G = torch.randn(9, generator=torch.Generator().manual_seed(14)), 3
-    adv = compute_rloo_advantages(scores, G)
+    adv = compute_rloo_advantages(scores, ids(9, G))
     for i in range(9):
         start = i - i % G
         others = [scores[j].item() for j in range(start, start + G) if j != i]
         expected = scores[i].item() - sum(others) / len(others)
         assert adv[i].item() == pytest.approx(expected, abs=1e-6)
     torch.testing.assert_close(adv.view(3, 3).sum(1), torch.zeros(3), atol=1e-6, rtol=0)
-    with pytest.raises(ValueError):
-        compute_rloo_advantages(scores, 1)
+    # groups of one have no other sample for a baseline: 0, not a division by zero
+    assert torch.equal(compute_rloo_advantages(scores, ids(9, 1)), torch.zeros(9))
 
 
 def test_reinforce_plus_plus_returns_match_loop():
@@ -253,7 +314,7 @@ def test_reinforce_plus_plus_advantages_whitened_over_batch():
 
 def test_reinforce_plus_plus_baseline_subtracts_group_mean():
     scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 3.0])
-    got = compute_reinforce_plus_plus_baseline_scores(scores, 3)
+    got = compute_reinforce_plus_plus_baseline_scores(scores, ids(6, 3))
     torch.testing.assert_close(got, torch.tensor([2 / 3, -1 / 3, -1 / 3, -1.0, 0.0, 1.0]))
 
 
@@ -270,7 +331,7 @@ def test_broadcast_sequence_advantages():
 
 
 # ---------------------------------------------------------------- the single entry point
-from rlhf.algos.advantages import ESTIMATORS, compute_advantages  # noqa: E402
+from rlhf.algos.advantages import ADVANTAGE_ESTIMATORS, compute_advantages  # noqa: E402
 
 
 def _entry_batch():
@@ -281,22 +342,29 @@ def _entry_batch():
     return torch.randn(6, generator=g), mask, torch.randn(6, 7, generator=g)
 
 
-@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("estimator", ADVANTAGE_ESTIMATORS.names())
 def test_compute_advantages_is_zero_off_mask_and_finite(estimator):
     scores, mask, values = _entry_batch()
-    adv, returns = compute_advantages(estimator, scores, mask, group_size=3, values=values)
+    adv, returns = compute_advantages(estimator, scores, mask, group_ids=ids(6, 3), values=values)
     assert adv.shape == mask.shape and torch.isfinite(adv).all()
     assert (adv[mask == 0] == 0).all()
-    assert (returns is not None) == (estimator == "gae")
+    assert (returns is not None) == ADVANTAGE_ESTIMATORS[estimator].needs_critic
+
+
+@pytest.mark.parametrize("estimator", [e.name for e in ADVANTAGE_ESTIMATORS.entries() if e.needs_groups])
+def test_group_estimators_say_so_and_need_group_ids(estimator):
+    scores, mask, _ = _entry_batch()
+    with pytest.raises(ValueError, match="pass group_ids"):
+        compute_advantages(estimator, scores, mask)
 
 
 def test_compute_advantages_group_estimators_match_their_functions():
     scores, mask, _ = _entry_batch()
-    adv, _ = compute_advantages("grpo", scores, mask, group_size=3)
-    expected = compute_grpo_advantages(scores, 3)
+    adv, _ = compute_advantages("grpo", scores, mask, group_ids=ids(6, 3))
+    expected = compute_grpo_advantages(scores, ids(6, 3))
     for i in range(6):
         assert torch.allclose(adv[i][mask[i].bool()], expected[i].expand(int(mask[i].sum())))
-    adv, _ = compute_advantages("dr_grpo", scores, mask, group_size=3)
+    adv, _ = compute_advantages("dr_grpo", scores, mask, group_ids=ids(6, 3))
     assert torch.allclose(adv[0, 1], scores[0] - scores[:3].mean())
 
 
@@ -304,8 +372,8 @@ def test_kl_in_reward_lowers_group_advantage_of_the_divergent_sample():
     scores, mask, _ = _entry_batch()
     penalty = torch.zeros_like(mask)
     penalty[0, 1] = 5.0  # sample 0 drifted far from the reference
-    base, _ = compute_advantages("rloo", scores, mask, group_size=3)
-    pen, _ = compute_advantages("rloo", scores, mask, group_size=3, kl_penalty=penalty)
+    base, _ = compute_advantages("rloo", scores, mask, group_ids=ids(6, 3))
+    pen, _ = compute_advantages("rloo", scores, mask, group_ids=ids(6, 3), kl_penalty=penalty)
     assert pen[0, 1] < base[0, 1] and pen[1, 2] > base[1, 2]
 
 
@@ -313,3 +381,25 @@ def test_gae_entry_needs_values():
     scores, mask, _ = _entry_batch()
     with pytest.raises(ValueError, match="critic values"):
         compute_advantages("gae", scores, mask)
+
+
+def test_unknown_estimator_suggests_the_closest_name():
+    scores, mask, _ = _entry_batch()
+    with pytest.raises(ValueError, match="unknown advantage estimator; did you mean 'rloo'"):
+        compute_advantages("rlo", scores, mask, group_ids=ids(6, 3))
+
+
+# ------------------------------------------------- grpo_batch_std: CONTRIBUTING.md's worked example
+def test_grpo_batch_std_matches_loop():
+    """Group mean, whole-batch std (Lite PPO); shuffled rows and unequal group sizes."""
+    scores, group_ids = _shuffled_unequal_groups(seed=3)
+    mask = torch.ones(len(scores), 4)
+    adv, returns = compute_advantages("grpo_batch_std", scores, mask, group_ids=group_ids)
+    centered = loop_group_advantages(scores.tolist(), group_ids.tolist(), "dr_grpo")  # 0 on equal groups
+    values = [float(s) for s in scores]
+    mean = sum(values) / len(values)
+    batch_std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    expected = (centered / (batch_std + 1e-6)).float()
+    torch.testing.assert_close(adv, expected.unsqueeze(1).expand(-1, 4))
+    assert torch.equal(adv[group_ids == 1000], torch.zeros(3, 4))  # an all-equal group: exactly 0
+    assert returns is None and ADVANTAGE_ESTIMATORS["grpo_batch_std"].needs_groups

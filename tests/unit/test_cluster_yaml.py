@@ -47,7 +47,7 @@ def roles_of(cfg: RunConfig) -> list[str]:
         return ["policy", "reference"] + (["rollout", "reward"] if cfg.models.reward else [])
     roles = ["policy", "rollout"]
     roles += ["reference"] if algo.kl.coef > 0 else []
-    roles += ["critic"] if algo.advantage == "gae" else []
+    roles += ["critic"] if algo.advantage_estimator.needs_critic else []
     roles += ["reward"] if cfg.models.reward else []
     return roles
 

@@ -67,7 +67,9 @@ def test_dotted_overrides_parse_values_as_yaml(tmp_path):
         ),  # typo lists allowed keys
         ("trainer.lr=.inf", ["trainer.lr", "inf", "finite number"]),  # inf passes gt=0: refused on its own
         ("rewards.0.kind=maths", ["rewards.0.kind", "'maths'", "did you mean 'math'?"]),
-        ("algorithm.kl.estimator=k4", ["algorithm.kl.estimator", "'k4'", "'k1', 'k2' or 'k3'"]),
+        ("algorithm.kl.estimator=k4", ["algorithm.kl.estimator", "'k4'", "unknown KL estimator; known: k1, k2, k3"]),
+        ("algorithm.advantage=rlo", ["algorithm.advantage", "'rlo'", "did you mean 'rloo'?"]),
+        ("algorithm.policy_loss=pppo", ["algorithm.policy_loss", "'pppo'", "did you mean 'ppo'?"]),
         ("trainer.zero_stage=5", ["trainer.zero_stage", "5"]),
         ("rollout.top_p=1.5", ["rollout.top_p", "1.5", "less than or equal to 1"]),
         ("trainer.lr=-1", ["trainer.lr", "-1", "greater than 0"]),

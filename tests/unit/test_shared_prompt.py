@@ -11,6 +11,7 @@ from rlhf.algos import (
     compute_loss_normalizer,
     compute_policy_loss,
     compute_token_logprobs,
+    contiguous_group_ids,
     kl_loss,
 )
 from rlhf.batch import collate_samples
@@ -79,7 +80,8 @@ def grpo_loss(logprobs, batch, normalizer=None):
 
 def with_advantages(batch, group_size: int):
     scores = torch.linspace(-1, 1, len(batch)).roll(3)
-    batch["advantages"] = compute_grpo_advantages(scores, group_size).unsqueeze(-1) * batch["response_mask"]
+    group_ids = contiguous_group_ids(len(batch), group_size)
+    batch["advantages"] = compute_grpo_advantages(scores, group_ids).unsqueeze(-1) * batch["response_mask"]
     mask = batch["response_mask"]
     batch["old_shift"] = 0.3 * torch.sin(torch.arange(mask.numel()).view(mask.shape).float()) * mask  # some ratios clip
     return batch
