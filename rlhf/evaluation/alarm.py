@@ -82,18 +82,17 @@ class HackingAlarm:
                         f"{name!r} {how}: {moved.text()}"
                     )
         base = self.baseline_health or {}
-        if "distinct_2" in base and base["distinct_2"] > 0 and "distinct_2" in health:
-            if health["distinct_2"] < self.health_floor * base["distinct_2"]:
-                reasons.append(
-                    f"text health collapsed: distinct-2 {base['distinct_2']:.3f} -> {health['distinct_2']:.3f} "
-                    f"(under {self.health_floor:g} x the first evaluation's)"
-                )
-        if "repeated_3gram" in base and "repeated_3gram" in health:
-            if health["repeated_3gram"] - base["repeated_3gram"] > self.max_repeat_rise:
-                reasons.append(
-                    f"text health collapsed: repeated 3-grams {base['repeated_3gram']:.3f} -> "
-                    f"{health['repeated_3gram']:.3f} of each text (rise over {self.max_repeat_rise:g})"
-                )
+        d2, rep = health.get("distinct_2"), health.get("repeated_3gram")
+        if base.get("distinct_2", 0.0) > 0 and d2 is not None and d2 < self.health_floor * base["distinct_2"]:
+            reasons.append(
+                f"text health collapsed: distinct-2 {base['distinct_2']:.3f} -> {d2:.3f} "
+                f"(under {self.health_floor:g} x the first evaluation's)"
+            )
+        if "repeated_3gram" in base and rep is not None and rep - base["repeated_3gram"] > self.max_repeat_rise:
+            reasons.append(
+                f"text health collapsed: repeated 3-grams {base['repeated_3gram']:.3f} -> {rep:.3f} "
+                f"of each text (rise over {self.max_repeat_rise:g})"
+            )
         verdict.fired = bool(reasons)
         return verdict
 
