@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
         names = args.judges.split(",") if args.judges else default_judges(cfg, prompts)
         judges = build_judges([n for n in names if n], cfg.eval.on_topic_field)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     samples_k = cfg.rollout.eval_samples if args.samples is None else args.samples

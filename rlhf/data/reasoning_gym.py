@@ -111,8 +111,8 @@ def train_heldout_split(
 # completion with the row's own answer, so it cannot notice; a run would train on noise. Each row
 # is therefore checked at load (rlhf.data.sources: a failing row is a bad row, strict or skip):
 # - when the run scores with reward kind reasoning_gym, the gold answer, given as the completion,
-#   must score 1.0 with that verifier (the same
-#   reasoning_gym_reward, with its answer extraction): else no answer can ever earn full reward;
+#   must score 1.0 with that verifier (reasoning_gym_reward, reading answers as a run does):
+#   else no answer can ever earn the full reward;
 # - where the row's metadata holds an arithmetic `expression`, its value (computed here) must
 #   equal the gold answer: an integer answer exactly, a decimal one to its stated places.
 _OPS: dict[type, Callable[[float, float], float]] = {

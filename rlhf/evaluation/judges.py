@@ -126,10 +126,11 @@ def on_topic_judge(field: str = "review") -> JudgeFn:
 
 
 def build_judges(names: Sequence[str], on_topic_field: str = "review") -> dict[str, JudgeFn]:
-    """{name: judge} for the config's eval.judges (names checked against JUDGES)."""
+    """{name: judge} for the config's eval.judges (names checked against JUDGES). ImportError when
+    lexicon_sentiment is named and vaderSentiment is not installed."""
     builders: dict[str, Callable[[], JudgeFn]] = {
         "exact_match": lambda: exact_match,
-        "lexicon_sentiment": lambda: lexicon_sentiment,
+        "lexicon_sentiment": lambda: (_vader(), lexicon_sentiment)[1],  # a missing package fails here, at start
         "on_topic": lambda: on_topic_judge(on_topic_field),
     }
     unknown = [n for n in names if n not in builders]
