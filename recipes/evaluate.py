@@ -37,7 +37,7 @@ from rlhf.data.sources import DataError, load_prompts
 from rlhf.evaluation.judges import JUDGES, build_judges
 from rlhf.evaluation.scoring import ScoredPass, judge_pass, pass_metrics, sample_records, samples_markdown, write_jsonl
 from rlhf.evaluation.stats import paired_difference
-from rlhf.models import resolve_model_path
+from rlhf.models import check_model_paths, resolve_model_path
 
 log = logging.getLogger("raylhf.evaluate")
 
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = load_config(args.config, args.overrides)
         if cfg.models.policy is None:
             raise ConfigError(f"{args.config} trains no policy (algorithm {cfg.algorithm.name!r}): nothing generates")
+        check_model_paths(cfg.models)  # before Ray: a bad path names itself (models.reward is used for scoring)
         prompts = load_prompts(cfg.data, "eval", cfg.rewards)
         if not prompts:
             raise ConfigError("no held-out prompts: set data.eval_size > 0 or data.eval_source")
