@@ -122,7 +122,8 @@ def evaluate_model(
             metrics |= {f"{prefix}reward/{k}": sum(v) / len(v) for k, v in values.items()}
             metrics |= {f"{prefix}reward_errors/{k}": float(v) for k, v in errors.items()}
             metrics |= {f"{prefix}partial_credit/{k}": float(sum(0 < x < 1 for x in v)) for k, v in values.items()}
-            metrics[f"{prefix}reward_mean"] = sum(total) / len(total)
+            if values:  # a config without rewards (SFT, DPO without a reward model) has no training reward
+                metrics[f"{prefix}reward_mean"] = sum(total) / len(total)
             metrics[f"{prefix}finished_by_length"] = float(sum(s.get("finish_reason") == "length" for s in samples))
             metrics[f"{prefix}seconds"] = seconds  # the first pass includes the engine's warm-up
             metrics |= pass_metrics(scored, len(prompts), prefix)
