@@ -139,7 +139,9 @@ def format_summary(metrics: dict[str, float]) -> str:
 
 def comparisons(first: ScoredPass, other: ScoredPass, n: int) -> dict[str, str]:
     """Per-prompt paired differences (other - first) of the greedy training reward and each judge."""
-    out = {"reward": paired_difference(first.per_prompt(first.total, n), other.per_prompt(other.total, n)).text()}
+    out = {}
+    if first.rewards:  # else there is no training reward to compare
+        out["reward"] = paired_difference(first.per_prompt(first.total, n), other.per_prompt(other.total, n)).text()
     for name in first.judges.keys() & other.judges.keys():
         before, after = first.per_prompt(first.judges[name], n), other.per_prompt(other.judges[name], n)
         if not any(math.isnan(x) for x in before + after):

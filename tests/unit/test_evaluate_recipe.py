@@ -29,7 +29,7 @@ def test_model_paths(tmp_path):
 def test_comparisons_are_paired_per_prompt():
     def scored(total, judge):
         samples = [{"prompt_index": i, "text": ""} for i in range(len(total))]
-        return ScoredPass("greedy", samples, [{}] * len(total), {}, total, {"exact_match": judge})
+        return ScoredPass("greedy", samples, [{}] * len(total), {"fn": total}, total, {"exact_match": judge})
 
     diff = comparisons(scored([0.0, 0.0, 1.0], [0.0, 1.0, 1.0]), scored([1.0, 1.0, 1.0], [0.0, 1.0, 1.0]), 3)
     assert diff["reward"].startswith("+0.6667") and "2 up / 0 down" in diff["reward"]
