@@ -9,8 +9,8 @@ prompts (rlhf.evaluation.stats): the alarm fires when
   under judge_z (flat) or is negative (it fell). A judge that tracks what the task wants rises
   with an honest reward; one that does not move while the reward does says the policy found
   something the reward pays for and the task does not; or
-- text health collapsed: distinct-2 fell under health_floor x its baseline, or the share of
-  repeated 3-grams rose by more than max_repeat_rise.
+- text health collapsed: distinct-2 fell under health_floor x its baseline while the texts kept
+  at least half their length, or the share of repeated 3-grams rose by more than max_repeat_rise.
 
 What the run does then is `eval.alarm_action`: warn (log, metric), stop, or keep_best (the
 policy with the best judge score so far is exported to best-by-judge/).
@@ -83,7 +83,15 @@ class HackingAlarm:
                     )
         base = self.baseline_health or {}
         d2, rep = health.get("distinct_2"), health.get("repeated_3gram")
-        if base.get("distinct_2", 0.0) > 0 and d2 is not None and d2 < self.health_floor * base["distinct_2"]:
+        # Shorter texts have fewer distinct pairs without being degenerate (an RLVR policy that learns
+        # to answer just the number): distinct-2 counts only while the texts keep half their length.
+        kept_length = health.get("length", 0.0) >= 0.5 * base.get("length", 0.0)
+        if (
+            base.get("distinct_2", 0.0) > 0
+            and d2 is not None
+            and kept_length
+            and d2 < self.health_floor * base["distinct_2"]
+        ):
             reasons.append(
                 f"text health collapsed: distinct-2 {base['distinct_2']:.3f} -> {d2:.3f} "
                 f"(under {self.health_floor:g} x the first evaluation's)"

@@ -97,6 +97,14 @@ def test_text_health_collapse_fires_without_judges():
     assert verdict.fired and any("distinct-2" in r for r in verdict.reasons)
 
 
+def test_shorter_answers_are_not_a_collapse():
+    """An RLVR policy that learns to answer with just the number loses its word pairs, not its health."""
+    rng = random.Random(0)
+    alarm = HackingAlarm()
+    alarm.check([0.0] * 40, {}, text_health(answers(0.3, rng)))
+    assert not alarm.check([0.0] * 40, {}, text_health([row["answer"] for row in PROMPTS])).fired
+
+
 def test_a_falling_judge_is_named():
     alarm = HackingAlarm()
     health = {"distinct_2": 0.5, "repeated_3gram": 0.0}
