@@ -4,7 +4,8 @@
 
 --model: `start` (the config's starting policy, the default), a Hugging Face folder (a run's
 `final/` or `best-by-judge/` export), a run folder (its `final/`), or an RL checkpoint folder
-(`.../checkpoints/step-000010`: its DeepSpeed policy state is exported first). Give several to
+(`.../checkpoints/step_00000010`: verified against its manifest, then its DeepSpeed policy
+state is exported). Give several to
 compare them: the paired difference per prompt of each score, with its standard error, is printed.
 
 Each model answers the config's held-out prompts (data.eval_source or the part held out of
@@ -82,6 +83,12 @@ def resolve_model(cfg: RunConfig, model: str) -> tuple[str, str]:
         return label, str(path / "final")
     if (path / "policy").is_dir():
         from actors.evaluator import export_checkpoint
+        from rlhf.checkpoint import CheckpointError, read_manifest, verify_files
+
+        try:  # DeepSpeed's state is pickled: load only a checkpoint whose files match its manifest
+            verify_files(path, read_manifest(path))
+        except CheckpointError as e:
+            raise ConfigError(f"--model {model!r}: not a sound checkpoint: {e}") from None
 
         log.info("exporting the policy of checkpoint %s as a Hugging Face folder", path)
         return label, export_checkpoint(cfg, path)
