@@ -69,3 +69,29 @@ def test_run_evaluation_reports_judges_writes_samples_and_keeps_the_best(ray_clu
     run = tmp_path / "tiny"
     assert len((run / "samples" / "eval-00000.jsonl").read_text().splitlines()) == 4 + 4 * 2
     assert (run / "best-by-judge" / "config.json").is_file()
+
+
+def test_a_checkpoint_is_verified_and_exported_for_evaluation(ray_cluster, tiny_model, tmp_path):
+    import torch
+
+    from actors.coordinator import RLCoordinator
+    from recipes.evaluate import resolve_model
+    from rlhf.checkpoint import DRIVER_STATE, CheckpointDir, RunIdentity, resume_fingerprint
+    from rlhf.config import ConfigError
+
+    cfg = validate_config(tiny_config(tiny_model, tmp_path))
+    checkpoints = CheckpointDir(
+        tmp_path / "checkpoints", RunIdentity("0123456789abcdef", "tiny", resume_fingerprint(cfg))
+    )
+    coordinator = RLCoordinator(cfg)
+    try:
+        folder = checkpoints.staging(1)
+        torch.save(coordinator.save_checkpoint(folder) | {"step": 1}, folder / DRIVER_STATE)
+        published = checkpoints.commit(1)
+    finally:
+        coordinator.shutdown()
+    label, path = resolve_model(cfg, str(published))
+    assert label.endswith("step_00000001") and (tmp_path / path / "config.json").is_file()
+    next((published / "policy").rglob("*.pt")).write_bytes(b"not the saved bytes")  # tampered
+    with pytest.raises(ConfigError, match="not a sound checkpoint"):
+        resolve_model(cfg, str(published))
