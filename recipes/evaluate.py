@@ -128,7 +128,12 @@ def evaluate_model(
             prefix = "" if mode == "greedy" else "sampled/"
             metrics |= {f"{prefix}reward/{k}": sum(v) / len(v) for k, v in values.items()}
             metrics |= {f"{prefix}reward_errors/{k}": float(v) for k, v in errors.items()}
-            metrics |= {f"{prefix}partial_credit/{k}": float(sum(0 < x < 1 for x in v)) for k, v in values.items()}
+            # answers a verifier gave partial credit (reasoning_gym: the gold number inside a wrong one)
+            metrics |= {
+                f"{prefix}partial_credit/{k}": float(sum(0 < x < 1 for x in v))
+                for k, v in values.items()
+                if k != "model" and all(0 <= x <= 1 for x in v)
+            }
             if values:  # a config without rewards (SFT, DPO without a reward model) has no training reward
                 metrics[f"{prefix}reward_mean"] = sum(total) / len(total)
             metrics[f"{prefix}finished_by_length"] = float(sum(s.get("finish_reason") == "length" for s in samples))
@@ -193,10 +198,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             writer.add_text(f"samples/{label}", samples_markdown(records), 0)
         greedy_passes[label] = passes[0]
         for r in records[: args.show]:
-            print(
-                f"Q: {r['prompt']!r}\nA: {r['completion'].strip()!r}  (answer {r.get('answer')}, reward "
-                f"{r['reward']:.3g}, judges {r['judges']})\n"
-            )
+            gold = f"answer {r['answer']}, " if "answer" in r else ""
+            judged = ", ".join(f"{k} {v:.3g}" for k, v in r["judges"].items() if v is not None)
+            print(f"Q: {r['prompt']!r}\nA: {r['completion'].strip()!r}  ({gold}reward {r['reward']:.3g}; {judged})\n")
         print(f"{label}: {path}\n{format_summary(metrics)}", flush=True)
         summary["models"][label] = {"path": path, "metrics": metrics}
     labels = list(greedy_passes)
