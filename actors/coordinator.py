@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import torch
@@ -45,6 +46,7 @@ from rlhf.algos import (
 from rlhf.batch import Batch, collate_samples
 from rlhf.config import RunConfig
 from rlhf.data.chat import apply_chat_template
+from rlhf.evaluation.loop import HeldOutJudging
 from rlhf.models import resolve_model_path
 from rlhf.rewards.alarms import CONSTANT_REWARD_BATCHES, constant_reward_message, constant_rewards
 from rlhf.rewards.registry import build_reward_functions, combine_rewards, run_reward_function
@@ -134,6 +136,8 @@ class RLCoordinator:
         }
         self.neighbours = [groups[r] for r in shared if groups.get(r)] if cfg.rollout.sleep_during_training else []
         self.said_sleep_is_a_no_op = False
+        # judges, sample files and the reward-hacking alarm of held-out evaluations (cfg.eval)
+        self.judging = HeldOutJudging(cfg.eval, Path(cfg.logging.dir) / cfg.logging.run_name)
 
     # ------------------------------------------------------------------------------ one step
     def step(self, next_prompts: Callable[[int], list[dict]], step: int) -> dict[str, float]:
@@ -430,11 +434,16 @@ class RLCoordinator:
         out = {}
         for prefix, sampling in modes.items():
             samples = self.rollout.generate(texts, sampling, weights_from=self.policy)
-            scores, per_fn, _ = self.score(prompts, samples)
+            scores, per_fn, values = self.score(prompts, samples)
             # each reward's mean and, next to it, the samples it failed on (given its fallback) and timed out on
             out |= {f"eval/{prefix}{name}": v for name, v in per_fn.items() if name.startswith(("reward/",) + COUNTS)}
             out[f"eval/{prefix}reward_mean"] = float(scores.mean())
             out[f"eval/{prefix}response_length"] = sum(len(s["response_token_ids"]) for s in samples) / len(samples)
+            out |= self.judging.score(prefix, prompts, samples, values, scores.tolist())  # eval/judge/<name>, ...
+        out |= self.judging.finish(self.version)  # samples/eval-<version>.jsonl; the alarm (stop: raises)
+        if self.judging.new_best and self.cfg.eval.alarm_action == "keep_best":  # export the best policy by judge
+            best = str((self.judging.run_dir / "best-by-judge").resolve())
+            ray_get(self.timeout_s, policy=self.policy.async_run("save_pretrained", best))
         return out
 
     def sync_weights(self, wait: bool = True) -> None:
@@ -492,7 +501,12 @@ class RLCoordinator:
             }
             for step, g in self.prefetched.items()
         }
-        return {"kl_controller": self.kl_ctl.state_dict(), "policy_version": self.version, "prefetched": prefetched}
+        return {
+            "kl_controller": self.kl_ctl.state_dict(),
+            "policy_version": self.version,
+            "prefetched": prefetched,
+            "judging": self.judging.state_dict(),  # the alarm's baseline (first eval) and the best judge score
+        }
 
     def load_checkpoint(self, folder, driver_state: dict) -> None:
         """Restore every trainable role and the KL controller, then hand the engines the
@@ -505,6 +519,7 @@ class RLCoordinator:
             },
         )
         self.kl_ctl.load_state_dict(driver_state["kl_controller"])
+        self.judging.load_state_dict(driver_state.get("judging", {}))
         self.version = driver_state.get("policy_version", driver_state["step"])
         self.prefetched = {
             step: Generation(

@@ -533,6 +533,51 @@ class LoggingConfig(Section):
     log_every: int = Field(1, ge=1, description="print a progress line every N steps (the files get every step)")
 
 
+class EvalConfig(Section):
+    judges: list[Literal["exact_match", "lexicon_sentiment", "on_topic"]] = Field(
+        default_factory=list,
+        description="independent judges of held-out generations, reported as eval/judge/<name> next to the "
+        "training reward: exact_match (strict final answer == gold), lexicon_sentiment (VADER, -1..1), "
+        "on_topic (MiniLM cosine similarity to the domain's texts); see rlhf/evaluation/judges.py",
+    )
+    on_topic_field: str = Field(
+        "review",
+        description="on_topic: the row field holding the domain's text (IMDB: the whole review); else the prompt",
+    )
+    alarm_action: Literal["off", "warn", "stop", "keep_best"] = Field(
+        "warn",
+        description="when the reward-hacking alarm fires (eval/hacking_alarm=1): warn (log + metric), stop the run, "
+        "or keep_best (also export the policy with the best judge score so far to <run>/best-by-judge)",
+    )
+    alarm_reward_z: float = Field(
+        2.0, gt=0.0, description="alarm: the training reward's paired t since the first eval that counts as a rise"
+    )
+    alarm_judge_z: float = Field(
+        1.0, description="alarm: a judge whose paired t since the first eval stays under this did not follow the rise"
+    )
+    health_floor: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="alarm: text health collapsed when distinct-2 falls under this x the first eval's",
+    )
+    max_repeat_rise: float = Field(
+        0.25, gt=0.0, le=1.0, description="alarm: text health collapsed when the repeated-3-gram share rises by more"
+    )
+    best_judge: str | None = Field(None, description="keep_best: the judge that ranks evaluations; default the first")
+    save_samples: bool = Field(
+        True, description="write every eval's generations with their scores to <run>/samples/eval-<updates>.jsonl"
+    )
+
+    @model_validator(mode="after")
+    def _best_judge_known(self) -> EvalConfig:
+        if self.best_judge is not None and self.best_judge not in self.judges:
+            raise ValueError(f"eval.best_judge={self.best_judge!r} is not in eval.judges {self.judges}")
+        if self.alarm_action == "keep_best" and not self.judges:
+            raise ValueError("eval.alarm_action='keep_best' ranks evaluations by a judge: name one in eval.judges")
+        return self
+
+
 # ------------------------------------------------------------------------------------------ run
 class RunConfig(Section):
     models: ModelsConfig = Field(description="the models of each role")
@@ -549,6 +594,9 @@ class RunConfig(Section):
     )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="RL checkpoints and restarts")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="where metrics go")
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig, description="held-out evaluation: judges, samples written, the reward-hacking alarm"
+    )
 
     @property
     def is_rl(self) -> bool:
