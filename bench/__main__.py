@@ -102,6 +102,47 @@ def bench_model(model: str, args, logs: Path) -> dict:
     return r
 
 
+# --shared-prompt: the same sync RL run three ways, one after another (bench.rl_step flags)
+FORWARDS = {  # part name: (label, flags)
+    "full-logits": ("full logits, one row per sample (the old forward)", ["--shared-prompt", "off", "--full-logits"]),
+    "response-only": ("response-only logits (trainer.shared_prompt=off)", ["--shared-prompt", "off"]),
+    "shared-prompt": (
+        "response-only logits + shared prompt (shared_prompt=auto, the default)",
+        ["--shared-prompt", "auto"],
+    ),
+}
+
+
+def bench_forwards(model: str, args, logs: Path) -> dict:
+    py = sys.executable
+    rl = ["--prompts", str(args.prompts), "--samples", str(args.samples), "--tokens", str(args.tokens)]
+    rl += ["--steps", str(args.steps or STEPS[model])]
+    return {
+        label: run_part(f"{model}-rl-{name}", [py, "-m", "bench.rl_step", "--model", model, *rl, *flags], logs)
+        for name, (label, flags) in FORWARDS.items()
+    }
+
+
+def forwards_table(results: dict[str, dict]) -> list[str]:
+    """Markdown lines: per model, each forward's step, train and reference medians and speed-ups."""
+    lines = [
+        "| model | forward | step, s | train, s | reference, s | train speed-up | reference speed-up | tokens not run |"
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for model, runs in results.items():
+        base = next(iter(runs.values()))
+        for label, r in runs.items():
+            if r is None or base is None:
+                lines.append(f"| {model} | {label} | failed | | | | | |")
+                continue
+            lines.append(
+                f"| {model} | {label} | {r['time/step']:.2f} | {r['time/train']:.2f} | {r['time/reference']:.2f} | "
+                f"{base['time/train'] / r['time/train']:.2f}x | {base['time/reference'] / r['time/reference']:.2f}x | "
+                f"{r.get('shared_prompt/tokens_skipped', 0.0):.0%} |"
+            )
+    return lines
+
+
 def table(results: dict[str, dict]) -> list[tuple[str, list[str]]]:
     """(label, one cell per model) rows of the summary table."""
 
@@ -222,6 +263,12 @@ def main() -> None:
         "parts without results run again (e.g. after one failed)",
     )
     parser.add_argument("--skip-trl", action="store_true", help="no TRL comparison (no bench/.trl-venv)")
+    parser.add_argument(
+        "--shared-prompt",
+        action="store_true",
+        help="only the training-forward comparison: the sync RL step with full logits, response-only "
+        "logits, and response-only logits + shared prompts (the default), side by side",
+    )
     args = parser.parse_args()
     models = ["tiny"] if args.quick else args.models.split(",")
     # One thread count for every side: the system's actors (RAYLHF_CPU_THREADS), and through
@@ -233,6 +280,15 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     print(f"[bench] logs in {logs}", flush=True)
     started = time.perf_counter()
+    if args.shared_prompt:
+        found = {m: bench_forwards(m, args, logs) for m in models}
+        print(
+            f"\nmachine: {machine_description()}; fp32; {args.threads} thread(s) per process; "
+            f"suite wall time {(time.perf_counter() - started) / 60:.1f} min; sync GRPO step, {args.prompts} "
+            f"prompts x {args.samples} samples x <= {args.tokens} new tokens, medians of the steps after the first\n"
+        )
+        print("\n".join(forwards_table(found)))
+        return
     results = {m: bench_model(m, args, logs) for m in models}
 
     names = {"tiny": "tiny (4-layer Qwen2, 0.6M)", "smollm2": "SmolLM2-135M-Instruct"}
