@@ -2,11 +2,13 @@
 
     .venv/bin/python -m bench            # tiny model and SmolLM2-135M-Instruct (~20 min on 2 cores)
     .venv/bin/python -m bench --quick    # tiny model only (~6-10 min)
+    .venv/bin/python -m bench --shared-prompt --models smollm2 --steps 3   # training forwards only (~12 min)
 
 Each part runs in its own process (its own Ray, engines and memory), one after another:
 bench.rl_step (the system's GRPO step, sync and with rollout.async_rollouts), bench.trl_grpo (TRL's
 GRPOTrainer in bench/.trl-venv, which bench/setup_trl.sh creates on first use), bench.rollout_and_sync
-and bench.micro_batching. A part that fails is reported as such and the rest still run; its log
+and bench.micro_batching (`--shared-prompt` instead runs only the sync RL step three times: the
+full-logits forward, response-only logits, and response-only logits with shared prompts). A part that fails is reported as such and the rest still run; its log
 is kept. By default every process uses all cores' worth of threads (model actors through
 RAYLHF_CPU_THREADS, as `make demo` does, since a step's phases take turns; the direct vLLM engine,
 HF generate and TRL through OMP_NUM_THREADS); `--threads` sets one count for every side. While
@@ -124,21 +126,24 @@ def bench_forwards(model: str, args, logs: Path) -> dict:
 
 
 def forwards_table(results: dict[str, dict]) -> list[str]:
-    """Markdown lines: per model, each forward's step, train and reference medians and speed-ups."""
+    """Markdown lines: per model, each forward's step, train and reference medians, speed-ups over
+    the first (the old forward), samples/s and the policy's and reference's peak memory."""
     lines = [
-        "| model | forward | step, s | train, s | reference, s | train speed-up | reference speed-up | tokens not run |"
+        "| model | forward | step, s | train, s | reference, s | step / train / reference speed-up "
+        "| samples/s | tokens not run | peak RSS policy / reference, MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines.append("|---|---|---|---|---|---|---|---|")
     for model, runs in results.items():
         base = next(iter(runs.values()))
         for label, r in runs.items():
             if r is None or base is None:
-                lines.append(f"| {model} | {label} | failed | | | | | |")
+                lines.append(f"| {model} | {label} | failed |" + " |" * 6)
                 continue
+            speed = " / ".join(f"{base['time/' + k] / r['time/' + k]:.2f}x" for k in ("step", "train", "reference"))
             lines.append(
                 f"| {model} | {label} | {r['time/step']:.2f} | {r['time/train']:.2f} | {r['time/reference']:.2f} | "
-                f"{base['time/train'] / r['time/train']:.2f}x | {base['time/reference'] / r['time/reference']:.2f}x | "
-                f"{r.get('shared_prompt/tokens_skipped', 0.0):.0%} |"
+                f"{speed} | {r['samples_per_s']:.2f} | {r.get('shared_prompt/tokens_skipped', 0.0):.0%} | "
+                f"{r['peak_rss_mib/policy']:.0f} / {r['peak_rss_mib/reference']:.0f} |"
             )
     return lines
 

@@ -1,7 +1,8 @@
 """Benchmark: a short GRPO run through the whole system (`actors.launch.run`, as a recipe runs
 it), its step time broken into phases, samples/s and peak memory per role.
 
-    .venv/bin/python -m bench.rl_step [--model tiny|smollm2] [--prompts 8] [--samples 4] [--tokens 32] [--steps 4] [--async-rollouts] [--json out.json]
+    .venv/bin/python -m bench.rl_step [--model tiny|smollm2] [--prompts 8] [--samples 4] [--tokens 32] [--steps 4] [--async-rollouts]
+        [--shared-prompt auto|on|off] [--full-logits] [--json out.json]
 
 The workload (shared with bench.trl_grpo, so both sides run the same one): reasoning-gym
 chain_sum (2-3 one-digit terms) in the model's chat template, `--prompts` prompts x `--samples`
