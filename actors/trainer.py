@@ -429,11 +429,15 @@ def through_engine(engine, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     ZeRO optimizers need on the output), so a forward that bypassed it would train wrongly. The
     module's forward is shadowed by fn for this one call."""
     module = engine.module
+    own = module.__dict__.get("forward")  # a forward someone set on the instance: put it back after
     module.forward = lambda *args, **kwargs: fn()  # an instance attribute: nn.Module.__call__ uses it
     try:
         return engine()
     finally:
-        del module.forward
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def shard_keeping_prompts(batch: Batch, world_size: int, balance: bool, shared_prompt: str) -> list[Batch]:
