@@ -32,6 +32,7 @@ from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.rollout import RolloutGroup
+from actors.trainer import shard_keeping_prompts
 from rlhf.algos import (
     AdaptiveKLController,
     FixedKLController,
@@ -324,13 +325,15 @@ class RLCoordinator:
                 norm = float(compute_loss_normalizer(mini["response_mask"], a.loss_agg, constant))
                 policy_refs = self.policy.async_scatter(
                     "train_step",
-                    mini.shard(self.policy.world_size, self.balance)[0],
+                    shard_keeping_prompts(mini, self.policy.world_size, self.balance, cfg.trainer.shared_prompt),
                     normalizer=norm,
                     kl_coef=self.kl_ctl.value,
                 )
                 critic_refs = (
                     self.critic.async_scatter(
-                        "train_step", mini.shard(self.critic.world_size, self.balance)[0], normalizer=norm
+                        "train_step",
+                        shard_keeping_prompts(mini, self.critic.world_size, self.balance, cfg.trainer.shared_prompt),
+                        normalizer=norm,
                     )
                     if self.critic
                     else []

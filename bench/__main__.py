@@ -2,11 +2,13 @@
 
     .venv/bin/python -m bench            # tiny model and SmolLM2-135M-Instruct (~20 min on 2 cores)
     .venv/bin/python -m bench --quick    # tiny model only (~6-10 min)
+    .venv/bin/python -m bench --shared-prompt --models smollm2 --steps 3   # training forwards only (~12 min)
 
 Each part runs in its own process (its own Ray, engines and memory), one after another:
 bench.rl_step (the system's GRPO step, sync and with rollout.async_rollouts), bench.trl_grpo (TRL's
 GRPOTrainer in bench/.trl-venv, which bench/setup_trl.sh creates on first use), bench.rollout_and_sync
-and bench.micro_batching. A part that fails is reported as such and the rest still run; its log
+and bench.micro_batching (`--shared-prompt` instead runs only the sync RL step three times: the
+full-logits forward, response-only logits, and response-only logits with shared prompts). A part that fails is reported as such and the rest still run; its log
 is kept. By default every process uses all cores' worth of threads (model actors through
 RAYLHF_CPU_THREADS, as `make demo` does, since a step's phases take turns; the direct vLLM engine,
 HF generate and TRL through OMP_NUM_THREADS); `--threads` sets one count for every side. While
@@ -100,6 +102,50 @@ def bench_model(model: str, args, logs: Path) -> dict:
     r["packing"] = found[model] | {"others_cores": found["others_cores"]} if found else None
     r["others_cores"] = [part["others_cores"] for part in r.values() if part and "others_cores" in part]
     return r
+
+
+# --shared-prompt: the same sync RL run three ways, one after another (bench.rl_step flags)
+FORWARDS = {  # part name: (label, flags)
+    "full-logits": ("full logits, one row per sample (the old forward)", ["--shared-prompt", "off", "--full-logits"]),
+    "response-only": ("response-only logits (trainer.shared_prompt=off)", ["--shared-prompt", "off"]),
+    "shared-prompt": (
+        "response-only logits + shared prompt (shared_prompt=auto, the default)",
+        ["--shared-prompt", "auto"],
+    ),
+}
+
+
+def bench_forwards(model: str, args, logs: Path) -> dict:
+    py = sys.executable
+    rl = ["--prompts", str(args.prompts), "--samples", str(args.samples), "--tokens", str(args.tokens)]
+    rl += ["--steps", str(args.steps or STEPS[model])]
+    return {
+        label: run_part(f"{model}-rl-{name}", [py, "-m", "bench.rl_step", "--model", model, *rl, *flags], logs)
+        for name, (label, flags) in FORWARDS.items()
+    }
+
+
+def forwards_table(results: dict[str, dict]) -> list[str]:
+    """Markdown lines: per model, each forward's step, train and reference medians, speed-ups over
+    the first (the old forward), samples/s and the policy's and reference's peak memory."""
+    lines = [
+        "| model | forward | step, s | train, s | reference, s | step / train / reference speed-up "
+        "| samples/s | tokens not run | peak RSS policy / reference, MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, runs in results.items():
+        base = next(iter(runs.values()))
+        for label, r in runs.items():
+            if r is None or base is None:
+                lines.append(f"| {model} | {label} | failed |" + " |" * 6)
+                continue
+            speed = " / ".join(f"{base['time/' + k] / r['time/' + k]:.2f}x" for k in ("step", "train", "reference"))
+            lines.append(
+                f"| {model} | {label} | {r['time/step']:.2f} | {r['time/train']:.2f} | {r['time/reference']:.2f} | "
+                f"{speed} | {r['samples_per_s']:.2f} | {r.get('shared_prompt/tokens_skipped', 0.0):.0%} | "
+                f"{r['peak_rss_mib/policy']:.0f} / {r['peak_rss_mib/reference']:.0f} |"
+            )
+    return lines
 
 
 def table(results: dict[str, dict]) -> list[tuple[str, list[str]]]:
@@ -222,6 +268,12 @@ def main() -> None:
         "parts without results run again (e.g. after one failed)",
     )
     parser.add_argument("--skip-trl", action="store_true", help="no TRL comparison (no bench/.trl-venv)")
+    parser.add_argument(
+        "--shared-prompt",
+        action="store_true",
+        help="only the training-forward comparison: the sync RL step with full logits, response-only "
+        "logits, and response-only logits + shared prompts (the default), side by side",
+    )
     args = parser.parse_args()
     models = ["tiny"] if args.quick else args.models.split(",")
     # One thread count for every side: the system's actors (RAYLHF_CPU_THREADS), and through
@@ -233,6 +285,15 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     print(f"[bench] logs in {logs}", flush=True)
     started = time.perf_counter()
+    if args.shared_prompt:
+        found = {m: bench_forwards(m, args, logs) for m in models}
+        print(
+            f"\nmachine: {machine_description()}; fp32; {args.threads} thread(s) per process; "
+            f"suite wall time {(time.perf_counter() - started) / 60:.1f} min; sync GRPO step, {args.prompts} "
+            f"prompts x {args.samples} samples x <= {args.tokens} new tokens, medians of the steps after the first\n"
+        )
+        print("\n".join(forwards_table(found)))
+        return
     results = {m: bench_model(m, args, logs) for m in models}
 
     names = {"tiny": "tiny (4-layer Qwen2, 0.6M)", "smollm2": "SmolLM2-135M-Instruct"}

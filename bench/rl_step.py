@@ -1,7 +1,8 @@
 """Benchmark: a short GRPO run through the whole system (`actors.launch.run`, as a recipe runs
 it), its step time broken into phases, samples/s and peak memory per role.
 
-    .venv/bin/python -m bench.rl_step [--model tiny|smollm2] [--prompts 8] [--samples 4] [--tokens 32] [--steps 4] [--async-rollouts] [--json out.json]
+    .venv/bin/python -m bench.rl_step [--model tiny|smollm2] [--prompts 8] [--samples 4] [--tokens 32] [--steps 4] [--async-rollouts]
+        [--shared-prompt auto|on|off] [--full-logits] [--json out.json]
 
 The workload (shared with bench.trl_grpo, so both sides run the same one): reasoning-gym
 chain_sum (2-3 one-digit terms) in the model's chat template, `--prompts` prompts x `--samples`
@@ -34,6 +35,15 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
     parser.add_argument("--tokens", type=int, default=32, help="max new tokens per sample")
     parser.add_argument("--steps", type=int, default=4, help="steps; the first is left out of the medians")
+
+
+def add_forward_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shared-prompt", choices=["auto", "on", "off"], help="trainer.shared_prompt (default: the config's)"
+    )
+    parser.add_argument(
+        "--full-logits", action="store_true", help="trainer.response_only_logits=false (the old forward)"
+    )
 
 
 def workload_config(path: str, args, run_dir: str, async_rollouts: bool = False):
@@ -72,6 +82,8 @@ def workload_config(path: str, args, run_dir: str, async_rollouts: bool = False)
                 "global_batch_size": batch,
                 "micro_batch_size": min(MICRO_BATCH, batch),
                 "total_steps": args.steps,
+                **({"shared_prompt": args.shared_prompt} if getattr(args, "shared_prompt", None) else {}),
+                **({"response_only_logits": False} if getattr(args, "full_logits", False) else {}),
             },
             "resources": {role: {"cpus_per_actor": 0.5} for role in ("policy", "reference", "rollout")},
             "logging": {"dir": run_dir, "run_name": "bench"},
@@ -110,6 +122,9 @@ def bench_rl(path: str, args, async_rollouts: bool = False) -> dict:
     )
     out |= {f"peak_rss_mib/{role}": mib for role, mib in sorted(monitor.peak_mib.items())}
     out["others_cores"] = monitor.others_cores
+    skipped = [x["shared_prompt/tokens_skipped"] for x in steps[1:] if "shared_prompt/tokens_skipped" in x]
+    if skipped:  # share of the policy's training tokens that shared-prompt packing did not run
+        out["shared_prompt/tokens_skipped"] = sum(skipped) / len(skipped)
     # what the async implementation reports about itself (staleness, overlap), if it does
     for key in sorted({k for x in steps for k in x if "stale" in k or "overlap" in k}):
         out[key] = sum(x.get(key, 0.0) for x in steps[1:]) / (len(steps) - 1)
@@ -120,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     add_workload_args(parser)
+    add_forward_args(parser)
     parser.add_argument("--async-rollouts", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()

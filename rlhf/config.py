@@ -407,6 +407,19 @@ class TrainerConfig(Section):
         "rows sorted by length are packed while rows x longest row <= budget (a longer row goes alone), "
         "and ranks get token-balanced shares. null: micro_batch_size rows",
     )
+    shared_prompt: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="policy, reference and critic forwards: rows with the same prompt token ids run the prompt once, "
+        "packed with their responses in one row under a 4D attention mask (same log-probs, loss and "
+        "gradients). auto: when it skips >= 10% of the tokens; on: whenever rows share a prompt; off: "
+        "never. Models loaded with flash attention (no 4D mask) fall back to one row per sample, logged",
+    )
+    response_only_logits: bool = Field(
+        True,
+        description="policy and reference: project hidden states to the vocabulary only where a response "
+        "token is predicted, in chunks (same log-probs). false: logits at every position (the old path; "
+        "also used for an entropy bonus and for models that post-process their logits)",
+    )
     grad_clip: float = Field(1.0, gt=0.0, description="clip the global gradient norm to this")
     epochs_per_rollout: int = Field(
         1, ge=1, description="RL: passes over each step's samples, in global_batch_size optimizer steps"
