@@ -24,8 +24,8 @@ from actors.group import ActorGroup, PlacementPlan
 from rlhf.algos import compute_sequence_logprobs
 from rlhf.batch import Batch, collate_samples
 from rlhf.config import ConfigError, DataConfig, RunConfig
-from rlhf.data.chat import apply_chat_template
 from rlhf.data.sources import load_preference_pairs
+from rlhf.experience import format_prompt, sampling_settings
 from rlhf.models import resolve_model_path
 from rlhf.run_log import RunLogger, format_metrics
 
@@ -238,14 +238,9 @@ class SampleEval:
     def __call__(self) -> dict[str, float]:
         r, d = self.cfg.rollout, self.cfg.data
         self.rollout.sync_from(self.policy)  # the engines sample from the current policy
-        texts = [apply_chat_template(self.tokenizer, p) if d.chat_template == "tokenizer" else p for p in self.prompts]
-        sampling = {
-            "n": r.samples_per_prompt,
-            "temperature": r.temperature,
-            "top_p": r.top_p,
-            "max_tokens": r.max_new_tokens,
-            "seed": r.seed,
-        }  # the same seed before and after
+        texts = [format_prompt(self.tokenizer, p, d.chat_template) for p in self.prompts]
+        # the fixed seed rollout.seed: the same draws before and after training
+        sampling = sampling_settings(r, "eval_sampled", n=r.samples_per_prompt)
         samples = self.rollout.generate(texts, sampling, weights_from=self.policy)
         scores = ray.get(
             self.reward.async_run(
@@ -279,7 +274,7 @@ def tokenize_pairs(pairs: list[dict], tokenizer, data: DataConfig) -> Batch:
     """
     prompts, responses = [], []
     for pair in pairs:
-        text = apply_chat_template(tokenizer, pair["prompt"]) if data.chat_template == "tokenizer" else pair["prompt"]
+        text = format_prompt(tokenizer, pair["prompt"], data.chat_template)
         prompt = tokenizer(text, add_special_tokens=False)["input_ids"][-data.max_prompt_len :]
         for key in ("chosen", "rejected"):
             response = tokenizer(pair[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

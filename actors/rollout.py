@@ -18,11 +18,11 @@ import ray
 import torch
 
 from actors.group import StepTimeoutError, dead_ranks, ray_get, use_cpu_threads_from_env
+from rlhf.experience import SAMPLING_KEYS, prompt_seed
 from rlhf.models import preferred_dtype
 
 log = logging.getLogger(__name__)
 WEIGHT_SYNC_EXTENSION = "actors.weight_sync.WeightSyncExtension"
-SAMPLING_KEYS = ("n", "temperature", "top_p", "max_tokens", "stop", "seed", "logprobs")
 
 
 @ray.remote
@@ -98,8 +98,8 @@ class RolloutWorker:
     def generate(self, prompts: list[str] | list[list[int]], sampling: dict) -> list[dict]:
         """Sample `sampling["n"]` completions per prompt (text, or token ids already templated).
 
-        `sampling` takes the keys in SAMPLING_KEYS. Returns prompt-major flat samples, each with
-        prompt_index, prompt_token_ids, response_token_ids, text, finish_reason and `logprobs`:
+        `sampling` takes the keys in SAMPLING_KEYS (rlhf.experience.sampling_settings derives it
+        from the config). Returns prompt-major flat samples, each with prompt_index, prompt_token_ids, response_token_ids, text, finish_reason and `logprobs`:
         the log-probability of each sampled token (vLLM's default: from the raw logits, before
         temperature / top-p, i.e. the policy's own distribution).
         """
@@ -112,12 +112,8 @@ class RolloutWorker:
             raise ValueError(f"unknown sampling keys {sorted(unknown)}; allowed: {SAMPLING_KEYS}")
         # logprobs=0 asks for the sampled token's log-prob only; callers may ask for top-k more.
         params = {"logprobs": 0, **sampling}
-        if params.get("seed") is not None:
-            # One seed per prompt (vLLM adds the sample index for n > 1): with a single seed for
-            # the whole call, every prompt would draw the same random numbers.
-            params = [
-                SamplingParams(**params | {"seed": (params["seed"] + i * 1009) % 2**31}) for i in range(len(prompts))
-            ]
+        if params.get("seed") is not None:  # one seed per prompt (vLLM adds the sample index for n > 1)
+            params = [SamplingParams(**params | {"seed": prompt_seed(params["seed"], i)}) for i in range(len(prompts))]
         else:
             params = SamplingParams(**params)
         inputs = [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
@@ -213,7 +209,9 @@ class RolloutGroup:
     @staticmethod
     def shard_sampling(sampling: dict, start: int) -> dict:
         """The shard starting at prompt `start` offsets the seed as if it were one call (per-prompt seeds)."""
-        return sampling | {"seed": sampling["seed"] + start * 1009} if sampling.get("seed") is not None else sampling
+        return (
+            sampling | {"seed": prompt_seed(sampling["seed"], start)} if sampling.get("seed") is not None else sampling
+        )
 
     def async_generate(self, prompts: list, sampling: dict) -> list[ray.ObjectRef]:
         """One ObjectRef per worker; `merge_samples(ray.get(refs), len(prompts))` restores order.

@@ -28,8 +28,8 @@ from actors.policy import PolicyActor
 from actors.rollout import RolloutGroup
 from rlhf.batch import Batch, collate_samples
 from rlhf.config import RunConfig
-from rlhf.data.chat import apply_chat_template
 from rlhf.data.sources import load_sft_pairs
+from rlhf.experience import format_prompt, sampling_settings
 from rlhf.models import resolve_model_path
 from rlhf.run_log import RunLogger, format_metrics
 
@@ -62,9 +62,7 @@ class SFTRun:
             self.rollout = RolloutGroup(self.plan, self.policy_path, dtype, cfg.rollout, max_model_len=max_len)
 
     def format_prompt(self, row: dict) -> str:
-        if self.cfg.data.chat_template == "tokenizer":
-            return apply_chat_template(self.tokenizer, row["prompt"])
-        return row["prompt"]
+        return format_prompt(self.tokenizer, row["prompt"], self.cfg.data.chat_template)
 
     def encode(self, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids of each prompt (templated; its last max_prompt_len tokens, where the question
@@ -99,7 +97,7 @@ class SFTRun:
             out = {"eval/sft_loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
         if self.rollout is not None and heldout:
             texts = [self.format_prompt(r) for r in heldout]
-            greedy = {"n": 1, "temperature": 0.0, "max_tokens": self.cfg.rollout.max_new_tokens}
+            greedy = sampling_settings(self.cfg.rollout, "greedy")
             samples = self.rollout.generate(texts, greedy, weights_from=self.policy)
             hits = [s["text"].strip() == str(heldout[s["prompt_index"]]["answer"]).strip() for s in samples]
             out["eval/exact_match"] = sum(hits) / len(hits)

@@ -52,14 +52,14 @@ def model_path(name: str) -> str:
 def prompts_for(path: str, k: int) -> list[str]:
     from transformers import AutoTokenizer
 
-    from rlhf.data.chat import apply_chat_template
     from rlhf.data.reasoning_gym import reasoning_gym_prompts
+    from rlhf.experience import format_prompt
 
     tok = AutoTokenizer.from_pretrained(path)
     rows = reasoning_gym_prompts(
         "chain_sum", k, seed=0, task_kwargs={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}
     )
-    return [apply_chat_template(tok, r["prompt"]) for r in rows]
+    return [format_prompt(tok, r["prompt"]) for r in rows]
 
 
 def bench_generation(path: str, args) -> dict:
@@ -72,10 +72,13 @@ def bench_generation(path: str, args) -> dict:
     from actors.local_cluster import init_ray
     from actors.rollout import RolloutGroup
     from rlhf.config import ResourcesConfig, RolloutConfig
+    from rlhf.experience import sampling_settings
     from rlhf.models import preferred_dtype
 
     prompts = prompts_for(path, args.prompts)
-    sampling = {"n": args.samples, "temperature": 1.0, "max_tokens": args.tokens, "seed": 0}
+    # a run's training samples at temperature 1 (rollout.seed 0, step 0: seed 0)
+    workload = RolloutConfig(samples_per_prompt=args.samples, temperature=1.0, max_new_tokens=args.tokens, seed=0)
+    sampling = sampling_settings(workload, "train")
     n_tokens = len(prompts) * args.samples * args.tokens
     dtype = preferred_dtype()
     out = {}

@@ -30,8 +30,8 @@ def main() -> None:
 
     from bench.monitor import own_peak_mib
     from bench.rl_step import KL_COEF, LR, MICRO_BATCH, PROMPT_SUFFIX, TASK_KWARGS, TRAIN_SIZE, add_workload_args
-    from rlhf.data.chat import apply_chat_template
     from rlhf.data.reasoning_gym import reasoning_gym_prompts
+    from rlhf.experience import format_prompt
     from rlhf.rewards.verifiers import reasoning_gym_reward
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,7 +45,7 @@ def main() -> None:
     data = Dataset.from_list(
         [
             {
-                "prompt": apply_chat_template(tok, r["prompt"]),
+                "prompt": format_prompt(tok, r["prompt"]),  # as our runs format it (data.chat_template default)
                 "question": r["question"],
                 "answer": r["answer"],
                 "metadata": json.dumps(r["metadata"]),
