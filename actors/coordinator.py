@@ -151,7 +151,7 @@ class RLCoordinator:
             return metrics | {"skipped": 1.0}
         if cfg.rollout.sleep_during_training:  # the engines' device memory goes to the trainers until the sync
             with timer("sleep"):
-                self.log_if_no_memory_freed(ray.get(self.rollout.async_sleep()))
+                self.log_if_no_memory_freed(ray_get(self.timeout_s, rollout=self.rollout.async_sleep()))
         batch = self.collate(samples)
         mask = batch["response_mask"]  # (B, T)
         # updates between the weights that generated each sample and the weights it now trains
@@ -203,8 +203,11 @@ class RLCoordinator:
         self.version += 1
         if cfg.rollout.sleep_during_training:  # trainers free their allocator's cached blocks for the engines
             with timer("wake"):
-                ray.get([ref for group in self.neighbours for ref in group.async_run("release_cached_memory")])
-                ray.get(self.rollout.async_wake_up())
+                ray_get(
+                    self.timeout_s,
+                    neighbours=[r for g in self.neighbours for r in g.async_run("release_cached_memory")],
+                )
+                ray_get(self.timeout_s, rollout=self.rollout.async_wake_up())
         with timer("sync"):
             self.sync_weights(wait=not cfg.rollout.async_rollouts)
 
