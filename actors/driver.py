@@ -180,8 +180,8 @@ def attempt(
             if failed := guard.update(step, metrics):
                 # the skipped updates changed nothing, so this state is the last good one
                 raise NonFiniteError(guard.message(failed, str(save(step))))
-            if eval_due(step, cfg.trainer.eval_every, total):
-                logger.log(step, loop.evaluate())
+            if eval_due(step, cfg.trainer.eval_every, total) and (held_out := loop.evaluate()):
+                logger.log(step, held_out)
             if due(step, cfg.checkpoint.every_n_steps, total):
                 save(step)
         step = total + 1  # past the loop: the final evaluation and export

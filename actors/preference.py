@@ -185,7 +185,7 @@ class DPOLoop:
         return ray_get(self.timeout_s, policy=self.policy.async_run("save_pretrained", str(path)))[0]
 
     def dead_actors(self) -> list[str]:
-        return [f"{g.role} rank {r}" for g in self.groups for r in g.dead_ranks()]
+        return [f"{getattr(g, 'role', 'rollout')} rank {r}" for g in self.groups for r in g.dead_ranks()]
 
     def shutdown(self) -> None:
         _shutdown(self.groups, self.plan)
