@@ -179,7 +179,7 @@ class RLCoordinator:
             return None
         if cfg.rollout.sleep_during_training:  # the engines' device memory goes to the trainers until the sync
             with timer("sleep"):
-                self.log_if_no_memory_freed(ray.get(self.rollout.async_sleep()))
+                self.log_if_no_memory_freed(ray_get(self.timeout_s, rollout=self.rollout.async_sleep()))
         batch = collate(samples, self.tokenizer.pad_token_id)  # + group_ids (B,)
         with timer("reference"):
             self.add_logprobs_and_values(batch)
@@ -305,8 +305,11 @@ class RLCoordinator:
         then every engine takes the new weights (async rollouts: behind its queued generation)."""
         if self.cfg.rollout.sleep_during_training:  # trainers free their allocator's cached blocks for the engines
             with timer("wake"):
-                ray.get([ref for group in self.neighbours for ref in group.async_run("release_cached_memory")])
-                ray.get(self.rollout.async_wake_up())
+                ray_get(
+                    self.timeout_s,
+                    neighbours=[r for g in self.neighbours for r in g.async_run("release_cached_memory")],
+                )
+                ray_get(self.timeout_s, rollout=self.rollout.async_wake_up())
         with timer("sync"):
             self.sync_weights(wait=not self.cfg.rollout.async_rollouts)
 

@@ -17,7 +17,8 @@ from typing import Any
 import ray
 import torch
 
-from actors.group import StepTimeoutError, dead_ranks, ray_get, use_cpu_threads_from_env
+from actors.group import START_TIMEOUT_S, StepTimeoutError, dead_ranks, ray_get, use_cpu_threads_from_env
+from rlhf.config import DEFAULT_STEP_TIMEOUT_S
 from rlhf.experience import SAMPLING_KEYS, prompt_seed
 from rlhf.models import preferred_dtype
 
@@ -179,7 +180,15 @@ class RolloutGroup:
     per call; `restarts` counts them over the run).
     """
 
-    def __init__(self, plan, model_path: str, dtype: str, rollout, max_model_len: int, timeout_s: float | None = None):
+    def __init__(
+        self,
+        plan,
+        model_path: str,
+        dtype: str,
+        rollout,
+        max_model_len: int,
+        timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
+    ):
         res = plan.resources["rollout"]
         self.max_restarts, self.timeout_s, self.restarts = rollout.max_worker_restarts, timeout_s, 0
 
@@ -257,9 +266,9 @@ class RolloutGroup:
         shards = self.shards(len(prompts))
         pending = {ref: i for i, ref in refs.items()}
         results, restarts = {}, 0
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.timeout_s
         while pending:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            left = max(deadline - time.monotonic(), 0)
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
             if not ready:
                 raise StepTimeoutError(
@@ -268,7 +277,7 @@ class RolloutGroup:
                 )
             i = pending.pop(ready[0])
             try:
-                results[i] = ray.get(ready[0])
+                results[i] = ray.get(ready[0], timeout=self.timeout_s)  # answered already: no wait
             except ray.exceptions.RayActorError as e:
                 if restarts >= self.max_restarts:
                     raise
@@ -286,9 +295,7 @@ class RolloutGroup:
                 pending[self.async_generate_shard(i, prompts, sampling)] = (
                     i  # same seed: the samples it would have given
                 )
-                deadline = (
-                    None if self.timeout_s is None else time.monotonic() + self.timeout_s
-                )  # engine start excluded
+                deadline = time.monotonic() + self.timeout_s  # engine start excluded
         ordered = [results[i] for i in sorted(results)]
         return self.merge_samples([s for s, _ in ordered], len(prompts)), max(sec for _, sec in ordered)
 
@@ -301,10 +308,11 @@ class RolloutGroup:
             self.workers[i] = self.start(i)
         self.restarts += len(ranks)
         if weights_from is None:
-            ray.get([self.workers[i].__ray_ready__.remote() for i in ranks])
+            ray_get(START_TIMEOUT_S, rollout={i: self.workers[i].__ray_ready__.remote() for i in ranks})
         else:
             blobs = weights_from.async_run("weights_blob")  # every policy rank joins (ZeRO-3 gathers)
-            ray.get(self.async_load_weights(blobs[0], ranks) + blobs[1:])
+            loads = dict(zip(ranks, self.async_load_weights(blobs[0], ranks)))
+            ray_get(START_TIMEOUT_S, rollout=loads, policy={rank + 1: ref for rank, ref in enumerate(blobs[1:])})
         log.warning(
             "rollout worker(s) %s restarted%s", ranks, " with the policy's current weights" if weights_from else ""
         )

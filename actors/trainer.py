@@ -366,7 +366,8 @@ class DeepSpeedRole:
         for name, buf in module.named_buffers():  # e.g. rotary caches are not persistent, skip those
             if name in module.state_dict():
                 state[name] = buf.detach().cpu()
-        tied = getattr(module.config, "tie_word_embeddings", False)
+        # a causal LM only: a sequence classifier built on a tied LM (a SmolLM2 reward model) has no lm_head
+        tied = getattr(module.config, "tie_word_embeddings", False) and hasattr(module, "lm_head")
         if tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]  # vLLM wants both names
         return state

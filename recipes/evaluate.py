@@ -33,11 +33,11 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from rlhf.config import ConfigError, RunConfig, load_config
-from rlhf.data.chat import apply_chat_template
 from rlhf.data.sources import DataError, load_prompts
 from rlhf.evaluation.judges import JUDGES, build_judges
 from rlhf.evaluation.scoring import ScoredPass, judge_pass, pass_metrics, sample_records, samples_markdown, write_jsonl
 from rlhf.evaluation.stats import paired_difference
+from rlhf.experience import format_prompt, sampling_settings
 from rlhf.models import check_model_paths, resolve_model_path
 
 log = logging.getLogger("raylhf.evaluate")
@@ -102,20 +102,10 @@ def evaluate_model(
 
     r = cfg.rollout
     tokenizer = AutoTokenizer.from_pretrained(cfg.models.policy.tokenizer or model_path)
-    texts = [
-        apply_chat_template(tokenizer, p["prompt"]) if cfg.data.chat_template == "tokenizer" else p["prompt"]
-        for p in prompts
-    ]
-    modes = {"greedy": {"n": 1, "temperature": 0.0, "max_tokens": r.max_new_tokens, "stop": r.stop or None}}
+    texts = [format_prompt(tokenizer, p["prompt"], cfg.data.chat_template) for p in prompts]
+    modes = {"greedy": sampling_settings(r, "greedy")}
     if samples_k:
-        modes["sampled"] = {
-            "n": samples_k,
-            "temperature": r.temperature,
-            "top_p": r.top_p,
-            "max_tokens": r.max_new_tokens,
-            "stop": r.stop or None,
-            "seed": r.seed,
-        }
+        modes["sampled"] = sampling_settings(r, "eval_sampled", n=samples_k)
     scorer = ModelScorer(cfg, model_path)
     passes, metrics = [], {}
     try:

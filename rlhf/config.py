@@ -40,6 +40,9 @@ from rlhf.registry import Registry
 from rlhf.rewards.registry import REWARD_KINDS
 from rlhf.strict_yaml import parse_yaml
 
+# trainer.step_timeout_s: how long any one remote call may take before the run calls it hung
+DEFAULT_STEP_TIMEOUT_S = 3600.0
+
 Role = Literal["policy", "reference", "reward", "critic", "rollout"]
 ROLES: tuple[str, ...] = ("policy", "reference", "reward", "critic", "rollout")
 
@@ -427,18 +430,21 @@ class TrainerConfig(Section):
     total_steps: int = Field(
         10, ge=1, description="RL steps (generate, score, train, sync); optimizer steps for sft, dpo and reward_model"
     )
-    eval_every: int = Field(0, ge=0, description="RL: held-out evaluation every N steps too (0: before and after only)")
+    eval_every: int = Field(
+        0, ge=0, description="every loop: held-out evaluation every N steps too (0: before and after only)"
+    )
     max_nonfinite_steps: int = Field(
         3,
         ge=0,
         description="RL: stop, with a checkpoint, after this many consecutive steps whose update was skipped "
         "for a non-finite loss or gradient (0: never stop, only skip and count)",
     )
-    step_timeout_s: float | None = Field(
-        None,
+    step_timeout_s: float = Field(
+        DEFAULT_STEP_TIMEOUT_S,
         gt=0.0,
-        description="RL: a trainer call or generation that takes longer fails, naming the role and "
-        "ranks that did not answer (null: wait forever)",
+        description="every loop: a remote call (a trainer step, a generation, an evaluation, a checkpoint "
+        "save or load, an export) that takes longer fails, naming the role and ranks that did not answer, "
+        "and the run restarts its actors from the newest checkpoint (checkpoint.max_restarts)",
     )
     collective_timeout_s: float = Field(
         600.0,
@@ -520,7 +526,7 @@ class CheckpointConfig(Section):
     max_restarts: int = Field(
         2,
         ge=0,
-        description="RL: when an actor dies or hangs, restart every group and resume from the newest "
+        description="every loop: when an actor dies or hangs, restart every group and resume from the newest "
         "checkpoint (step 1 if none) at most this many times per run (0: stop)",
     )
 
