@@ -47,7 +47,9 @@ def use_cpu_threads_from_env() -> None:
 
 @dataclass
 class PlacementPlan:
-    """One placement group per role or per colocated set of roles."""
+    """One placement group per role or per colocated set of roles. A role's bundles carry the
+    custom resource of its `node_kind` when it has one (rlhf/resources.py), so Ray puts them only
+    on nodes of that kind; PACK keeps a group's bundles on as few of those nodes as fit."""
 
     groups: dict[str, PlacementGroup] = field(default_factory=dict)  # role -> its placement group
     resources: dict[str, RoleResources] = field(default_factory=dict)
@@ -77,6 +79,11 @@ class PlacementPlan:
             placement_group_bundle_index=rank,
             placement_group_capture_child_tasks=True,
         )
+
+    def node_ids(self, role: str) -> list[str]:
+        """The distinct nodes (Ray node ids) the role's bundles were placed on, in bundle order."""
+        table = ray.util.placement_group_table(self.groups[role])
+        return list(dict.fromkeys(table["bundles_to_node_id"][i] for i in sorted(table["bundles_to_node_id"])))
 
     def shutdown(self) -> None:
         for pg in {id(pg): pg for pg in self.groups.values()}.values():
