@@ -273,7 +273,13 @@ def stop(cluster: NodeCluster, remove: bool = True) -> list[int]:
         _, alive = psutil.wait_procs(family, timeout=15)
         for p in alive:
             p.kill()
-    leftovers = stop_cluster(cluster.root)
+    if cluster.watchdog_pid:  # its job is done; it would count as a leftover (the folder is in its command line)
+        try:
+            psutil.Process(cluster.watchdog_pid).terminate()
+            psutil.Process(cluster.watchdog_pid).wait(timeout=10)
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+            pass
+    leftovers = [p for p in stop_cluster(cluster.root) if p != cluster.watchdog_pid]
     if remove:
         shutil.rmtree(cluster.root, ignore_errors=True)
     return leftovers
