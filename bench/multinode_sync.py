@@ -59,7 +59,12 @@ def main() -> None:
         spec = ModelSpec(path=path, dtype="float32").model_dump()
         trainer = TrainerConfig(zero_stage=2, global_batch_size=1, micro_batch_size=1).model_dump()
         policy = ActorGroup(
-            PolicyActor, "policy", plan, model=spec, trainer=trainer, algorithm=AlgorithmConfig().model_dump()
+            PolicyActor,
+            "policy",
+            plan,
+            model=spec,
+            trainer=trainer,
+            algorithm=AlgorithmConfig(name="grpo", advantage="grpo").model_dump(),
         )
         rollout = RolloutGroup(plan, path, "float32", RolloutConfig(), max_model_len=512)
         nodes = {kind: ids[0] for kind, ids in multinode.nodes_by_kind().items()}

@@ -7,7 +7,9 @@ Tiny fp32 models, as in test_cycle.py: engine and trainer log-probs agree to ~1e
 weights; one lr=1e-2 Adam step moves them by >1e-2, so 1e-4 tells "synced" from "stale".
 """
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +174,28 @@ def test_a_node_kind_no_node_has_fails_at_once(multinode_cluster):
     text = str(err.value)
     assert "resources.policy.node_kind=gpu" in text and "no node of kind 'gpu'" in text
     assert "reference, reward, rollout, trainer" in text
+
+
+def test_every_node_listens_on_loopback_only_and_wants_the_token(multinode_cluster, runtime):
+    from actors.local_cluster import cluster_processes
+    from tests.safety.test_control_plane import http_status, is_loopback, listening, other_addresses, reachable
+
+    cluster = multinode_cluster
+    sockets = listening(cluster_processes(cluster.root))
+    names = {name for name, _, _ in sockets}
+    assert {"gcs_server", "raylet"} <= names and any("DashboardAgent" in n for n in names), names
+    ports = {port for _, _, port in sockets}
+    for node in cluster.nodes:  # each node's own raylet and object manager, on the ports it was given
+        assert {node.ports["node_manager"], node.ports["object_manager"]} <= ports, (node.kind, sockets)
+    # Not Ray's: torch.distributed's env:// rendezvous store (a TCPStore on each DeepSpeed group's
+    # MASTER_PORT, set up in actors/trainer.py) binds every interface, with no authentication.
+    # Known and reported; everything else must be loopback only.
+    rendezvous = {runtime[role].master_port for role in ACTOR_CLASSES}
+    exposed = [s for s in sockets if not is_loopback(s[1]) and s[2] not in rendezvous]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    others = [port for _, _, port in sockets if port not in rendezvous]
+    assert not [(a, p) for a in other_addresses() for p in others if reachable(a, p)]
+    token = Path(cluster.token_path).read_text().strip()
+    assert oct(os.stat(cluster.token_path).st_mode & 0o777) == "0o600"
+    assert http_status(f"{cluster.dashboard_url}/api/jobs/") == 401
+    assert http_status(f"{cluster.dashboard_url}/api/jobs/", token=token) == 200
