@@ -18,7 +18,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf.config import ResourcesConfig, RoleResources
-from rlhf.resources import check_fit, placement_sets
+from rlhf.resources import check_fit, placement_sets, set_node_kind
 
 
 def cluster_has_gpus() -> bool:
@@ -61,6 +61,7 @@ class PlacementPlan:
         for members, bundles in placement_sets(cfg, roles):  # bundle i holds rank i of every member role
             pg = placement_group(bundles, strategy="PACK", name=f"rlhf-{'+'.join(members)}")
             if not _ready(pg, timeout_s):
+                kind = set_node_kind(cfg, members)
                 remove_placement_group(pg)
                 plan.shutdown()
                 raise RuntimeError(
@@ -68,6 +69,7 @@ class PlacementPlan:
                     f"({ray.available_resources()} free now) could not provide them within {timeout_s:.0f}s; the "
                     "cluster has enough in total, so other jobs or actors hold them, or the bundles do not pack "
                     "onto its nodes: free them, or lower resources.<role>.num_actors / cpus_per_actor / gpus_per_actor"
+                    + (f", or add nodes of kind {kind!r} (resources.<role>.node_kind)" if kind else "")
                 )
             for r in members:
                 plan.groups[r] = pg
