@@ -18,7 +18,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf.config import ResourcesConfig, RoleResources
-from rlhf.resources import check_fit, placement_sets
+from rlhf.resources import check_fit, placement_sets, set_node_kind
 
 # Starting an actor or engine (model load, vLLM start-up) is not a step: its own, longer deadline.
 START_TIMEOUT_S = 1800.0
@@ -50,7 +50,9 @@ def use_cpu_threads_from_env() -> None:
 
 @dataclass
 class PlacementPlan:
-    """One placement group per role or per colocated set of roles."""
+    """One placement group per role or per colocated set of roles. A role's bundles carry the
+    custom resource of its `node_kind` when it has one (rlhf/resources.py), so Ray puts them only
+    on nodes of that kind; PACK keeps a group's bundles on as few of those nodes as fit."""
 
     groups: dict[str, PlacementGroup] = field(default_factory=dict)  # role -> its placement group
     resources: dict[str, RoleResources] = field(default_factory=dict)
@@ -62,6 +64,7 @@ class PlacementPlan:
         for members, bundles in placement_sets(cfg, roles):  # bundle i holds rank i of every member role
             pg = placement_group(bundles, strategy="PACK", name=f"rlhf-{'+'.join(members)}")
             if not _ready(pg, timeout_s):
+                kind = set_node_kind(cfg, members)
                 remove_placement_group(pg)
                 plan.shutdown()
                 raise RuntimeError(
@@ -69,6 +72,7 @@ class PlacementPlan:
                     f"({ray.available_resources()} free now) could not provide them within {timeout_s:.0f}s; the "
                     "cluster has enough in total, so other jobs or actors hold them, or the bundles do not pack "
                     "onto its nodes: free them, or lower resources.<role>.num_actors / cpus_per_actor / gpus_per_actor"
+                    + (f", or add nodes of kind {kind!r} (resources.<role>.node_kind)" if kind else "")
                 )
             for r in members:
                 plan.groups[r] = pg
@@ -80,6 +84,11 @@ class PlacementPlan:
             placement_group_bundle_index=rank,
             placement_group_capture_child_tasks=True,
         )
+
+    def node_ids(self, role: str) -> list[str]:
+        """The distinct nodes (Ray node ids) the role's bundles were placed on, in bundle order."""
+        table = ray.util.placement_group_table(self.groups[role])
+        return list(dict.fromkeys(table["bundles_to_node_id"][i] for i in sorted(table["bundles_to_node_id"])))
 
     def shutdown(self) -> None:
         for pg in {id(pg): pg for pg in self.groups.values()}.values():

@@ -75,7 +75,7 @@ def init_ray(
 def join_cluster(address: str) -> None:
     """ray.init on the cluster at `address`, with token authentication."""
     import ray
-    from ray._raylet import Config
+    from ray._raylet import AuthenticationTokenLoader, Config
     from ray.exceptions import AuthenticationError
 
     mode = os.environ.get("RAY_AUTH_MODE")
@@ -85,7 +85,8 @@ def join_cluster(address: str) -> None:
             f"start the cluster with RAY_AUTH_MODE=token and {TOKEN_HELP}"
         )
     os.environ["RAY_AUTH_MODE"] = "token"  # unset means off for an explicit address in Ray 2.60
-    Config.initialize("")  # Ray caches the mode per process: re-read it
+    Config.initialize("")  # Ray caches the mode and the token per process: re-read both
+    AuthenticationTokenLoader.instance().reset_cache()  # (this process may have joined another cluster)
     host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
     if host == "localhost" or _is_loopback(host):
         _keep_loopback_node_address()  # else this driver looks for a node at the machine's other address
@@ -126,7 +127,7 @@ def start_local_cluster(
             "%s=%s: Ray's gRPC servers listen on every interface of this machine (token required)", HOST_ENV, host
         )
     temp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir="/tmp"))  # 0700
-    watchdog = _start_watchdog(temp_dir)  # first: a driver killed during ray.init leaves nothing either
+    watchdog = start_watchdog(temp_dir)  # first: a driver killed during ray.init leaves nothing either
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -162,7 +163,9 @@ def _keep_loopback_node_address() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def _start_watchdog(temp_dir: Path) -> int:
+def start_watchdog(temp_dir: Path) -> int:
+    """A process that stops every process of the cluster in temp_dir once this process ends
+    (also used by actors/multinode.py's test clusters); returns its pid."""
     import psutil
 
     me = psutil.Process()

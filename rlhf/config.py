@@ -476,6 +476,13 @@ class RoleResources(Section):
         description="Ray GPUs each actor reserves (0 on CPU machines; rollout "
         "with tensor_parallel_size > 1: that many)",
     )
+    node_kind: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="place the role's actors only on nodes of this kind: nodes that have the custom Ray "
+        "resource node_kind:<kind> (scripts/cluster.sh gives each node one; on a cluster.yaml cluster, "
+        "add it to the node type's resources). None: any node",
+    )
 
 
 class ResourcesConfig(Section):
@@ -500,6 +507,17 @@ class ResourcesConfig(Section):
                     raise ValueError(f"role {role!r} appears in more than one colocate group: {groups}")
                 seen.add(role)
         return groups
+
+    @model_validator(mode="after")
+    def _colocated_roles_share_a_node_kind(self) -> ResourcesConfig:
+        for group in self.colocate:  # one bundle holds rank i of each member: it sits on one node
+            kinds = {getattr(self, role).node_kind for role in group} - {None}
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"colocated roles {group} ask for different node kinds {sorted(kinds)}; they share "
+                    "bundles, so give them one resources.<role>.node_kind (or set it on one of them)"
+                )
+        return self
 
 
 # ---------------------------------------------------------------------------- checkpoint, logging

@@ -7,9 +7,15 @@ cluster before any placement group is created, so a request the cluster can neve
 once, naming the roles, what they ask and what the cluster has, instead of waiting for resources
 that will not come.
 
-Only two necessary conditions are checked: every bundle fits on one node (a bundle never spans
-nodes) and all bundles together fit the cluster's totals. Whether they also pack onto the nodes
-together is left to Ray (the placement-group wait in actors/group.py).
+Node kinds. A role with `resources.<role>.node_kind: <kind>` has NODE_KIND_SHARE of the custom
+resource `node_kind:<kind>` added to each of its bundles, so Ray puts them only on nodes that
+have that resource (scripts/cluster.sh gives every node `{"node_kind:<kind>": 1}`: room for 1000
+bundles). Ray reserves the `node:` prefix (`node:<ip>`), hence `node_kind:`.
+
+Only necessary conditions are checked: every bundle fits on one node (a bundle never spans
+nodes; with a node kind, one node of that kind), some node has each kind asked for, and all
+bundles together fit the cluster's totals. Whether they also pack onto the nodes together is left
+to Ray (the placement-group wait in actors/group.py).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 from rlhf.config import ConfigError, ResourcesConfig, RoleResources
 
 KINDS = ("CPU", "GPU")  # what the config asks for; other node resources (memory, custom) are not requested
+NODE_KIND_PREFIX = "node_kind:"
+NODE_KIND_SHARE = 0.001  # of node_kind:<kind> per bundle; Ray counts resources in steps of 0.0001
 _EPS = 1e-9  # fractional CPUs add up with float error (0.1 + 0.2)
 
 
@@ -30,6 +38,21 @@ def actor_request(res: RoleResources) -> dict[str, float]:
     if res.gpus_per_actor:
         bundle["GPU"] = res.gpus_per_actor
     return bundle
+
+
+def node_kind_resource(kind: str) -> str:
+    """The custom Ray resource that marks a node of this kind: node_kind:<kind>."""
+    return NODE_KIND_PREFIX + kind
+
+
+def node_kinds(node: dict[str, float]) -> list[str]:
+    """The kinds of a node, from its resources."""
+    return sorted(k[len(NODE_KIND_PREFIX) :] for k, v in node.items() if k.startswith(NODE_KIND_PREFIX) and v > 0)
+
+
+def set_node_kind(cfg: ResourcesConfig, members: list[str]) -> str | None:
+    """The node kind of a placement set: its members' (colocated roles agree, a config check)."""
+    return next((k for r in members if (k := getattr(cfg, r).node_kind) is not None), None)
 
 
 def placement_sets(cfg: ResourcesConfig, roles: list[str]) -> list[tuple[list[str], list[dict[str, float]]]]:
@@ -47,6 +70,8 @@ def placement_sets(cfg: ResourcesConfig, roles: list[str]) -> list[tuple[list[st
                 if i < getattr(cfg, r).num_actors:
                     for k, v in actor_request(getattr(cfg, r)).items():
                         bundle[k] = bundle.get(k, 0) + v
+            if (kind := set_node_kind(cfg, members)) is not None:
+                bundle[node_kind_resource(kind)] = NODE_KIND_SHARE
             bundles.append(bundle)
         out.append((members, bundles))
     return out
@@ -68,15 +93,28 @@ def fit_problems(
     total: the cluster's resources (ray.cluster_resources()); nodes: each alive node's resources.
     """
     problems = []
-    largest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in KINDS}
     for members, bundles in placement_sets(cfg, roles):
-        bad = [b for b in bundles if not any(all(b.get(k, 0) <= n.get(k, 0) + _EPS for k in KINDS) for n in nodes)]
+        kind = set_node_kind(cfg, members)
+        eligible = nodes if kind is None else [n for n in nodes if n.get(node_kind_resource(kind), 0) > 0]
+        if not eligible:
+            assert kind is not None
+            present = sorted({k for n in nodes for k in node_kinds(n)})
+            problems.append(
+                f"{'+'.join(members)}: resources.{members[0]}.node_kind={kind}, but no node of kind {kind!r} is up "
+                f"(node kinds in the cluster: {', '.join(present) or 'none'}; {len(nodes)} node(s)); a node's kind "
+                f"is its custom resource {node_kind_resource(kind)} (scripts/cluster.sh up --workers {kind},...; "
+                f"or resources in cluster.yaml), or unset resources.{members[0]}.node_kind"
+            )
+            continue
+        largest = {k: max((n.get(k, 0) for n in eligible), default=0) for k in KINDS}
+        bad = [b for b in bundles if not any(all(b.get(k, 0) <= n.get(k, 0) + _EPS for k in KINDS) for n in eligible)]
         if not bad:
             continue
         worst = max(bad, key=lambda b: tuple(b.get(k, 0) for k in reversed(KINDS)))
         per_role = "; ".join(f"{r}: {_amounts(actor_request(getattr(cfg, r)))} per actor" for r in members)
         together = f" (colocated: {per_role}, summed into one bundle per rank)" if len(members) > 1 else ""
         short = [k for k in KINDS if worst.get(k, 0) > largest[k] + _EPS]
+        where = "node" if kind is None else f"node of kind {kind!r}"
         fields = " / ".join(
             f"resources.{r}.{'gpus' if k == 'GPU' else 'cpus'}_per_actor"
             for r in members
@@ -85,8 +123,9 @@ def fit_problems(
         )
         what = f"lower {fields}" if fields else "lower the per-actor requests"
         problems.append(
-            f"{'+'.join(members)}: one actor's bundle asks {_amounts(worst)}{together}, but no node has that much "
-            f"(the largest node has {', '.join(f'{_num(largest[k])} {k}' for k in KINDS)}; {len(nodes)} node(s)); "
+            f"{'+'.join(members)}: one actor's bundle asks {_amounts(worst)}{together}, but no {where} has that much "
+            f"(the largest {where} has {', '.join(f'{_num(largest[k])} {k}' for k in KINDS)}; {len(eligible)} node(s)"
+            f"{'' if kind is None else ' of that kind'}); "
             f"{what}{' or colocate fewer roles' if len(members) > 1 else ''}, or add a larger node"
         )
     asked = {k: 0.0 for k in KINDS}

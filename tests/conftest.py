@@ -173,3 +173,36 @@ def stop_head(proc: subprocess.Popen) -> None:
     for p in alive:  # a safety net: in trials SIGTERM left nothing behind
         p.kill()
     psutil.wait_procs(alive, timeout=5)
+
+
+# ------------------------------------------------------------- several `ray start` nodes on this machine
+@pytest.fixture(scope="module")
+def multinode_cluster(request):
+    """A head and worker nodes started as `scripts/cluster.sh up` starts them (actors/multinode.py:
+    token auth with a fresh token file, loopback only, node_kind:<kind> on each node), with this
+    process joined as the driver. The test module names the kinds: NODE_KINDS = (head kind,
+    [worker kinds]); default ("head", ["trainer", "rollout"]). Each node offers 1 logical CPU
+    (Ray's counts; the actors ask fractions) and a 256 MB object store, so 4 nodes fit 2 cores.
+
+    A module that runs after the session's private cluster (`ray_cluster`) was started disconnects
+    from it (stopping it) and starts a new private one afterwards, so later tests still have one;
+    a watchdog stops the nodes if pytest dies."""
+    import ray
+
+    from actors import multinode
+    from actors.local_cluster import start_local_cluster
+
+    head_kind, worker_kinds = getattr(request.module, "NODE_KINDS", ("head", ["trainer", "rollout"]))
+    had_private_cluster = ray.is_initialized()
+    if had_private_cluster:
+        ray.shutdown()
+    cluster = multinode.start(worker_kinds, head_kind, cpus_per_node=1, object_store_mb=256, watch=True)
+    try:
+        multinode.connect(cluster)
+        yield cluster
+    finally:
+        ray.shutdown()
+        leftovers = multinode.stop(cluster)
+        if had_private_cluster:
+            start_local_cluster(num_cpus=2)
+    assert not leftovers, f"processes left after the nodes stopped: {leftovers}"
