@@ -138,12 +138,32 @@ class RolloutWorker:
         samples = self.generate(prompts, sampling)
         return samples, time.perf_counter() - start
 
-    def load_weights(self, blob: bytes) -> None:
-        """Replace the engine's weights with a `state_dict_to_bytes` blob (full state_dict)."""
+    def load_weights(self, blob) -> None:
+        """Replace the engine's weights with a full state_dict: `FlatWeights` (what the trainer's
+        `weights_blob` returns), its `to_bytes()`, or an older `state_dict_to_bytes` blob.
+
+        An engine in this process (the CPU default) reads the payload where it lies, which for
+        an object-store argument is shared memory mapped by `ray.get`: no copy before vLLM's
+        own load. Engine worker processes get bytes (the only form that arrived intact)."""
+        from actors.weight_sync import FlatWeights
+
         self._check_awake("load_weights")  # asleep, the weights' device memory is unmapped
+        if isinstance(blob, FlatWeights) and not self._engine_in_this_process():
+            blob = blob.to_bytes()
         self.llm.collective_rpc("load_weights_from_bytes", args=(blob,))
         # Cached KV blocks were computed by the old weights; a prefix hit would reuse them.
         self.llm.reset_prefix_cache()
+
+    def _engine_in_this_process(self) -> bool:
+        """Whether vLLM runs its one worker inside this actor (no engine-core or worker process),
+        so `collective_rpc` arguments are passed by reference, not serialised."""
+        from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+        return isinstance(getattr(self.llm.llm_engine, "model_executor", None), UniProcExecutor)
+
+    def engine_dtype(self) -> str:
+        """The dtype the engine computes in (e.g. "bfloat16"): what a sync may cast to up front."""
+        return str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
 
     def sleep(self) -> bool:
         """Free the engine's device memory: weights copied to host memory, KV cache dropped (vLLM
@@ -210,6 +230,8 @@ class RolloutGroup:
 
         self.start = start
         self.workers = [start(i) for i in range(res.num_actors)]
+        # Asked now, so the answer is queued before any generate and never waits behind one.
+        self._engine_dtypes = [w.engine_dtype.remote() for w in self.workers]
 
     def shards(self, n: int) -> list[tuple[int, int]]:
         bounds = [round(i * n / len(self.workers)) for i in range(len(self.workers) + 1)]
@@ -310,14 +332,29 @@ class RolloutGroup:
         if weights_from is None:
             ray_get(START_TIMEOUT_S, rollout={i: self.workers[i].__ray_ready__.remote() for i in ranks})
         else:
-            blobs = weights_from.async_run("weights_blob")  # every policy rank joins (ZeRO-3 gathers)
+            blobs = weights_from.async_run(
+                "weights_blob", dtype=self.sync_dtype()
+            )  # every policy rank joins (ZeRO-3 gathers)
             loads = dict(zip(ranks, self.async_load_weights(blobs[0], ranks)))
             ray_get(START_TIMEOUT_S, rollout=loads, policy={rank + 1: ref for rank, ref in enumerate(blobs[1:])})
         log.warning(
             "rollout worker(s) %s restarted%s", ranks, " with the policy's current weights" if weights_from else ""
         )
 
-    def async_load_weights(self, blob: ray.ObjectRef | bytes, ranks: list[int] | None = None) -> list[ray.ObjectRef]:
+    def sync_dtype(self, wait_s: float = 5.0) -> str | None:
+        """The dtype every engine computes in, which the policy casts to while packing (half the
+        bytes for a bf16 engine, and the same rounding vLLM's loader would do); None, i.e. no
+        cast, if the engines differ or have not answered within `wait_s`."""
+        ready, _ = ray.wait(self._engine_dtypes, num_returns=len(self._engine_dtypes), timeout=wait_s)
+        if len(ready) < len(self._engine_dtypes):
+            return None
+        try:
+            dtypes = set(ray.get(self._engine_dtypes, timeout=wait_s))
+        except ray.exceptions.RayError:  # a worker that died before answering: send as trained
+            return None
+        return dtypes.pop() if len(dtypes) == 1 else None
+
+    def async_load_weights(self, blob, ranks: list[int] | None = None) -> list[ray.ObjectRef]:
         """Every worker (or those in `ranks`) loads the same weights. Pass an ObjectRef (e.g. straight
         from the policy actor) and Ray ships it node to node through the object store, never via the driver."""
         return [
@@ -328,7 +365,7 @@ class RolloutGroup:
         """Every engine starts loading the policy group's current weights (rank 0's full state;
         every rank joins the ZeRO-3 gather, so all are called). Returns (the engines' loads, the
         ranks' blobs) for `wait_loads(loads, blobs[1:])`: getting blobs[0] would copy it here."""
-        blobs = policy.async_run("weights_blob")
+        blobs = policy.async_run("weights_blob", dtype=self.sync_dtype())
         return self.async_load_weights(blobs[0]), blobs
 
     def wait_loads(self, loads: list[ray.ObjectRef], policy_parts: list[ray.ObjectRef] = ()) -> None:

@@ -372,12 +372,47 @@ class DeepSpeedRole:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]  # vLLM wants both names
         return state
 
-    def weights_blob(self) -> bytes | None:
-        """Rank 0's full weights as a weight-sync blob (None on other ranks; all must call it)."""
-        from actors.weight_sync import state_dict_to_bytes
+    def weights_blob(self, dtype: str | None = None, fmt: str = "flat"):
+        """Rank 0's full weights as a weight-sync payload, `actors.weight_sync.FlatWeights` (None on
+        other ranks; all must call it under ZeRO-3). `dtype` (e.g. the engine's "bfloat16") casts
+        floating-point weights while packing, halving what the object store carries.
+        `fmt="torch_save"`: the previous payload, `torch.save` bytes (for comparisons).
 
-        state = self.full_state_dict()
-        return state_dict_to_bytes(state) if state is not None else None
+        The same tensors as `full_state_dict`, but each gathered parameter is copied once, straight
+        into a buffer reused from sync to sync, instead of into a fresh tensor first."""
+        import deepspeed
+
+        from actors.weight_sync import FlatWeightsPacker, state_dict_to_bytes
+
+        if fmt == "torch_save":
+            state = self.full_state_dict()
+            return state_dict_to_bytes(state, getattr(torch, dtype) if dtype else None) if state is not None else None
+        if fmt != "flat":
+            raise ValueError(f"weights_blob: fmt must be 'flat' or 'torch_save', not {fmt!r}")
+
+        module = self.engine.module
+        cast = getattr(torch, dtype) if dtype else None
+        packer = self.__dict__.setdefault("_weights_packer", FlatWeightsPacker())
+        packer.reset()
+        params = list(module.named_parameters())
+        state_names = module.state_dict().keys()
+        buffers = [(n, b) for n, b in module.named_buffers() if n in state_names]  # non-persistent: skip
+        for name, t in params + buffers:
+            shape = getattr(t, "ds_shape", t.shape)  # ZeRO-3 partitions hold a placeholder shape
+            packer.add(name, shape, cast if cast is not None and t.is_floating_point() else t.dtype)
+        tied = getattr(module.config, "tie_word_embeddings", False)
+        names = {n for n, _ in params}
+        if tied and "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
+            packer.add("lm_head.weight", (), torch.float32, alias_of="model.embed_tokens.weight")  # vLLM wants both
+        for name, param in params:
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                if self.rank == 0:
+                    packer.write(name, param)
+        if self.rank != 0:
+            return None
+        for name, buf in buffers:
+            packer.write(name, buf)
+        return packer.finish()
 
     def save_pretrained(self, directory: str) -> str | None:
         """Write the full weights as a Hugging Face folder (model + tokenizer) that any role, vLLM

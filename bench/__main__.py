@@ -217,8 +217,13 @@ def table(results: dict[str, dict]) -> list[tuple[str, list[str]]]:
             cell(lambda r: f"{r['rollout']['hf_tokens_per_s']:.0f}"),
         ),
         (
-            "weight sync, s (GB/s)",
-            cell(lambda r: f"{r['rollout']['sync_seconds']:.2f} ({r['rollout']['sync_GB_per_s']:.2f})"),
+            "weight sync, s (GB/s): torch.save bytes -> FlatWeights (target >= 2 GB/s)",
+            cell(
+                lambda r: (
+                    f"{r['rollout']['sync_seconds_before']:.2f} ({r['rollout']['sync_GB_per_s_before']:.2f}) -> "
+                    f"{r['rollout']['sync_seconds']:.2f} ({r['rollout']['sync_GB_per_s']:.2f})"
+                )
+            ),
         ),
         (
             "training tokens/s: fixed rows -> token budget (packed)",

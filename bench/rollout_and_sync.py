@@ -1,7 +1,7 @@
 """Benchmark: rollout throughput through the system vs vLLM called directly vs HF generate,
 and weight-sync time from the policy trainer into the rollout engines.
 
-    .venv/bin/python -m bench.rollout_and_sync [--model tiny|smollm2|both] [--prompts 32] [--samples 4] [--tokens 32] [--repeats 3]
+    .venv/bin/python -m bench.rollout_and_sync [--model tiny|smollm2|both] [--prompts 32] [--samples 4] [--tokens 32] [--repeats 3] [--parts all|sync]
 
 Each figure is the median of `--repeats` timed runs after one warm-up run, measured side by side
 in this process. Ratios are what to compare across machines; absolute numbers depend on load.
@@ -139,7 +139,12 @@ def bench_generation(path: str, args) -> dict:
 
 
 def bench_sync(path: str, args) -> dict:
-    """Seconds and GB/s to move the policy's weights into a live engine (gather + object store + load)."""
+    """Seconds and GB/s to move the policy's weights into a live engine, before (torch.save bytes)
+    and after (FlatWeights through the object store, cast to the engine's dtype while packing),
+    side by side on the same actors. GB/s counts the policy's weights as it holds them (fp32,
+    tied weights once) for both, so the figures compare. Stages of the new path: `pack` is the
+    policy's call until its payload sits in the object store; `load` the engine's get + vLLM load
+    of a payload already there."""
     import ray
 
     from actors.group import START_TIMEOUT_S, ActorGroup, PlacementPlan, ray_get
@@ -168,18 +173,45 @@ def bench_sync(path: str, args) -> dict:
     )
     group = RolloutGroup(plan, path, None, RolloutConfig(), max_model_len=512)
     ray_get(START_TIMEOUT_S, rollout=[group.workers[0].__ray_ready__.remote()])
-    size = len(ray_get(DEFAULT_STEP_TIMEOUT_S, policy=policy.async_run("weights_blob"))[0])
+    model_bytes = ray_get(DEFAULT_STEP_TIMEOUT_S, policy=policy.async_run("weights_blob"))[
+        0
+    ].nbytes  # tied weights once
+    dtype = group.sync_dtype()
 
-    def sync():
-        blobs = policy.async_run("weights_blob")
+    def sync(**blob_kwargs):
+        blobs = policy.async_run("weights_blob", **blob_kwargs)
         ray_get(DEFAULT_STEP_TIMEOUT_S, rollout=group.async_load_weights(blobs[0]), policy=blobs[1:])
 
-    t = median_time(sync, args.repeats)
+    def pack():
+        ray.wait(
+            policy.async_run("weights_blob", dtype=dtype),
+            num_returns=policy.world_size,
+            fetch_local=False,
+            timeout=DEFAULT_STEP_TIMEOUT_S,
+        )
+
+    ready = policy.async_run("weights_blob", dtype=dtype)[0]
+    ray.wait([ready], fetch_local=False, timeout=DEFAULT_STEP_TIMEOUT_S)
+    out = {
+        "sync_seconds_before": median_time(lambda: sync(fmt="torch_save"), args.repeats),
+        "sync_seconds": median_time(lambda: sync(dtype=dtype), args.repeats),
+        "sync_seconds_no_cast": median_time(lambda: sync(), args.repeats),
+        "sync_pack_seconds": median_time(pack, args.repeats),
+        "sync_load_seconds": median_time(
+            lambda: ray_get(DEFAULT_STEP_TIMEOUT_S, rollout=group.async_load_weights(ready)), args.repeats
+        ),
+    }
     policy.kill()
     group.kill()
     plan.shutdown()
     ray.shutdown()
-    return {"sync_seconds": t, "sync_GB": size / 1e9, "sync_GB_per_s": size / 1e9 / t}
+    gb = model_bytes / 1e9
+    return out | {
+        "sync_GB": gb,
+        "sync_GB_per_s_before": gb / out["sync_seconds_before"],
+        "sync_GB_per_s": gb / out["sync_seconds"],
+        "sync_speedup": out["sync_seconds_before"] / out["sync_seconds"],
+    }
 
 
 def main() -> None:
@@ -190,12 +222,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--json", help="also write {model: results} to this file")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", choices=["all", "sync"], default="all", help="sync: weight sync only")
     args = parser.parse_args()
     names = ["tiny", "smollm2"] if args.model == "both" else [args.model]
     rows = []
     for name in names:
         path = model_path(name)
-        rows.append((name, bench_generation(path, args) | bench_sync(path, args)))
+        generation = bench_generation(path, args) if args.parts == "all" else {}
+        rows.append((name, generation | bench_sync(path, args)))
     print(
         f"\nworkload: {args.prompts} prompts x {args.samples} samples x <= {args.tokens} new tokens; "
         f"median of {args.repeats}; {os.cpu_count()} CPUs"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.weight_sync import state_dict_to_bytes
+from actors.weight_sync import pack_state_dict, state_dict_to_bytes
 from rlhf.data.chat import apply_chat_template
 from tests.tiny_models import build_tiny_causal_lm
 
@@ -105,3 +105,55 @@ def test_load_weights_makes_vllm_match_hf_on_the_new_weights(worker, models):
 
     # The two seeds must disagree, or the comparison above could not catch a failed sync.
     assert [hf_greedy(models[0], ids)[0] for ids in prompt_ids] != [hf_greedy(models[1], ids)[0] for ids in prompt_ids]
+
+
+def hf_greedy_with(model_dir, state, prompt_ids):
+    """`hf_greedy` on `model_dir`'s architecture with the weights in `state`."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
+        response = out[0, len(prompt_ids) :].tolist()
+        logits = model(out[:, : len(prompt_ids) + len(response)]).logits[0, len(prompt_ids) - 1 : -1]
+        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+    return response, logprobs.tolist()
+
+
+def test_flat_weights_through_the_object_store_reach_every_tensor_the_embedding_included(worker, models):
+    """The trainer's payload (FlatWeights, read by the engine out of Ray's shared memory, and its
+    bytes form): the other seed's layers with a changed (tied) embedding / lm_head. A tensor the
+    engine missed would keep models[0]'s values and move the log-probs by O(1)."""
+    prompts, tokenizer = prompts_for(models[0])
+    prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    greedy = {"n": 1, "temperature": 0.0, "max_tokens": MAX_TOKENS}
+    state = AutoModelForCausalLM.from_pretrained(models[1], dtype=torch.float32).state_dict()
+    embed = state["model.embed_tokens.weight"]
+    state["model.embed_tokens.weight"] = state["lm_head.weight"] = embed.roll(1, dims=1).contiguous()
+    models_0_payload = pack_state_dict(first_state(models))
+    for payload in (ray.put(pack_state_dict(state)), pack_state_dict(state).to_bytes()):
+        ray.get(worker.load_weights.remote(models_0_payload))  # so each payload has to change something
+        ray.get(worker.load_weights.remote(payload))
+        samples = ray.get(worker.generate.remote(prompt_ids, greedy))
+        for ids, sample in zip(prompt_ids, samples):
+            response, logprobs = hf_greedy_with(models[0], state, ids)
+            assert sample["response_token_ids"] == response
+            assert sample["logprobs"] == pytest.approx(logprobs, abs=LOGPROB_ATOL)
+    # Only the embedding differs from models[1]: if it had not arrived, these would agree.
+    plain = [hf_greedy(models[1], ids)[0] for ids in prompt_ids]
+    assert plain != [s["response_token_ids"] for s in samples]
+    ray.get(worker.load_weights.remote(models_0_payload))  # leave the engine as the module found it
+
+
+def first_state(models):
+    return AutoModelForCausalLM.from_pretrained(models[0], dtype=torch.float32).state_dict()
+
+
+def test_a_payload_without_some_tensor_is_refused_by_name(worker, models):
+    from actors.weight_sync import IncompleteWeightsError
+
+    state = first_state(models)
+    del state["model.norm.weight"]
+    with pytest.raises(ray.exceptions.RayTaskError, match="model.norm.weight") as failure:
+        ray.get(worker.load_weights.remote(pack_state_dict(state)))
+    assert isinstance(failure.value.as_instanceof_cause(), IncompleteWeightsError)
+    ray.get(worker.load_weights.remote(pack_state_dict(first_state(models))))
