@@ -89,3 +89,15 @@ def test_adapters_off_reference_only_when_no_other_reference_is_named():
     assert reference_is_policy_without_adapters(models(policy=lora, reference={"path": "m"}))
     assert not reference_is_policy_without_adapters(models(policy=lora, reference={"path": "other"}))
     assert not reference_is_policy_without_adapters(models(policy={"path": "m"}))
+
+
+def test_a_lora_checkpoint_resumes_only_with_the_same_adapters():
+    from rlhf.checkpoint import differences, resume_fingerprint
+
+    plain = RunConfig(**rl_config(policy={"path": "m"}))
+    lora = RunConfig(**rl_config(policy={"path": "m", "lora": {"rank": 8}}))
+    assert "models.policy.lora" not in resume_fingerprint(plain)["layout"]  # older checkpoints still match
+    saved = resume_fingerprint(lora)["layout"]
+    assert differences(saved, resume_fingerprint(plain)["layout"])  # adapters only: no base weights to load
+    other = RunConfig(**rl_config(policy={"path": "m", "lora": {"rank": 4}}))
+    assert differences(saved, resume_fingerprint(other)["layout"])
