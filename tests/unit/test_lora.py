@@ -101,3 +101,25 @@ def test_a_lora_checkpoint_resumes_only_with_the_same_adapters():
     assert differences(saved, resume_fingerprint(plain)["layout"])  # adapters only: no base weights to load
     other = RunConfig(**rl_config(policy={"path": "m", "lora": {"rank": 4}}))
     assert differences(saved, resume_fingerprint(other)["layout"])
+
+
+def test_adapters_off_reference_routes_log_probs_to_the_policy_ranks():
+    from actors.reference import AdaptersOffReference
+
+    class FakeGroup:
+        world_size = 2
+
+        def __init__(self):
+            self.calls = []
+
+        def async_run(self, method, *args, **kwargs):
+            self.calls.append(method)
+            return [f"{method}@{rank}" for rank in range(self.world_size)]
+
+    policy = FakeGroup()
+    reference = AdaptersOffReference(policy)
+    assert reference.async_run("compute_logprobs", "batch")[:1] == ["compute_reference_logprobs@0"]
+    assert reference.async_run("release_cached_memory") == []  # the policy frees its own memory
+    assert policy.calls == ["compute_reference_logprobs"]
+    assert reference.dead_ranks() == [] and reference.world_size == 2
+    reference.kill()  # a no-op: the policy's group is killed as the policy
