@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 from actors.critic import CriticActor
 from actors.group import ActorGroup, PlacementPlan, ray_get
 from actors.policy import PolicyActor
-from actors.reference import ReferenceActor
+from actors.reference import AdaptersOffReference, ReferenceActor, reference_is_policy_without_adapters
 from actors.reward import RewardActor
 from actors.rollout import RolloutGroup
 from actors.trainer import shard_keeping_prompts
@@ -86,7 +86,9 @@ class RLCoordinator:
         self.policy_path = resolve_model_path(models.policy.path)
         self.tokenizer = AutoTokenizer.from_pretrained(models.policy.tokenizer or self.policy_path)
         roles = ["policy", "rollout"]
-        roles += ["reference"] if a.kl.coef > 0 else []
+        # LoRA: the policy with its adapters off is the reference (no reference process)
+        adapters_off = reference_is_policy_without_adapters(models)
+        roles += ["reference"] if a.kl.coef > 0 and not adapters_off else []
         roles += ["critic"] if a.advantage_estimator.needs_critic else []
         roles += ["reward"] if models.reward else []
         self.plan = PlacementPlan.create(cfg.resources, roles)
@@ -99,6 +101,8 @@ class RLCoordinator:
         self.reference = (
             ActorGroup(ReferenceActor, "reference", self.plan, model=reference.model_dump(), **common)
             if "reference" in roles
+            else AdaptersOffReference(self.policy)
+            if a.kl.coef > 0 and adapters_off
             else None
         )
         critic = models.critic.model_dump() if models.critic and "critic" in roles else None  # only GAE uses it

@@ -19,6 +19,10 @@ Causal LM log-probs (`CausalLMRole.token_logprobs`, rlhf/shared_prompt.py) take 
 projection only where a response token is predicted (trainer.response_only_logits), and rows
 with the same prompt token ids run that prompt once, packed with their responses in one row
 under a 4D mask (trainer.shared_prompt): micro-batches are then planned over such packs.
+
+LoRA (models.<role>.lora, the policy only): a trainable role wraps its model with peft before
+deepspeed.initialize, so only the adapters have gradients and optimizer states; weights leave
+merged under the plain model's names (rlhf/lora.py), checkpoints hold the adapters only.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import torch
 from actors.group import use_cpu_threads_from_env
 from rlhf.algos import compute_token_logprobs
 from rlhf.batch import Batch, split_micro_batches, token_budget_micro_batches
-from rlhf.config import ModelSpec, TrainerConfig
+from rlhf.config import LoraConfig, ModelSpec, TrainerConfig
+from rlhf.lora import lora_scale, merged_state_dict
 from rlhf.models import preferred_dtype, resolve_model_path
 from rlhf.schedule import lr_lambda
 from rlhf.shared_prompt import (
@@ -84,6 +89,7 @@ class DeepSpeedRole:
 
     trainable = False
     tokens_not_run = 0  # prompt tokens that shared-prompt packing did not run (a count for metrics)
+    lora: LoraConfig | None = None  # the adapters this role trains (models.<role>.lora), if any
 
     def __init__(
         self,
@@ -117,6 +123,9 @@ class DeepSpeedRole:
         use_cpu_threads_from_env()
         torch.manual_seed(seed)
         module = self.load_model(resolve_model_path(self.spec.path))
+        self.lora = self.spec.lora if self.trainable else None  # a frozen role has nothing to adapt
+        if self.lora is not None:
+            module = with_lora_adapters(module, self.lora)
         micro = self.cfg.micro_batch_size
         grad_accum = max(1, self.cfg.global_batch_size // (micro * world_size))
         ds_cfg = deepspeed_config(self.cfg, self.dtype, micro, grad_accum, self.trainable)
@@ -203,7 +212,7 @@ class DeepSpeedRole:
         """trainer.shared_prompt not off, a role whose forward can pack (`can_pack`), and an attention
         that takes a 4D mask (flash attention does not: then one row per sample, said once)."""
         if not hasattr(self, "_may_share"):
-            impl = attention_implementation(self.engine.module)
+            impl = attention_implementation(self.plain_module())
             self._may_share = self.cfg.shared_prompt != "off" and self.can_pack()
             if self._may_share and impl.startswith("flash"):
                 log.warning(
@@ -351,6 +360,12 @@ class DeepSpeedRole:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def plain_module(self) -> torch.nn.Module:
+        """The Hugging Face model inside the engine (under a peft wrapper with LoRA; its targeted
+        layers still carry the adapters)."""
+        module = self.engine.module
+        return module.get_base_model() if self.lora is not None else module
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The unsharded weights on rank 0 (None elsewhere). Every rank must call it under ZeRO-3."""
         import deepspeed
@@ -366,6 +381,8 @@ class DeepSpeedRole:
         for name, buf in module.named_buffers():  # e.g. rotary caches are not persistent, skip those
             if name in module.state_dict():
                 state[name] = buf.detach().cpu()
+        if self.lora is not None:  # the plain model's names, adapters folded in
+            state = merged_state_dict(state, lora_scale(self.lora.rank, self.lora.alpha))
         # a causal LM only: a sequence classifier built on a tied LM (a SmolLM2 reward model) has no lm_head
         tied = getattr(module.config, "tie_word_embeddings", False) and hasattr(module, "lm_head")
         if tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
@@ -425,7 +442,7 @@ class DeepSpeedRole:
 
         # A fresh module of the same class: under ZeRO-3 the engine's own parameters are
         # partitioned placeholders, so it cannot be saved directly.
-        module = self.engine.module
+        module = self.plain_module()
         plain = type(module)(module.config).to(next(iter(state.values())).dtype)
         missing, unexpected = plain.load_state_dict(state, strict=False)
         tied = getattr(plain, "_tied_weights_keys", None) or {}  # filled again by tying on load
@@ -445,14 +462,53 @@ class DeepSpeedRole:
     def save_checkpoint(self, directory: str, tag: str = "state") -> None:
         """Everything this rank needs to continue: weights, optimizer and LR-scheduler states
         (DeepSpeed's own format, sharded as trained) and this process's RNG state. Every rank
-        calls it with the same folder."""
-        self.engine.save_checkpoint(directory, tag=tag, client_state={"torch_rng": torch.get_rng_state()})
+        calls it with the same folder. With LoRA only the adapters (and their optimizer state) are
+        written: the frozen base weights are the model path's, loaded again on resume."""
+        if self.lora is None:
+            self.engine.save_checkpoint(directory, tag=tag, client_state={"torch_rng": torch.get_rng_state()})
+            return
+        # DeepSpeed's exclude_frozen_parameters keeps a tied frozen weight (lm_head = embed_tokens:
+        # named_parameters lists it once), so the module state is cut to the adapters here
+        engine, adapters = self.engine, {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        engine.module_state_dict = lambda *args, **kwargs: {
+            name: value
+            for name, value in type(engine).module_state_dict(engine, *args, **kwargs).items()
+            if name in adapters
+        }
+        try:
+            engine.save_checkpoint(
+                directory, tag=tag, client_state={"torch_rng": torch.get_rng_state()}, exclude_frozen_parameters=True
+            )
+        finally:
+            del engine.module_state_dict
 
     def load_checkpoint(self, directory: str, tag: str = "state") -> None:
-        path, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        # LoRA: the checkpoint lacks the frozen base weights, which the model path gave already
+        path, client_state = self.engine.load_checkpoint(directory, tag=tag, load_module_strict=self.lora is None)
         if path is None:
             raise FileNotFoundError(f"rank {self.rank}: no DeepSpeed checkpoint {tag!r} in {directory}")
         torch.set_rng_state(client_state["torch_rng"])
+
+
+def with_lora_adapters(module: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
+    """`module` wrapped by peft with LoRA adapters on lora.target_modules: every other parameter
+    frozen (requires_grad False), B initialised to 0 so the wrapped model starts equal to the base."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    wrapped = get_peft_model(module, config)
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in wrapped.parameters())
+    log.info("LoRA r=%d: %d of %d parameters trained (%.2f%%)", lora.rank, trainable, total, 100 * trainable / total)
+    return wrapped
 
 
 def forward_logits(engine, micro: Batch) -> torch.Tensor:
@@ -502,6 +558,15 @@ class CausalLMRole(DeepSpeedRole):
         self.engine.eval()
         return self.forward_rows(batch, self.token_logprobs, per_token=True)
 
+    @torch.no_grad()
+    def compute_reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """compute_logprobs of the reference that a LoRA policy carries inside: the same base weights
+        with the adapters off, through the same forward (micro-batches, packing, response logits)."""
+        if self.lora is None:
+            raise RuntimeError(f"{type(self).__name__}: reference log-probs from the policy need models.policy.lora")
+        with self.engine.module.disable_adapter():
+            return self.compute_logprobs(batch)
+
     def token_logprobs(self, micro: Batch) -> torch.Tensor:
         """Log-probs (b, t) of a micro-batch's response tokens (0 elsewhere), differentiable when
         grad is enabled. Rows sharing a prompt run it once (packed, when trainer.shared_prompt and
@@ -510,7 +575,7 @@ class CausalLMRole(DeepSpeedRole):
         if not self.response_only():
             return compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"])
         module, ids, attn, resp = (
-            self.engine.module,
+            self.plain_module(),  # LoRA: the base model, whose targeted layers carry the adapters
             micro["input_ids"],
             micro["attention_mask"],
             micro["response_mask"],
@@ -527,7 +592,7 @@ class CausalLMRole(DeepSpeedRole):
             self._response_only = self.cfg.response_only_logits
             if self._response_only:
                 try:
-                    decoder_and_head(self.engine.module)
+                    decoder_and_head(self.plain_module())
                 except ValueError as e:
                     log.warning("%s: logits at every position: %s", type(self).__name__, e)
                     self._response_only = False

@@ -73,6 +73,9 @@ def resume_fingerprint(cfg: RunConfig) -> dict[str, dict[str, Any]]:
         "trainer.zero_stage": c["trainer"]["zero_stage"],
         "resources.policy.num_actors": c["resources"]["policy"]["num_actors"],
     }
+    if cfg.models.policy is not None and cfg.models.policy.lora is not None:
+        # a LoRA checkpoint holds adapters of this shape only (no base weights): nothing else loads it
+        layout["models.policy.lora"] = c["models"]["policy"]["lora"]
     if cfg.models.critic is not None:
         layout["resources.critic.num_actors"] = c["resources"]["critic"]["num_actors"]
     if cfg.algorithm.name == "reward_model":  # the trained role is the reward model

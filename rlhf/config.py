@@ -66,6 +66,21 @@ class RegisteredName:
 
 
 # --------------------------------------------------------------------------------------- models
+class LoraConfig(Section):
+    """Low-rank adapters (peft): W x + (alpha / rank) * B A x on the targeted linear layers, only
+    A and B trained (so only they have gradients and optimizer states)."""
+
+    rank: int = Field(16, gt=0, description="rank r of each adapter (A: r x in, B: out x r)")
+    alpha: float = Field(32.0, gt=0, description="scale numerator: the adapter's output is multiplied by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input while training")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="names (last part) of the nn.Linear layers that get adapters; default: attention and MLP "
+        "projections of Llama/Qwen-style models",
+    )
+
+
 class ModelSpec(Section):
     path: str = Field(
         description="Hugging Face model folder, or a built-in name: 'smollm2-135m-instruct', 'all-minilm-l6-v2'"
@@ -76,6 +91,11 @@ class ModelSpec(Section):
         "(fp16 without bf16) and AMX CPUs, else float32 (other CPUs emulate bf16, ~8x slower)",
     )
     tokenizer: str | None = Field(None, description="tokenizer folder; default: the model's")
+    lora: LoraConfig | None = Field(
+        None,
+        description="policy only: train low-rank adapters instead of all weights; the reference is then the "
+        "same weights with the adapters off (no reference process), the engines get merged weights",
+    )
 
 
 class ModelsConfig(Section):
@@ -682,6 +702,10 @@ class RunConfig(Section):
                     f"{ro.prompts_per_step} prompts a step, so some would never generate; lower "
                     f"resources.rollout.num_actors or raise rollout.prompts_per_step"
                 )
+        for role in ("reference", "reward", "critic"):
+            spec = getattr(self.models, role)
+            if spec is not None and spec.lora is not None:
+                raise ValueError(f"models.{role}.lora: only the policy trains adapters (models.policy.lora)")
         if algo.clip_high < algo.clip_low:
             raise ValueError(
                 f"algorithm.clip_high={algo.clip_high} is below clip_low={algo.clip_low}; "
