@@ -40,3 +40,11 @@ def add_threads_arg(parser) -> None:
         help="torch/OpenMP threads of this part's processes (the system's actors through RAYLHF_CPU_THREADS, "
         "TRL / HF generate / vLLM through OMP_NUM_THREADS); default: $RAYLHF_CPU_THREADS, else all cores",
     )
+
+
+def run_as_main(argv: list[str] | None = None) -> bool:
+    """Whether this process is `python -m bench[.<part>]` (sys.orig_argv: the interpreter's own
+    arguments, Python 3.10+), so a test importing bench leaves the environment alone."""
+    argv = list(getattr(sys, "orig_argv", [])) if argv is None else argv
+    after = argv[argv.index("-m") + 1 :] if "-m" in argv else []
+    return bool(after) and (after[0] == "bench" or after[0].startswith("bench."))
