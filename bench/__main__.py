@@ -352,19 +352,13 @@ def target_lines(model: str, r: dict) -> list[str]:
         )
     ]
     for gc in ("off", "on"):  # TRL without checkpointing, or both sides with it
-        try:
-            ratio = (
-                max(our_peak_mib(pick(r, k, gc)) for k in ("sync", "async") if r[k].get(gc))
-                / pick(r, "trl", gc)["peak_rss_mib"]
-            )
-        except (Missing, ValueError, KeyError):
-            continue
-        lines.append(
-            target_line(
-                f"peak memory, all our processes / TRL (both with grad checkpointing {gc})", ratio, MEMORY_TARGET, False
-            )
-        )
-        break
+        ours_mib = [our_peak_mib(p) for k in ("sync", "async") if (p := r[k].get(gc)) and "samples_per_s" in p]
+        trl_run = r["trl"].get(gc)
+        if ours_mib and trl_run and "peak_rss_mib" in trl_run:
+            ratio = max(ours_mib) / trl_run["peak_rss_mib"]
+            name = f"peak memory, all our processes / TRL (both with grad checkpointing {gc})"
+            lines.append(target_line(name, ratio, MEMORY_TARGET, False))
+            break
     else:
         lines.append(
             target_line("peak memory, all our processes / TRL (same checkpointing)", None, MEMORY_TARGET, False)
