@@ -81,6 +81,7 @@ def run_part(name: str, cmd: list[str], logs: Path) -> dict | None:
     return found
 
 
+NOT_RUN = {"not_run": 1.0}  # a part left out by --parts
 PARTS = ("rl-sync", "rl-async", "trl", "rollout", "packing")
 
 
@@ -93,7 +94,7 @@ def bench_model(model: str, args, w: Workload, logs: Path) -> dict:
     py = sys.executable
     workload = ["--prompts", str(w.prompts), "--samples", str(w.samples), "--tokens", str(w.max_new_tokens)]
     rl = workload + ["--steps", str(args.steps or STEPS[model]), "--threads", str(args.threads)]
-    r: dict = {"sync": {}, "async": {}, "trl": {}, "rollout": None, "packing": None}
+    r: dict = {"sync": {}, "async": {}, "trl": {}, "rollout": NOT_RUN, "packing": NOT_RUN}
     for gc in grad_checkpointing_values(args.grad_checkpointing):
         both = rl + ["--grad-checkpointing", gc]
         if "rl-sync" in args.parts:
@@ -166,6 +167,8 @@ class Missing(Exception):
 def ran(part: dict | None, what: str = "") -> dict:
     if part is None:
         raise Missing("failed")
+    if part.get("not_run"):
+        raise Missing("not run")
     if "refused" in part:
         raise Missing("refused")
     if part.get("not_implemented"):

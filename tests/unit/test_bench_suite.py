@@ -57,3 +57,13 @@ def test_workload_from_a_preset_with_overrides():
 
     w = workload_from(Args)
     assert (w.prompts, w.samples, w.max_new_tokens) == (16, 6, 128)
+
+
+def test_parts_left_out_read_not_run_and_failed_parts_failed():
+    from bench.__main__ import NOT_RUN, table
+
+    r = results() | {"rollout": NOT_RUN, "packing": None, "others_cores": [0.0]}
+    rows = dict(table({"tiny": r}, ["off"]))
+    assert rows["weight sync, s (GB/s)"] == ["not run"]
+    assert rows["**packed / padded training tokens/s**"] == ["failed"]
+    assert rows["samples/s: raylhf sync (grad checkpointing off)"] == ["1.00"]
