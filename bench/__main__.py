@@ -164,7 +164,7 @@ class Missing(Exception):
     """A figure whose part did not produce it; the message is the cell's text."""
 
 
-def ran(part: dict | None, what: str = "") -> dict:
+def ran(part: dict | None) -> dict:
     if part is None:
         raise Missing("failed")
     if part.get("not_run"):
