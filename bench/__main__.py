@@ -64,15 +64,16 @@ def run_part(name: str, cmd: list[str], logs: Path) -> dict | None:
     start = time.perf_counter()
     with Monitor(interval_s=2.0, roles=False) as monitor, log.open("w") as f:
         code = subprocess.call(cmd + ["--json", str(out)], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if code == 3 and out.exists():  # the part refused a size or setting it cannot honour
+        refused = json.loads(out.read_text())
+        print(f"[bench] {name}: refused in {seconds:.0f} s: {refused.get('refused')}", flush=True)
+        return refused
     print(
-        f"[bench] {name}: {'ok' if code == 0 else f'FAILED (exit {code}), log {log}'} in {time.perf_counter() - start:.0f} s; "
+        f"[bench] {name}: {'ok' if code == 0 else f'FAILED (exit {code}), log {log}'} in {seconds:.0f} s; "
         f"other processes used {monitor.others_cores:.2f} cores meanwhile",
         flush=True,
     )
-    if code == 3 and out.exists():  # the part refused a size or setting it cannot honour
-        refused = json.loads(out.read_text())
-        print(f"[bench] {name}: refused: {refused.get('refused')}", flush=True)
-        return refused
     if code != 0:
         print("".join(log.read_text().splitlines(keepends=True)[-15:]), flush=True)
         return None
