@@ -1,8 +1,10 @@
 """The RL loop's driver side: PPO, GRPO and RLVR, one step at a time.
 
-    generate -> score -> reference log-probs (+ critic values) -> advantages -> train -> sync -> metrics
+    make_experience: generate -> score -> reference log-probs (+ critic values) -> advantages
+    then: train -> sync -> metrics
 
-`RLCoordinator.step` reads top to bottom; every Ray call is visible here (ObjectRefs come from
+`RLCoordinator.step` reads top to bottom; the samples, their group ids and loss masks, the
+prompt formatting and the sampling settings come from rlhf/experience.py. Every Ray call is visible here (ObjectRefs come from
 `async_*` methods and are resolved in the step itself with `ray_get`: ray.get with
 trainer.step_timeout_s, naming the role and ranks that do not answer). The math is in rlhf/algos.
 
@@ -20,6 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import torch
@@ -31,20 +34,28 @@ from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.rollout import RolloutGroup
+from actors.trainer import shard_keeping_prompts
 from rlhf.algos import (
     AdaptiveKLController,
     FixedKLController,
     compute_advantages,
     compute_kl,
     compute_loss_normalizer,
-    contiguous_group_ids,
     informative_group_rows,
     masked_mean,
     whole_group_count,
 )
-from rlhf.batch import Batch, collate_samples
+from rlhf.batch import Batch
 from rlhf.config import RunConfig
-from rlhf.data.chat import apply_chat_template
+from rlhf.evaluation.loop import HeldOutJudging
+from rlhf.experience import (
+    Experience,
+    Sample,
+    collate,
+    format_prompt,
+    samples_from_generation,
+    sampling_settings,
+)
 from rlhf.models import resolve_model_path
 from rlhf.rewards.alarms import CONSTANT_REWARD_BATCHES, constant_reward_message, constant_rewards
 from rlhf.rewards.registry import build_reward_functions, combine_rewards, run_reward_function
@@ -134,62 +145,70 @@ class RLCoordinator:
         }
         self.neighbours = [groups[r] for r in shared if groups.get(r)] if cfg.rollout.sleep_during_training else []
         self.said_sleep_is_a_no_op = False
+        # judges, sample files and the reward-hacking alarm of held-out evaluations (cfg.eval)
+        self.judging = HeldOutJudging(cfg.eval, Path(cfg.logging.dir) / cfg.logging.run_name)
 
     # ------------------------------------------------------------------------------ one step
     def step(self, next_prompts: Callable[[int], list[dict]], step: int) -> dict[str, float]:
         """RL step number `step` on prompts drawn from `next_prompts(k)` (k more prompts each call)."""
-        cfg, a, n = self.cfg, self.cfg.algorithm, self.cfg.rollout.samples_per_prompt
         timer, metrics = PhaseTimer(), {}
-
-        samples, scores = self.generate_and_score(next_prompts, step, timer, metrics)  # (B,) scores
-        if cfg.rollout.async_rollouts:  # the next steps' samples generate while this step trains
-            for ahead in steps_to_prefetch(step, cfg.rollout.max_staleness, cfg.trainer.total_steps, self.prefetched):
-                self.prefetched[ahead] = self.launch(
-                    next_prompts(cfg.rollout.prompts_per_step), ahead, 0, prefetched=True
-                )
-        if not samples:
+        experience = self.make_experience(next_prompts, step, timer, metrics)
+        if experience is None:
             log.warning("step skipped: no prompt group had differing rewards")
             return metrics | {"skipped": 1.0}
+        with timer("train"):
+            metrics |= self.train(experience.batch)
+        self.version += 1
+        self.hand_weights_to_engines(timer)
+        kl = self.sampled_kl(experience, metrics)
+        if math.isfinite(kl):  # a non-finite KL must not poison the adaptive coefficient
+            self.kl_ctl.update(kl, len(experience.batch))
+        return metrics | self.step_metrics(experience, kl, timer, metrics)
+
+    # ------------------------------------------------------------------------------ experience
+    def make_experience(
+        self, next_prompts: Callable[[int], list[dict]], step: int, timer: PhaseTimer, metrics: dict
+    ) -> Experience | None:
+        """generate -> score -> old / reference log-probs (+ critic values) -> advantages, as one
+        batch (rlhf/experience.py). None when dynamic sampling kept no prompt group."""
+        cfg = self.cfg
+        samples, scores = self.generate_and_score(next_prompts, step, timer, metrics)  # (B,) scores
+        if cfg.rollout.async_rollouts:  # the next steps' samples generate while this step trains
+            self.prefetch(next_prompts, step)
+        if not samples:
+            return None
         if cfg.rollout.sleep_during_training:  # the engines' device memory goes to the trainers until the sync
             with timer("sleep"):
-                self.log_if_no_memory_freed(ray.get(self.rollout.async_sleep()))
-        batch = self.collate(samples)
-        mask = batch["response_mask"]  # (B, T)
-        # updates between the weights that generated each sample and the weights it now trains
-        staleness = [self.version - s["policy_version"] for s in samples]
-
-        # Trained on once, in one optimizer step: the policy's own training forward supplies the
-        # old log-probs (actors/policy.py), i.e. the weights before this update. That holds for
-        # stale (async) samples too: PPO's ratio is taken against these weights, and the rollout
-        # log-probs of the older weights that sampled give the importance weights (decoupled PPO).
-        one_update = cfg.trainer.epochs_per_rollout == 1 and len(batch) == cfg.trainer.global_batch_size
-        need_old = not one_update or (a.kl.mode == "reward" and self.reference is not None)
+                self.log_if_no_memory_freed(ray_get(self.timeout_s, rollout=self.rollout.async_sleep()))
+        batch = collate(samples, self.tokenizer.pad_token_id)  # + group_ids (B,)
         with timer("reference"):
-            if need_old:
-                parts, order = batch.shard(self.policy.world_size, self.balance)  # batch[order] == cat(parts)
-            old_refs = self.policy.async_scatter("compute_logprobs", parts) if need_old else []
-            ref_refs = self.reference.async_run("compute_logprobs", batch)[:1] if self.reference else []
-            value_refs = self.critic.async_run("compute_values", batch)[:1] if self.critic else []
-            if need_old:
-                batch["old_logprobs"] = torch.empty_like(batch["response_mask"])
-                batch["old_logprobs"][order] = torch.cat(ray_get(self.timeout_s, policy=old_refs))
-            if self.reference:
-                batch["ref_logprobs"] = ray_get(self.timeout_s, reference=ref_refs)[0]
-            if self.critic:
-                batch["old_values"] = ray_get(self.timeout_s, critic=value_refs)[0]
-
+            self.add_logprobs_and_values(batch)
         # advantages: pure functions on the driver
         kl = (
-            compute_kl(batch["old_logprobs"], batch["ref_logprobs"], a.kl.estimator)
-            if need_old and self.reference
+            compute_kl(batch["old_logprobs"], batch["ref_logprobs"], cfg.algorithm.kl.estimator)
+            if "old_logprobs" in batch and "ref_logprobs" in batch
             else None
-        )
+        )  # (B, T)
+        self.add_advantages(batch, scores, kl)
+        # updates between the weights that generated each sample and the weights it now trains
+        return Experience(batch, scores, kl, staleness=[self.version - s.policy_version for s in samples])
+
+    def prefetch(self, next_prompts: Callable[[int], list[dict]], step: int) -> None:
+        """Async rollouts: start the first round of the steps ahead that are not in flight yet."""
+        r = self.cfg.rollout
+        for ahead in steps_to_prefetch(step, r.max_staleness, self.cfg.trainer.total_steps, self.prefetched):
+            self.prefetched[ahead] = self.launch(next_prompts(r.prompts_per_step), ahead, 0, prefetched=True)
+
+    def add_advantages(self, batch: Batch, scores: torch.Tensor, kl: torch.Tensor | None) -> None:
+        """batch["advantages"] (B, T) (and "returns" for GAE) from the scores (B,), with the KL
+        penalty (B, T) in the reward when algorithm.kl.mode is "reward". Pure math (rlhf/algos)."""
+        a = self.cfg.algorithm
         penalty = self.kl_ctl.value * kl if a.kl.mode == "reward" and kl is not None else None
         batch["advantages"], returns = compute_advantages(
             a.advantage,
             scores,
-            mask,
-            group_ids=contiguous_group_ids(len(scores), n),  # contiguous groups until batch["group_ids"]
+            batch["response_mask"],
+            group_ids=batch["group_ids"],
             kl_penalty=penalty,
             values=batch.get("old_values"),
             gamma=a.gamma,
@@ -198,51 +217,37 @@ class RLCoordinator:
         if returns is not None:
             batch["returns"] = returns
 
-        with timer("train"):
-            train_metrics = self.train(batch)
+    def add_logprobs_and_values(self, batch: Batch) -> None:
+        """Add what the update needs besides the samples, asked of every role at once: the
+        policy's old log-probs, the reference's log-probs and the critic's values (B, T)."""
+        a = self.cfg.algorithm
+        # Trained on once, in one optimizer step: the policy's own training forward supplies the
+        # old log-probs (actors/policy.py), i.e. the weights before this update. That holds for
+        # stale (async) samples too: PPO's ratio is taken against these weights, and the rollout
+        # log-probs of the older weights that sampled give the importance weights (decoupled PPO).
+        one_update = self.cfg.trainer.epochs_per_rollout == 1 and len(batch) == self.cfg.trainer.global_batch_size
+        need_old = not one_update or (a.kl.mode == "reward" and self.reference is not None)
+        if need_old:
+            parts, order = batch.shard(self.policy.world_size, self.balance)  # batch[order] == cat(parts)
+        old_refs = self.policy.async_scatter("compute_logprobs", parts) if need_old else []
+        ref_refs = self.reference.async_run("compute_logprobs", batch)[:1] if self.reference else []
+        value_refs = self.critic.async_run("compute_values", batch)[:1] if self.critic else []
+        if need_old:
+            batch["old_logprobs"] = torch.empty_like(batch["response_mask"])
+            batch["old_logprobs"][order] = torch.cat(ray_get(self.timeout_s, policy=old_refs))
+        if self.reference:
+            batch["ref_logprobs"] = ray_get(self.timeout_s, reference=ref_refs)[0]
+        if self.critic:
+            batch["old_values"] = ray_get(self.timeout_s, critic=value_refs)[0]
 
-        self.version += 1
-        if cfg.rollout.sleep_during_training:  # trainers free their allocator's cached blocks for the engines
-            with timer("wake"):
-                ray.get([ref for group in self.neighbours for ref in group.async_run("release_cached_memory")])
-                ray.get(self.rollout.async_wake_up())
-        with timer("sync"):
-            self.sync_weights(wait=not cfg.rollout.async_rollouts)
-
-        # KL(policy || reference) of the sampled tokens, before this step's update
-        kl_mean = float(masked_mean(kl, mask)) if kl is not None else train_metrics.get("policy_kl", 0.0)
-        if math.isfinite(kl_mean):  # a non-finite KL must not poison the adaptive coefficient
-            self.kl_ctl.update(kl_mean, len(samples))
-        lengths = mask.sum(-1)
-        metrics.update(train_metrics)
-        metrics.update(
-            {
-                "reward/mean": float(scores.mean()),
-                "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
-                "kl": kl_mean,
-                "kl_coef": self.kl_ctl.value,
-                "response_length/mean": float(lengths.float().mean()),
-                "samples": float(len(samples)),
-            }
-        )
-        if cfg.rollout.async_rollouts:
-            metrics["async/staleness"] = sum(staleness) / len(staleness)
-            metrics["async/staleness_max"] = float(max(staleness))
-        metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
-        tokens = float(lengths.sum())
-        generate_s = metrics.get("async/generate_s", timer.seconds["generate"])  # async: the driver waits for less
-        metrics["throughput/generate_tokens_per_s"] = tokens / max(generate_s, 1e-9)
-        metrics["time/step"] = sum(timer.seconds.values())
-        return metrics
-
-    # ------------------------------------------------------------------------------ pieces
     def generate_and_score(
-        self, next_prompts, step: int, timer: PhaseTimer, metrics: dict
-    ) -> tuple[list[dict], torch.Tensor]:
+        self, next_prompts: Callable[[int], list[dict]], step: int, timer: PhaseTimer, metrics: dict
+    ) -> tuple[list[Sample], torch.Tensor]:
         """Sample n completions per prompt and score them. With dynamic sampling, groups whose
         samples all score the same are dropped and another prompts_per_step prompts are drawn,
         up to `max_refills` extra rounds, until the step has prompts_per_step informative groups
-        (DAPO); surplus groups of the last round are left unused."""
+        (DAPO); surplus groups of the last round are left unused. Group ids number the step's
+        prompts in the order drawn."""
         cfg, a, n = self.cfg, self.cfg.algorithm, self.cfg.rollout.samples_per_prompt
         target = cfg.rollout.prompts_per_step * n
         samples, scores, drawn, restarts = [], [], 0, self.rollout.restarts
@@ -255,22 +260,22 @@ class RLCoordinator:
                 # missing count would rarely fill the step
                 gen = gen or self.launch(next_prompts(cfg.rollout.prompts_per_step), step, round_)
                 waited = time.perf_counter()
-                batch_samples, seconds = self.collect(gen)  # a worker that dies is restarted, its prompts retried
+                generated, seconds = self.collect(gen)  # a worker that dies is restarted, its prompts retried
                 waited = time.perf_counter() - waited
-            prompts = gen.prompts
-            drawn += len(prompts)
+            batch_samples = samples_from_generation(
+                generated, gen.prompts, first_group=drawn, policy_version=gen.version
+            )
+            drawn += len(gen.prompts)
             engine_s += seconds
             hidden_s += max(0.0, seconds - waited) if gen.prefetched else 0.0  # ran while the driver did other work
-            for s in batch_samples:
-                s["policy_version"] = gen.version
             with timer("score"):
-                batch_scores, reward_metrics, per_function = self.score(prompts, batch_samples)
+                batch_scores, reward_metrics, per_function = self.score(batch_samples)
             self.watch_for_constant_rewards(per_function)
             for k, v in reward_metrics.items():  # means weighted by samples so refills average correctly
                 metrics[k] = metrics.get(k, 0.0) + (v if k.startswith(COUNTS) else v * len(batch_samples))
             if a.dynamic_sampling:
-                # each round's samples come back as contiguous groups of n
-                rows = informative_group_rows(batch_scores, contiguous_group_ids(len(batch_scores), n))
+                group_ids = torch.tensor([s.group_id for s in batch_samples])
+                rows = informative_group_rows(batch_scores, group_ids)
                 batch_samples, batch_scores = [batch_samples[i] for i in rows], batch_scores[rows]
             samples += batch_samples
             scores.append(batch_scores)
@@ -289,14 +294,61 @@ class RLCoordinator:
             metrics["async/generate_s"] = engine_s  # the engines' seconds, hidden or waited for
             metrics["async/overlap_s"] = hidden_s
             metrics["async/overlap_fraction"] = hidden_s / max(engine_s, 1e-9)
+        # a group's n samples stay together (generation order, whole groups kept), so a prefix of
+        # whole_group_count rows holds whole groups only
         keep = whole_group_count(min(len(samples), target), n, cfg.trainer.global_batch_size)
         return samples[:keep], torch.cat(scores)[:keep]
+
+    # ------------------------------------------------------------------------------ update
+    def hand_weights_to_engines(self, timer: PhaseTimer) -> None:
+        """After the update: trainers free cached memory and the engines wake (if they slept),
+        then every engine takes the new weights (async rollouts: behind its queued generation)."""
+        if self.cfg.rollout.sleep_during_training:  # trainers free their allocator's cached blocks for the engines
+            with timer("wake"):
+                ray_get(
+                    self.timeout_s,
+                    neighbours=[r for g in self.neighbours for r in g.async_run("release_cached_memory")],
+                )
+                ray_get(self.timeout_s, rollout=self.rollout.async_wake_up())
+        with timer("sync"):
+            self.sync_weights(wait=not self.cfg.rollout.async_rollouts)
+
+    @staticmethod
+    def sampled_kl(experience: Experience, train_metrics: dict[str, float]) -> float:
+        """KL(policy || reference) of the sampled tokens, before this step's update: from the
+        experience (KL in the reward) or the policy's training forward (KL in the loss)."""
+        if experience.kl is None:
+            return train_metrics.get("policy_kl", 0.0)
+        return float(masked_mean(experience.kl, experience.batch["response_mask"]))
+
+    def step_metrics(
+        self, experience: Experience, kl: float, timer: PhaseTimer, metrics: dict[str, float]
+    ) -> dict[str, float]:
+        """The step's reward, KL, length, staleness, time and throughput figures."""
+        scores, lengths = experience.scores, experience.batch["response_mask"].sum(-1)  # (B,), (B,)
+        out = {
+            "reward/mean": float(scores.mean()),
+            "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+            "kl": kl,
+            "kl_coef": self.kl_ctl.value,
+            "response_length/mean": float(lengths.float().mean()),
+            "samples": float(len(scores)),
+        }
+        if self.cfg.rollout.async_rollouts:
+            staleness = experience.staleness
+            out["async/staleness"] = sum(staleness) / len(staleness)
+            out["async/staleness_max"] = float(max(staleness))
+        out |= {f"time/{k}": v for k, v in timer.seconds.items()}
+        generate_s = metrics.get("async/generate_s", timer.seconds["generate"])  # async: the driver waits for less
+        out["throughput/generate_tokens_per_s"] = float(lengths.sum()) / max(generate_s, 1e-9)
+        out["time/step"] = sum(timer.seconds.values())
+        return out
 
     def launch(self, prompts: list[dict], step: int, round_: int, prefetched: bool = False) -> Generation:
         """Start generating `prompts` for round `round_` of step `step` on the engines. Each engine
         runs its calls in order, so this round uses the last weights sent before it."""
-        sampling = self.sampling(seed=self.sampling_seed(step, round_))
-        texts = [self.format_prompt(p) for p in prompts]
+        sampling = sampling_settings(self.cfg.rollout, "train", step, round_)
+        texts = self.prompt_texts(prompts)
         return Generation(
             prompts, texts, sampling, self.rollout.start_generation(texts, sampling), self.version, prefetched
         )
@@ -320,13 +372,15 @@ class RLCoordinator:
                 norm = float(compute_loss_normalizer(mini["response_mask"], a.loss_agg, constant))
                 policy_refs = self.policy.async_scatter(
                     "train_step",
-                    mini.shard(self.policy.world_size, self.balance)[0],
+                    shard_keeping_prompts(mini, self.policy.world_size, self.balance, cfg.trainer.shared_prompt),
                     normalizer=norm,
                     kl_coef=self.kl_ctl.value,
                 )
                 critic_refs = (
                     self.critic.async_scatter(
-                        "train_step", mini.shard(self.critic.world_size, self.balance)[0], normalizer=norm
+                        "train_step",
+                        shard_keeping_prompts(mini, self.critic.world_size, self.balance, cfg.trainer.shared_prompt),
+                        normalizer=norm,
                     )
                     if self.critic
                     else []
@@ -345,36 +399,9 @@ class RLCoordinator:
             out[name] = sum(sums.get(key, [])) / group.world_size
         return out
 
-    def sampling(self, greedy: bool = False, seed: int | None = None) -> dict:
-        r = self.cfg.rollout
-        if greedy:
-            return {"n": 1, "temperature": 0.0, "max_tokens": r.max_new_tokens, "stop": r.stop or None}
-        return {
-            "n": r.samples_per_prompt,
-            "temperature": r.temperature,
-            "top_p": r.top_p,
-            "max_tokens": r.max_new_tokens,
-            "stop": r.stop or None,
-            "seed": seed,
-        }
-
-    def sampling_seed(self, step: int, round_: int) -> int:
-        """A seed per step and refill round, not the engine's running RNG: a resumed run (new
-        engines) then draws exactly the samples the uninterrupted run would have drawn."""
-        return (self.cfg.rollout.seed * 1_000_003 + step * 101 + round_) % 2**31
-
-    def format_prompt(self, row: dict) -> str:
-        if self.cfg.data.chat_template == "tokenizer":
-            return apply_chat_template(self.tokenizer, row["prompt"])
-        return row["prompt"]
-
-    def collate(self, samples: list[dict]) -> Batch:
-        return collate_samples(
-            [s["prompt_token_ids"] for s in samples],
-            [s["response_token_ids"] for s in samples],
-            self.tokenizer.pad_token_id,
-            {"rollout_logprobs": [s["logprobs"] for s in samples]},
-        )
+    def prompt_texts(self, rows: list[dict]) -> list[str]:
+        """The prompts of data rows as the engines see them (rlhf/experience.py)."""
+        return [format_prompt(self.tokenizer, r["prompt"], self.cfg.data.chat_template) for r in rows]
 
     def watch_for_constant_rewards(self, per_function: dict[str, list[float]]) -> None:
         """Over the first CONSTANT_REWARD_BATCHES training batches: a reward that gave every sample the
@@ -386,13 +413,11 @@ class RLCoordinator:
             log.warning(constant_reward_message(constant, CONSTANT_REWARD_BATCHES))
             self.constant_reward = 1.0
 
-    def score(
-        self, prompts: list[dict], samples: list[dict]
-    ) -> tuple[torch.Tensor, dict[str, float], dict[str, list[float]]]:
+    def score(self, samples: list[Sample]) -> tuple[torch.Tensor, dict[str, float], dict[str, list[float]]]:
         """Weighted sum of every reward function (and the reward model) per sample: (B,), the
         reward metrics, and each function's per-sample values."""
-        completions = [s["text"] for s in samples]
-        rows = [prompts[s["prompt_index"]] for s in samples]
+        completions = [s.text for s in samples]
+        rows = [s.row for s in samples]
         model_ref = None
         if self.reward_model:  # start the reward model first; the functions run meanwhile
             model_ref = self.reward_model.async_run("score", [r["prompt"] for r in rows], completions)[0]
@@ -422,19 +447,24 @@ class RLCoordinator:
         distribution, the one RL trains), all scored by the run's rewards."""
         # No wait for an async prefetch: the engines run these requests after it and after the weight
         # load queued behind it, so held-out answers come from the current weights.
-        texts = [self.format_prompt(p) for p in prompts]
-        k = self.cfg.rollout.eval_samples
-        modes = {"": self.sampling(greedy=True)}
-        if k:
-            modes["sampled/"] = self.sampling(seed=self.cfg.rollout.seed) | {"n": k}
+        texts = self.prompt_texts(prompts)
+        modes = {"": sampling_settings(self.cfg.rollout, "greedy")}
+        if self.cfg.rollout.eval_samples:
+            modes["sampled/"] = sampling_settings(self.cfg.rollout, "eval_sampled")
         out = {}
         for prefix, sampling in modes.items():
-            samples = self.rollout.generate(texts, sampling, weights_from=self.policy)
-            scores, per_fn, _ = self.score(prompts, samples)
+            generated = self.rollout.generate(texts, sampling, weights_from=self.policy)
+            samples = samples_from_generation(generated, prompts, first_group=0, policy_version=self.version)
+            scores, per_fn, values = self.score(samples)
             # each reward's mean and, next to it, the samples it failed on (given its fallback) and timed out on
             out |= {f"eval/{prefix}{name}": v for name, v in per_fn.items() if name.startswith(("reward/",) + COUNTS)}
             out[f"eval/{prefix}reward_mean"] = float(scores.mean())
-            out[f"eval/{prefix}response_length"] = sum(len(s["response_token_ids"]) for s in samples) / len(samples)
+            out[f"eval/{prefix}response_length"] = sum(s.num_policy_tokens for s in samples) / len(samples)
+            out |= self.judging.score(prefix, prompts, generated, values, scores.tolist())  # eval/judge/<name>, ...
+        out |= self.judging.finish(self.version)  # samples/eval-<version>.jsonl; the alarm (stop: raises)
+        if self.judging.new_best and self.cfg.eval.alarm_action == "keep_best":  # export the best policy by judge
+            best = str((self.judging.run_dir / "best-by-judge").resolve())
+            ray_get(self.timeout_s, policy=self.policy.async_run("save_pretrained", best))
         return out
 
     def sync_weights(self, wait: bool = True) -> None:
@@ -492,7 +522,12 @@ class RLCoordinator:
             }
             for step, g in self.prefetched.items()
         }
-        return {"kl_controller": self.kl_ctl.state_dict(), "policy_version": self.version, "prefetched": prefetched}
+        return {
+            "kl_controller": self.kl_ctl.state_dict(),
+            "policy_version": self.version,
+            "prefetched": prefetched,
+            "judging": self.judging.state_dict(),  # the alarm's baseline (first eval) and the best judge score
+        }
 
     def load_checkpoint(self, folder, driver_state: dict) -> None:
         """Restore every trainable role and the KL controller, then hand the engines the
@@ -505,6 +540,7 @@ class RLCoordinator:
             },
         )
         self.kl_ctl.load_state_dict(driver_state["kl_controller"])
+        self.judging.load_state_dict(driver_state.get("judging", {}))
         self.version = driver_state.get("policy_version", driver_state["step"])
         self.prefetched = {
             step: Generation(

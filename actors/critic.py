@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForTokenClassification
 
-from actors.trainer import DTYPES, DeepSpeedRole
+from actors.trainer import DTYPES, DeepSpeedRole, through_engine
 from rlhf.algos import compute_value_loss
 from rlhf.batch import Batch
 from rlhf.config import AlgorithmConfig
+from rlhf.shared_prompt import pack_shared_prompts, shared_prompt_values
 
 
 class CriticActor(DeepSpeedRole):
@@ -23,7 +24,16 @@ class CriticActor(DeepSpeedRole):
         # A causal LM body with a fresh scalar head per token (the head is the only new weight).
         return AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[self.dtype])
 
+    def can_pack(self) -> bool:
+        module = self.engine.module  # a token-classification model: body, dropout, one-label head
+        return hasattr(module, "base_model") and hasattr(module, "score")
+
     def _values(self, micro: Batch) -> torch.Tensor:
+        packs = self.packs(micro)  # rows sharing a prompt run it once (trainer.shared_prompt)
+        if packs is not None:
+            pack = pack_shared_prompts(micro["input_ids"], micro["attention_mask"], micro["response_mask"], packs)
+            pack = pack.to(self.device)
+            return through_engine(self.engine, lambda: shared_prompt_values(self.engine.module, pack))  # (b, t)
         out = self.engine(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits[..., 0]  # (b, t)
         # Align like log-probs: values[:, t] = V(state before token t), read from position t - 1.
         return F.pad(out[:, :-1].float(), (1, 0))

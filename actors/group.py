@@ -20,6 +20,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlhf.config import ResourcesConfig, RoleResources
 from rlhf.resources import check_fit, placement_sets
 
+# Starting an actor or engine (model load, vLLM start-up) is not a step: its own, longer deadline.
+START_TIMEOUT_S = 1800.0
+
 
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
@@ -119,9 +122,8 @@ class ActorGroup:
 
         # Rank 0's node hosts the rendezvous. Ask a throwaway task placed in rank 0's bundle for
         # the node address and a free port there (zero resources: it must not block the bundle).
-        addr, port = ray.get(
-            ray.remote(_node_address_and_port).options(num_cpus=0, scheduling_strategy=plan.strategy(role, 0)).remote()
-        )
+        where = ray.remote(_node_address_and_port).options(num_cpus=0, scheduling_strategy=plan.strategy(role, 0))
+        ((addr, port),) = ray_get(START_TIMEOUT_S, **{role: [where.remote()]})
         self.master_addr, self.master_port = addr, port
         self.actors = [start(rank, addr, port) for rank in range(self.world_size)]
 
@@ -152,7 +154,7 @@ def dead_ranks(actors: list, wait_s: float = 5.0) -> list[int]:
     for rank, ping in enumerate(pings):
         if ping in ready:
             try:
-                ray.get(ping)
+                ray.get(ping, timeout=wait_s)  # answered already: returns or raises at once
             except ray.exceptions.RayActorError:
                 dead.append(rank)
     return dead
@@ -162,20 +164,25 @@ class StepTimeoutError(TimeoutError):
     """Some ranks did not answer within trainer.step_timeout_s (a hang: a stuck collective, a wedged engine)."""
 
 
-def ray_get(timeout_s: float | None, **refs_by_role: list[ray.ObjectRef] | dict[int, ray.ObjectRef]) -> list:
+def ray_get(timeout_s: float, **refs_by_role: list[ray.ObjectRef] | dict[int, ray.ObjectRef]) -> list:
     """`ray.get` of every role's refs (in the order given) with a deadline: a StepTimeoutError
     names each role and the ranks (index in its list, or key of its dict) that did not answer
-    within timeout_s (None: no deadline). A rank that failed raises as soon as its answer
-    arrives, not after its peers, which may be stuck in a collective waiting for it."""
+    within timeout_s. A rank that failed raises as soon as its answer arrives, not after its
+    peers, which may be stuck in a collective waiting for it.
+
+    The one place the project waits for remote results (tests/unit/test_no_unbounded_ray_get.py
+    fails on any other `ray.get` without a timeout): every loop passes trainer.step_timeout_s."""
+    if timeout_s is None or not timeout_s > 0:
+        raise ValueError(f"ray_get needs a deadline in seconds > 0, got {timeout_s!r}")
     labels = {
         ref: (role, rank)
         for role, refs in refs_by_role.items()
         for rank, ref in (refs.items() if isinstance(refs, dict) else enumerate(refs))
     }
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_s
     values, pending = {}, list(labels)
     while pending:
-        left = None if deadline is None else max(deadline - time.monotonic(), 0)
+        left = max(deadline - time.monotonic(), 0)
         ready, pending = ray.wait(pending, num_returns=1, timeout=left)
         if not ready:
             late: dict[str, list[int]] = {}

@@ -25,6 +25,7 @@ from our metric keys (`records` below, a pure function the unit tests check):
     throughput/<phase>_tokens_per_s, else
       samples x response_length/mean / time/<phase>   raylhf_tokens_per_second{phase}
     mismatch/<stat>                        raylhf_logprob_mismatch{stat}     rollout (engine vs trainer)
+    eval/hacking_alarm                     raylhf_hacking_alarm              coordinator (1: reward up, judges not)
     eval/<name>                            raylhf_eval{name}                 coordinator
     anything else (lr, sft_loss, rm_accuracy, ...)   raylhf_metric{name}     the sink's default role
 
@@ -76,6 +77,11 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "raylhf_tokens_per_second": ("Response tokens of the step / seconds of the phase", ("phase",)),
     "raylhf_weight_sync_seconds": ("Seconds to send the policy's weights to the rollout engines", ()),
     "raylhf_logprob_mismatch": ("Rollout-engine vs trainer log-prob mismatch of the sampled tokens", ("stat",)),
+    "raylhf_hacking_alarm": (
+        "1 when the latest held-out evaluation found the training reward up while a judge stayed flat or "
+        "fell, or text health collapsed (reward hacking? see the log and samples/), else 0",
+        (),
+    ),
     "raylhf_eval": ("Held-out evaluation metric", ("name",)),
     "raylhf_metric": ("Any other per-step metric, by its raylhf key", ("name",)),
 }
@@ -97,6 +103,7 @@ EXACT = {
     "rm_grad_norm": ("raylhf_grad_norm", "reward"),
     "response_length/mean": ("raylhf_response_length_mean", "rollout"),
     "rollout/worker_restarts": ("raylhf_worker_restarts", "rollout"),
+    "eval/hacking_alarm": ("raylhf_hacking_alarm", "coordinator"),
 }
 # key prefix -> (gauge, role, the tag that takes the rest of the key)
 PREFIXES = {

@@ -43,12 +43,16 @@ class PolicyActor(CausalLMRole):
         self._check_share(batch)
         self.engine.train()
         a, stats = self.algo, []
+        self.tokens_not_run, tokens = 0, int(batch["attention_mask"].sum())
 
         def losses():
             for micro in self.micro_batches(batch, train=True):
                 mask = micro["response_mask"]
-                logits = forward_logits(self.engine, micro)
-                logprobs = compute_token_logprobs(logits, micro["input_ids"])
+                if a.entropy_coef > 0:  # the entropy needs the whole distribution: full logits
+                    logits = forward_logits(self.engine, micro)
+                    logprobs = compute_token_logprobs(logits, micro["input_ids"])
+                else:  # response logits only, prompts shared where rows share them
+                    logprobs = self.token_logprobs(micro)
                 old = micro["old_logprobs"] if "old_logprobs" in micro else logprobs.detach()
                 is_weights, mismatch = None, {}
                 if "rollout_logprobs" in micro:  # the engine's log-probs: measure (and correct) the gap
@@ -93,6 +97,8 @@ class PolicyActor(CausalLMRole):
             "grad_norm": step["grad_norm"],
             "lr": self.scheduler.get_last_lr()[0],
             "skipped_nonfinite": step["skipped_nonfinite"],
+            # share of the rows' tokens that shared-prompt packing did not run (trainer.shared_prompt)
+            "shared_prompt/tokens_skipped": self.tokens_not_run / max(tokens, 1),
         }
 
     def dpo_step(self, batch: Batch, normalizer: float) -> dict[str, float]:
@@ -107,7 +113,7 @@ class PolicyActor(CausalLMRole):
         def losses():
             for micro in self.micro_batches(batch, rows_per_sample=2, train=True):
                 mask = micro["response_mask"]
-                logprobs = compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"])
+                logprobs = self.token_logprobs(micro)  # a pair's rows share their prompt: packed
                 # summed for DPO; IPO's margin is per token, on length-averaged log-probs by default
                 seq = compute_sequence_logprobs(logprobs, mask, a.logprob_reduction)  # (2P,)
                 ref = compute_sequence_logprobs(micro["ref_logprobs"], mask, a.logprob_reduction)  # (2P,)
@@ -142,7 +148,7 @@ class PolicyActor(CausalLMRole):
 
         def losses():
             for micro in self.micro_batches(batch, train=True):
-                logprobs = compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"])
+                logprobs = self.token_logprobs(micro)
                 yield sft_loss(logprobs, micro["response_mask"], "token_mean", global_normalizer=normalizer)
 
         step = self.optimizer_step(losses())

@@ -3,7 +3,8 @@
     reward model: pairs -> RewardTrainerActor.train_step (Bradley-Terry) -> held-out pairwise accuracy -> HF folder
     DPO:          pairs -> token rows (chosen 2i, rejected 2i+1) -> reference log-probs of the pairs used, once -> PolicyActor.dpo_step
 
-Both loops report a held-out preference accuracy before and after training (ties count one
+Both are training loops for the shared driver (actors/driver.py: checkpoints, resume, logging,
+export). Both report a held-out preference accuracy before and after training (ties count one
 half, so an untrained DPO policy, whose implicit rewards are all zero, scores 50%) and save the
 trained model as a Hugging Face folder `run_dir/final` that later runs load by path (PPO's
 `models.reward.path`, or a DPO policy to sample from). `trainer.global_batch_size` and
@@ -15,79 +16,84 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
-import ray
 import torch
 from transformers import AutoTokenizer
 
-from actors.group import ActorGroup, PlacementPlan
+from actors.group import ActorGroup, PlacementPlan, ray_get
 from rlhf.algos import compute_sequence_logprobs
 from rlhf.batch import Batch, collate_samples
 from rlhf.config import ConfigError, DataConfig, RunConfig
-from rlhf.data.chat import apply_chat_template
 from rlhf.data.sources import load_preference_pairs
+from rlhf.experience import format_prompt, sampling_settings
 from rlhf.models import resolve_model_path
-from rlhf.run_log import RunLogger, format_metrics
 
 log = logging.getLogger("raylhf")
 
 
 # ------------------------------------------------------------------------------ reward model
-def run_reward_model(cfg: RunConfig, run_dir: Path) -> dict:
-    from actors.reward import RewardTrainerActor
+class RewardModelLoop:
+    """Reward-model training (Bradley-Terry on pairs) as a training loop for the driver."""
 
-    train, heldout = _load_pairs(cfg.data)
-    plan = PlacementPlan.create(cfg.resources, ["reward"])
-    from actors.metrics import metric_sinks  # Ray dashboard metrics and wandb, as cfg.logging asks
+    progress_keys = ("rm_loss", "rm_accuracy")
+    sink_role = "reward"
 
-    logger = RunLogger(
-        run_dir,
-        cfg.trainer.total_steps,
-        cfg.logging.jsonl,
-        cfg.logging.tensorboard,
-        sinks=metric_sinks(cfg, "reward", run_dir),
-    )
-    group = None
-    try:
-        group = ActorGroup(
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.timeout_s = cfg.trainer.step_timeout_s
+        self.plan = self.group = None
+
+    def setup(self) -> None:
+        from actors.reward import RewardTrainerActor
+
+        cfg = self.cfg
+        self.train, self.heldout = _load_pairs(cfg.data)
+        self.steps = list(pair_batches(len(self.train), cfg))
+        self.plan = PlacementPlan.create(cfg.resources, ["reward"])
+        self.group = ActorGroup(
             RewardTrainerActor,
             "reward",
-            plan,
+            self.plan,
             model=cfg.models.reward.model_dump(),
             trainer=cfg.trainer.model_dump(),
             seed=cfg.trainer.seed,
         )
-        before = reward_model_eval(group, heldout)
-        log.info("held-out before training: %s", format_metrics(before))
-        logger.log(0, before)
-        logger.restart_clock()  # s/step and the ETA count training steps, not set-up and evaluation
-        for step, pairs in enumerate(pair_batches(len(train), cfg), start=1):
-            parts = _chunk([train[i] for i in pairs], group.world_size)
-            metrics = _merge(ray.get(group.async_scatter("train_step", parts, normalizer=float(len(pairs)))))
-            logger.log(step, metrics)
-            if step % cfg.logging.log_every == 0:
-                log.info(logger.progress(step, metrics, ("rm_loss", "rm_accuracy")))
-        after = reward_model_eval(group, heldout)
-        logger.log(cfg.trainer.total_steps, after)
-        log.info("held-out after training:  %s", format_metrics(after))
-        final = ray.get(group.async_run("save_pretrained", str((run_dir / "final").resolve())))[0]
-        log.info("reward model saved to %s", final)
-        return {"before": before, "after": after, "steps": cfg.trainer.total_steps, "final": final}
-    finally:
-        logger.close()
-        if group is not None:
-            group.kill()
-        plan.shutdown()
+
+    def step(self, step: int) -> dict[str, float]:
+        pairs = self.steps[step - 1]
+        parts = _chunk([self.train[i] for i in pairs], self.group.world_size)
+        refs = self.group.async_scatter("train_step", parts, normalizer=float(len(pairs)))
+        return _merge(ray_get(self.timeout_s, reward=refs))
+
+    def evaluate(self) -> dict[str, float]:
+        return reward_model_eval(self.group, self.heldout, self.timeout_s)
+
+    def save_state(self, folder: Path) -> dict[str, Any]:
+        ray_get(self.timeout_s, reward=self.group.async_run("save_checkpoint", str(folder / "reward")))
+        return {}
+
+    def load_state(self, folder: Path, state: dict[str, Any]) -> None:
+        ray_get(self.timeout_s, reward=self.group.async_run("load_checkpoint", str(folder / "reward")))
+
+    def export(self, path: Path) -> str:
+        return ray_get(self.timeout_s, reward=self.group.async_run("save_pretrained", str(path)))[0]
+
+    def dead_actors(self) -> list[str]:
+        return [f"reward rank {r}" for r in self.group.dead_ranks()] if self.group else []
+
+    def shutdown(self) -> None:
+        _shutdown([self.group], self.plan)
 
 
-def reward_model_eval(group: ActorGroup, pairs: list[dict]) -> dict[str, float]:
+def reward_model_eval(group: ActorGroup, pairs: list[dict], timeout_s: float) -> dict[str, float]:
     """Held-out pairwise accuracy: how often the model scores `chosen` above `rejected`."""
     if not pairs:
         return {}
     prompts = [p["prompt"] for p in pairs]
     texts = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     # Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0's answer is used.
-    scores = ray.get(group.async_run("score", prompts + prompts, texts))[0]
+    scores = ray_get(timeout_s, reward=group.async_run("score", prompts + prompts, texts))[0]
     chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
     return {
         "eval/pairwise_accuracy": preference_accuracy(chosen, rejected),
@@ -96,96 +102,105 @@ def reward_model_eval(group: ActorGroup, pairs: list[dict]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------- DPO
-def run_dpo(cfg: RunConfig, run_dir: Path) -> dict:
-    from actors.policy import PolicyActor
-    from actors.reference import ReferenceActor
+class DPOLoop:
+    """DPO as a training loop for the driver. The reference is frozen, so its log-probs of the
+    pairs the steps will use are computed once, in setup (not of every train pair: a big dataset
+    would cost more than the run); then, unless samples need its log-probs for their KL, it is
+    stopped and the policy trains with the role's cores and memory to itself. A resumed run
+    computes them again, on the same pairs with the same frozen weights."""
 
-    models = cfg.models
-    tokenizer = AutoTokenizer.from_pretrained(models.policy.tokenizer or resolve_model_path(models.policy.path))
-    train_pairs, heldout_pairs = _load_pairs(cfg.data)
-    train, heldout = (
-        tokenize_pairs(train_pairs, tokenizer, cfg.data),
-        tokenize_pairs(heldout_pairs, tokenizer, cfg.data),
-    )
-    sample_eval = models.reward is not None  # also score fresh samples with the reward model
-    plan = PlacementPlan.create(cfg.resources, ["policy", "reference"] + (["rollout", "reward"] if sample_eval else []))
-    from actors.metrics import metric_sinks  # Ray dashboard metrics and wandb, as cfg.logging asks
+    progress_keys = ("dpo_loss", "accuracy", "margin")
+    sink_role = "policy"
 
-    logger = RunLogger(
-        run_dir,
-        cfg.trainer.total_steps,
-        cfg.logging.jsonl,
-        cfg.logging.tensorboard,
-        sinks=metric_sinks(cfg, "policy", run_dir),
-    )
-    common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
-    groups: list = []
-    try:
-        # The reference is frozen, so its log-probs of the pairs the steps will use are computed
-        # once, up front (not of every train pair: a big dataset would cost more than the run);
-        # then (unless samples need its log-probs for their KL) it is stopped, and the policy
-        # trains with the role's cores and memory to itself.
-        steps = list(pair_batches(len(train_pairs), cfg))
-        used = [r for i in sorted({i for pairs in steps for i in pairs}) for r in (2 * i, 2 * i + 1)]
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.timeout_s = cfg.trainer.step_timeout_s
+        self.plan, self.groups = None, []
+        self.policy = self.samples = None
+
+    def setup(self) -> None:
+        from actors.policy import PolicyActor
+        from actors.reference import ReferenceActor
+
+        cfg, models = self.cfg, self.cfg.models
+        tokenizer = AutoTokenizer.from_pretrained(models.policy.tokenizer or resolve_model_path(models.policy.path))
+        train_pairs, heldout_pairs = _load_pairs(cfg.data)
+        self.train = tokenize_pairs(train_pairs, tokenizer, cfg.data)
+        self.heldout = tokenize_pairs(heldout_pairs, tokenizer, cfg.data)
+        self.steps = list(pair_batches(len(train_pairs), cfg))
+        sample_eval = models.reward is not None  # also score fresh samples with the reward model
+        roles = ["policy", "reference"] + (["rollout", "reward"] if sample_eval else [])
+        self.plan = PlacementPlan.create(cfg.resources, roles)
+        common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
+        used = [r for i in sorted({i for pairs in self.steps for i in pairs}) for r in (2 * i, 2 * i + 1)]
         reference = ActorGroup(
-            ReferenceActor, "reference", plan, model=(models.reference or models.policy).model_dump(), **common
+            ReferenceActor, "reference", self.plan, model=(models.reference or models.policy).model_dump(), **common
         )
-        groups.append(reference)
+        self.groups.append(reference)
+        train = self.train
         train["ref_logprobs"] = torch.full_like(train["response_mask"], float("nan"))  # NaN: never scored, never used
-        train["ref_logprobs"][used] = ray.get(reference.async_run("compute_logprobs", train.select(used)))[0]
-        log.info("reference: scored the %d train pairs the %d steps use", len(used) // 2, len(steps))
-        if len(heldout):
-            heldout["ref_logprobs"] = ray.get(reference.async_run("compute_logprobs", heldout))[0]
+        refs = reference.async_run("compute_logprobs", train.select(used))
+        train["ref_logprobs"][used] = ray_get(self.timeout_s, reference=refs)[0]
+        log.info("reference: scored the %d train pairs the %d steps use", len(used) // 2, len(self.steps))
+        if len(self.heldout):
+            refs = reference.async_run("compute_logprobs", self.heldout)
+            self.heldout["ref_logprobs"] = ray_get(self.timeout_s, reference=refs)[0]
         if not sample_eval:
             reference.kill()
-        policy = ActorGroup(
+            self.groups.remove(reference)
+        self.policy = ActorGroup(
             PolicyActor,
             "policy",
-            plan,
+            self.plan,
             model=models.policy.model_dump(),
             algorithm=cfg.algorithm.model_dump(),
             **common,
         )
-        groups.append(policy)
-        samples = SampleEval(cfg, plan, tokenizer, policy, reference, heldout_pairs) if sample_eval else None
-        groups += samples.groups if samples else []
+        self.groups.append(self.policy)
+        if sample_eval:
+            self.samples = SampleEval(cfg, self.plan, tokenizer, self.policy, reference, heldout_pairs)
+            self.groups += self.samples.groups
 
-        def evaluate() -> dict[str, float]:
-            return preference_eval(policy, heldout, cfg.algorithm.dpo.beta, cfg.algorithm.dpo.logprob_reduction) | (
-                samples() if samples else {}
-            )
+    def step(self, step: int) -> dict[str, float]:
+        pairs = self.steps[step - 1]
+        rows = [r for i in pairs for r in (2 * i, 2 * i + 1)]  # keep each pair's two rows together
+        balance = self.cfg.trainer.micro_batch_tokens is not None  # token-balanced ranks when packing by tokens
+        parts, _ = self.train.select(rows).shard(self.policy.world_size, balance, rows_per_sample=2)
+        refs = self.policy.async_scatter("dpo_step", parts, normalizer=float(len(pairs)))
+        return _merge(ray_get(self.timeout_s, policy=refs))
 
-        before = evaluate()
-        log.info("held-out before training: %s", format_metrics(before))
-        logger.log(0, before)
-        logger.restart_clock()  # s/step and the ETA count training steps, not set-up and evaluation
-        for step, pairs in enumerate(steps, start=1):
-            rows = [r for i in pairs for r in (2 * i, 2 * i + 1)]  # keep each pair's two rows together
-            balance = cfg.trainer.micro_batch_tokens is not None  # token-balanced ranks when packing by tokens
-            parts, _ = train.select(rows).shard(policy.world_size, balance, rows_per_sample=2)
-            metrics = _merge(ray.get(policy.async_scatter("dpo_step", parts, normalizer=float(len(pairs)))))
-            logger.log(step, metrics)
-            if step % cfg.logging.log_every == 0:
-                log.info(logger.progress(step, metrics, ("dpo_loss", "accuracy", "margin")))
-        after = evaluate()
-        logger.log(cfg.trainer.total_steps, after)
-        log.info("held-out after training:  %s", format_metrics(after))
-        final = ray.get(policy.async_run("save_pretrained", str((run_dir / "final").resolve())))[0]
-        log.info("DPO policy saved to %s", final)
-        return {"before": before, "after": after, "steps": cfg.trainer.total_steps, "final": final}
-    finally:
-        logger.close()
-        for group in groups:
-            group.kill()
-        plan.shutdown()
+    def evaluate(self) -> dict[str, float]:
+        dpo = self.cfg.algorithm.dpo
+        out = preference_eval(self.policy, self.heldout, dpo.beta, dpo.logprob_reduction, self.timeout_s)
+        return out | (self.samples() if self.samples else {})
+
+    def save_state(self, folder: Path) -> dict[str, Any]:
+        ray_get(self.timeout_s, policy=self.policy.async_run("save_checkpoint", str(folder / "policy")))
+        return {}
+
+    def load_state(self, folder: Path, state: dict[str, Any]) -> None:
+        ray_get(self.timeout_s, policy=self.policy.async_run("load_checkpoint", str(folder / "policy")))
+
+    def export(self, path: Path) -> str:
+        return ray_get(self.timeout_s, policy=self.policy.async_run("save_pretrained", str(path)))[0]
+
+    def dead_actors(self) -> list[str]:
+        return [f"{getattr(g, 'role', 'rollout')} rank {r}" for g in self.groups for r in g.dead_ranks()]
+
+    def shutdown(self) -> None:
+        _shutdown(self.groups, self.plan)
 
 
-def preference_eval(policy: ActorGroup, heldout: Batch, beta: float, reduction: str = "sum") -> dict[str, float]:
+def preference_eval(
+    policy: ActorGroup, heldout: Batch, beta: float, reduction: str, timeout_s: float
+) -> dict[str, float]:
     """Held-out DPO metrics from the implicit reward beta * (log pi - log ref) of each response,
     on the sequence log-probs the loss trains (`reduction`: summed, or length-averaged for IPO)."""
     if not len(heldout):
         return {}
-    logprobs = ray.get(policy.async_run("compute_logprobs", heldout))[0]  # (2P, T); all ranks join under ZeRO-3
+    logprobs = ray_get(timeout_s, policy=policy.async_run("compute_logprobs", heldout))[
+        0
+    ]  # (2P, T); all ranks join under ZeRO-3
     mask = heldout["response_mask"]
     reward = beta * compute_sequence_logprobs(logprobs - heldout["ref_logprobs"], mask, reduction)  # (2P,)
     chosen, rejected = reward[0::2], reward[1::2]
@@ -216,6 +231,7 @@ class SampleEval:
         from actors.rollout import RolloutGroup
 
         self.cfg, self.tokenizer, self.policy, self.reference = cfg, tokenizer, policy, reference
+        self.timeout_s = cfg.trainer.step_timeout_s
         self.prompts = list(dict.fromkeys(p["prompt"] for p in pairs))[: max(cfg.data.eval_size, 1)]
         spec = cfg.models.policy
         self.rollout = RolloutGroup(
@@ -224,6 +240,7 @@ class SampleEval:
             None if spec.dtype == "auto" else spec.dtype,
             cfg.rollout,
             max_model_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+            timeout_s=self.timeout_s,
         )
         self.reward = ActorGroup(
             RewardActor,
@@ -238,27 +255,21 @@ class SampleEval:
     def __call__(self) -> dict[str, float]:
         r, d = self.cfg.rollout, self.cfg.data
         self.rollout.sync_from(self.policy)  # the engines sample from the current policy
-        texts = [apply_chat_template(self.tokenizer, p) if d.chat_template == "tokenizer" else p for p in self.prompts]
-        sampling = {
-            "n": r.samples_per_prompt,
-            "temperature": r.temperature,
-            "top_p": r.top_p,
-            "max_tokens": r.max_new_tokens,
-            "seed": r.seed,
-        }  # the same seed before and after
+        texts = [format_prompt(self.tokenizer, p, d.chat_template) for p in self.prompts]
+        # the fixed seed rollout.seed: the same draws before and after training
+        sampling = sampling_settings(r, "eval_sampled", n=r.samples_per_prompt)
         samples = self.rollout.generate(texts, sampling, weights_from=self.policy)
-        scores = ray.get(
-            self.reward.async_run(
-                "score", [self.prompts[s["prompt_index"]] for s in samples], [s["text"] for s in samples]
-            )
-        )[0]
+        prompts = [self.prompts[s["prompt_index"]] for s in samples]
+        scores = ray_get(self.timeout_s, reward=self.reward.async_run("score", prompts, [s["text"] for s in samples]))[
+            0
+        ]
         batch = collate_samples(
             [s["prompt_token_ids"] for s in samples],
             [s["response_token_ids"] for s in samples],
             self.tokenizer.pad_token_id,
             {"rollout_logprobs": [s["logprobs"] for s in samples]},
         )
-        ref = ray.get(self.reference.async_run("compute_logprobs", batch))[0]
+        ref = ray_get(self.timeout_s, reference=self.reference.async_run("compute_logprobs", batch))[0]
         mask = batch["response_mask"]
         kl = ((batch["rollout_logprobs"] - ref) * mask).sum(-1)  # (B,)
         return {
@@ -279,7 +290,7 @@ def tokenize_pairs(pairs: list[dict], tokenizer, data: DataConfig) -> Batch:
     """
     prompts, responses = [], []
     for pair in pairs:
-        text = apply_chat_template(tokenizer, pair["prompt"]) if data.chat_template == "tokenizer" else pair["prompt"]
+        text = format_prompt(tokenizer, pair["prompt"], data.chat_template)
         prompt = tokenizer(text, add_special_tokens=False)["input_ids"][-data.max_prompt_len :]
         for key in ("chosen", "rejected"):
             response = tokenizer(pair[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -321,6 +332,14 @@ def _load_pairs(data: DataConfig) -> tuple[list[dict], list[dict]]:
 def _chunk(items: list, n: int) -> list[list]:
     size = len(items) // n  # pair_batches yields global_batch_size, a multiple of the rank count
     return [items[i * size : (i + 1) * size] for i in range(n)]
+
+
+def _shutdown(groups: list, plan: PlacementPlan | None) -> None:
+    for group in groups:
+        if group is not None:
+            group.kill()
+    if plan is not None:
+        plan.shutdown()
 
 
 def _merge(per_rank: list[dict[str, float]]) -> dict[str, float]:

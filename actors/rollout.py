@@ -17,12 +17,13 @@ from typing import Any
 import ray
 import torch
 
-from actors.group import StepTimeoutError, dead_ranks, ray_get, use_cpu_threads_from_env
+from actors.group import START_TIMEOUT_S, StepTimeoutError, dead_ranks, ray_get, use_cpu_threads_from_env
+from rlhf.config import DEFAULT_STEP_TIMEOUT_S
+from rlhf.experience import SAMPLING_KEYS, prompt_seed
 from rlhf.models import preferred_dtype
 
 log = logging.getLogger(__name__)
 WEIGHT_SYNC_EXTENSION = "actors.weight_sync.WeightSyncExtension"
-SAMPLING_KEYS = ("n", "temperature", "top_p", "max_tokens", "stop", "seed", "logprobs")
 
 
 @ray.remote
@@ -98,8 +99,8 @@ class RolloutWorker:
     def generate(self, prompts: list[str] | list[list[int]], sampling: dict) -> list[dict]:
         """Sample `sampling["n"]` completions per prompt (text, or token ids already templated).
 
-        `sampling` takes the keys in SAMPLING_KEYS. Returns prompt-major flat samples, each with
-        prompt_index, prompt_token_ids, response_token_ids, text, finish_reason and `logprobs`:
+        `sampling` takes the keys in SAMPLING_KEYS (rlhf.experience.sampling_settings derives it
+        from the config). Returns prompt-major flat samples, each with prompt_index, prompt_token_ids, response_token_ids, text, finish_reason and `logprobs`:
         the log-probability of each sampled token (vLLM's default: from the raw logits, before
         temperature / top-p, i.e. the policy's own distribution).
         """
@@ -112,12 +113,8 @@ class RolloutWorker:
             raise ValueError(f"unknown sampling keys {sorted(unknown)}; allowed: {SAMPLING_KEYS}")
         # logprobs=0 asks for the sampled token's log-prob only; callers may ask for top-k more.
         params = {"logprobs": 0, **sampling}
-        if params.get("seed") is not None:
-            # One seed per prompt (vLLM adds the sample index for n > 1): with a single seed for
-            # the whole call, every prompt would draw the same random numbers.
-            params = [
-                SamplingParams(**params | {"seed": (params["seed"] + i * 1009) % 2**31}) for i in range(len(prompts))
-            ]
+        if params.get("seed") is not None:  # one seed per prompt (vLLM adds the sample index for n > 1)
+            params = [SamplingParams(**params | {"seed": prompt_seed(params["seed"], i)}) for i in range(len(prompts))]
         else:
             params = SamplingParams(**params)
         inputs = [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
@@ -183,7 +180,15 @@ class RolloutGroup:
     per call; `restarts` counts them over the run).
     """
 
-    def __init__(self, plan, model_path: str, dtype: str, rollout, max_model_len: int, timeout_s: float | None = None):
+    def __init__(
+        self,
+        plan,
+        model_path: str,
+        dtype: str,
+        rollout,
+        max_model_len: int,
+        timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
+    ):
         res = plan.resources["rollout"]
         self.max_restarts, self.timeout_s, self.restarts = rollout.max_worker_restarts, timeout_s, 0
 
@@ -213,7 +218,9 @@ class RolloutGroup:
     @staticmethod
     def shard_sampling(sampling: dict, start: int) -> dict:
         """The shard starting at prompt `start` offsets the seed as if it were one call (per-prompt seeds)."""
-        return sampling | {"seed": sampling["seed"] + start * 1009} if sampling.get("seed") is not None else sampling
+        return (
+            sampling | {"seed": prompt_seed(sampling["seed"], start)} if sampling.get("seed") is not None else sampling
+        )
 
     def async_generate(self, prompts: list, sampling: dict) -> list[ray.ObjectRef]:
         """One ObjectRef per worker; `merge_samples(ray.get(refs), len(prompts))` restores order.
@@ -259,9 +266,9 @@ class RolloutGroup:
         shards = self.shards(len(prompts))
         pending = {ref: i for i, ref in refs.items()}
         results, restarts = {}, 0
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.timeout_s
         while pending:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            left = max(deadline - time.monotonic(), 0)
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
             if not ready:
                 raise StepTimeoutError(
@@ -270,7 +277,7 @@ class RolloutGroup:
                 )
             i = pending.pop(ready[0])
             try:
-                results[i] = ray.get(ready[0])
+                results[i] = ray.get(ready[0], timeout=self.timeout_s)  # answered already: no wait
             except ray.exceptions.RayActorError as e:
                 if restarts >= self.max_restarts:
                     raise
@@ -288,9 +295,7 @@ class RolloutGroup:
                 pending[self.async_generate_shard(i, prompts, sampling)] = (
                     i  # same seed: the samples it would have given
                 )
-                deadline = (
-                    None if self.timeout_s is None else time.monotonic() + self.timeout_s
-                )  # engine start excluded
+                deadline = time.monotonic() + self.timeout_s  # engine start excluded
         ordered = [results[i] for i in sorted(results)]
         return self.merge_samples([s for s, _ in ordered], len(prompts)), max(sec for _, sec in ordered)
 
@@ -303,10 +308,11 @@ class RolloutGroup:
             self.workers[i] = self.start(i)
         self.restarts += len(ranks)
         if weights_from is None:
-            ray.get([self.workers[i].__ray_ready__.remote() for i in ranks])
+            ray_get(START_TIMEOUT_S, rollout={i: self.workers[i].__ray_ready__.remote() for i in ranks})
         else:
             blobs = weights_from.async_run("weights_blob")  # every policy rank joins (ZeRO-3 gathers)
-            ray.get(self.async_load_weights(blobs[0], ranks) + blobs[1:])
+            loads = dict(zip(ranks, self.async_load_weights(blobs[0], ranks)))
+            ray_get(START_TIMEOUT_S, rollout=loads, policy={rank + 1: ref for rank, ref in enumerate(blobs[1:])})
         log.warning(
             "rollout worker(s) %s restarted%s", ranks, " with the policy's current weights" if weights_from else ""
         )

@@ -1,7 +1,7 @@
 """The SFT loop: supervised fine-tuning of the policy on (prompt, response) pairs.
 
-    tokenize pairs -> for each step: a global batch -> PolicyGroup.sft_step -> log
-    held-out metrics before and after -> save the policy as a Hugging Face folder
+    tokenize pairs -> step k: the k-th global batch -> PolicyActor.sft_step on every rank
+    held-out metrics, checkpoints, resume and export: the shared driver (actors/driver.py)
 
 The loss is the cross-entropy of response tokens only (the prompt is context, not a target),
 normalised by the response-token count of the whole global batch so the update does not depend
@@ -18,34 +18,64 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
-import ray
 import torch
 from transformers import AutoTokenizer
 
-from actors.group import ActorGroup, PlacementPlan
+from actors.group import ActorGroup, PlacementPlan, ray_get
 from actors.policy import PolicyActor
 from actors.rollout import RolloutGroup
 from rlhf.batch import Batch, collate_samples
 from rlhf.config import RunConfig
-from rlhf.data.chat import apply_chat_template
 from rlhf.data.sources import load_sft_pairs
+from rlhf.experience import format_prompt, sampling_settings
 from rlhf.models import resolve_model_path
-from rlhf.run_log import RunLogger, format_metrics
 
 log = logging.getLogger("raylhf")
 
 
-class SFTRun:
-    """The groups of an SFT run (policy; a rollout worker when exact match is measured)."""
+def sft_batches(num_rows: int, cfg: RunConfig) -> list[list[int]]:
+    """trainer.total_steps global batches of row indices: epochs over the train pairs, each in a
+    fresh seeded order; a step takes the next global_batch_size pairs, running on into the next
+    epoch's order at the end of one. Step k's batch depends only on k (and the seed), so a
+    resumed run trains on exactly the batches the uninterrupted run would have."""
+    size = cfg.trainer.global_batch_size
+    if num_rows < size:
+        raise ValueError(f"{num_rows} train pairs cannot fill trainer.global_batch_size={size}")
+    generator, order, batches = torch.Generator().manual_seed(cfg.data.seed), [], []
+    for _ in range(cfg.trainer.total_steps):
+        while len(order) < size:
+            order += torch.randperm(num_rows, generator=generator).tolist()
+        batches.append(order[:size])
+        order = order[size:]
+    return batches
 
-    def __init__(self, cfg: RunConfig, measure_exact_match: bool):
+
+class SFTLoop:
+    """SFT as a training loop for the driver: the policy group, and a rollout worker when held-out
+    exact match is measured (rows with an `answer`)."""
+
+    progress_keys = ("sft_loss", "grad_norm", "lr")
+    sink_role = "policy"
+
+    def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        spec = cfg.models.policy
+        self.timeout_s = cfg.trainer.step_timeout_s
+        self.plan = self.policy = self.rollout = None
+        self.rollout_stale = False  # the policy's weights changed since the engine last took them
+
+    def setup(self) -> None:
+        cfg, spec = self.cfg, self.cfg.models.policy
+        train, self.heldout = load_sft_pairs(cfg.data, "train"), load_sft_pairs(cfg.data, "eval")
+        log.info("data: %d train pairs, %d held-out pairs from %s", len(train), len(self.heldout), cfg.data.source)
+        self.batches = sft_batches(len(train), cfg)
         self.policy_path = resolve_model_path(spec.path)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or self.policy_path)
-        roles = ["policy"] + (["rollout"] if measure_exact_match else [])
-        self.plan = PlacementPlan.create(cfg.resources, roles)
+        self.train_rows = self.encode(train)
+        self.heldout_rows = self.encode(self.heldout)
+        exact_match = bool(self.heldout) and all(r.get("answer") is not None for r in self.heldout)
+        self.plan = PlacementPlan.create(cfg.resources, ["policy"] + (["rollout"] if exact_match else []))
         self.policy = ActorGroup(
             PolicyActor,
             "policy",
@@ -55,16 +85,15 @@ class SFTRun:
             trainer=cfg.trainer.model_dump(),
             seed=cfg.trainer.seed,
         )
-        self.rollout = None
-        if measure_exact_match:
+        if exact_match:
             dtype = None if spec.dtype == "auto" else spec.dtype
             max_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
-            self.rollout = RolloutGroup(self.plan, self.policy_path, dtype, cfg.rollout, max_model_len=max_len)
+            self.rollout = RolloutGroup(
+                self.plan, self.policy_path, dtype, cfg.rollout, max_model_len=max_len, timeout_s=self.timeout_s
+            )
 
     def format_prompt(self, row: dict) -> str:
-        if self.cfg.data.chat_template == "tokenizer":
-            return apply_chat_template(self.tokenizer, row["prompt"])
-        return row["prompt"]
+        return format_prompt(self.tokenizer, row["prompt"], self.cfg.data.chat_template)
 
     def encode(self, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids of each prompt (templated; its last max_prompt_len tokens, where the question
@@ -80,80 +109,58 @@ class SFTRun:
     def collate(self, prompts, responses) -> Batch:
         return collate_samples(prompts, responses, self.tokenizer.pad_token_id)
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
+    def step(self, step: int) -> dict[str, float]:
+        rows = self.batches[step - 1]
+        prompts, responses = self.train_rows
+        batch = self.collate([prompts[i] for i in rows], [responses[i] for i in rows])
         normalizer = float(batch["response_mask"].sum())  # response tokens of the global batch
         balance = self.cfg.trainer.micro_batch_tokens is not None  # token-balanced ranks when packing by tokens
         parts, _ = batch.shard(self.policy.world_size, balance)
-        ranks = ray.get(self.policy.async_scatter("sft_step", parts, normalizer=normalizer))
+        ranks = ray_get(self.timeout_s, policy=self.policy.async_scatter("sft_step", parts, normalizer=normalizer))
+        self.rollout_stale = True
         # the loss comes back as each rank's share of one total; the rest is the same on every rank
         return ranks[0] | {"sft_loss": sum(r["sft_loss"] for r in ranks)}
 
-    def evaluate(self, heldout: list[dict], encoded) -> dict[str, float]:
-        out = {}
-        if heldout:
-            batch = self.collate(*encoded)
-            # every rank runs the same forward: under ZeRO-3 all ranks must join each gather
-            logprobs = ray.get(self.policy.async_run("compute_logprobs", batch))[0]  # (B, T)
-            mask = batch["response_mask"]
-            loss = float(-(logprobs * mask).sum() / mask.sum())
-            out = {"eval/sft_loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
-        if self.rollout is not None and heldout:
+    def evaluate(self) -> dict[str, float]:
+        heldout, out = self.heldout, {}
+        if not heldout:
+            return out
+        batch = self.collate(*self.heldout_rows)
+        # every rank runs the same forward: under ZeRO-3 all ranks must join each gather
+        logprobs = ray_get(self.timeout_s, policy=self.policy.async_run("compute_logprobs", batch))[0]  # (B, T)
+        mask = batch["response_mask"]
+        loss = float(-(logprobs * mask).sum() / mask.sum())
+        out = {"eval/sft_loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+        if self.rollout is not None:
+            if self.rollout_stale:  # the engine generates with the weights trained (or restored) so far
+                self.rollout.sync_from(self.policy)
+                self.rollout_stale = False
             texts = [self.format_prompt(r) for r in heldout]
-            greedy = {"n": 1, "temperature": 0.0, "max_tokens": self.cfg.rollout.max_new_tokens}
+            greedy = sampling_settings(self.cfg.rollout, "greedy")
             samples = self.rollout.generate(texts, greedy, weights_from=self.policy)
             hits = [s["text"].strip() == str(heldout[s["prompt_index"]]["answer"]).strip() for s in samples]
             out["eval/exact_match"] = sum(hits) / len(hits)
         return out
 
-    def sync_rollout(self) -> None:
-        if self.rollout is not None:
-            self.rollout.sync_from(self.policy)
+    def save_state(self, folder: Path) -> dict[str, Any]:
+        ray_get(self.timeout_s, policy=self.policy.async_run("save_checkpoint", str(folder / "policy")))
+        return {}
+
+    def load_state(self, folder: Path, state: dict[str, Any]) -> None:
+        ray_get(self.timeout_s, policy=self.policy.async_run("load_checkpoint", str(folder / "policy")))
+        self.rollout_stale = True
+
+    def export(self, path: Path) -> str:
+        ray_get(self.timeout_s, policy=self.policy.async_run("save_pretrained", str(path)))
+        return str(path)
+
+    def dead_actors(self) -> list[str]:
+        groups = {"policy": self.policy, "rollout": self.rollout}
+        return [f"{role} rank {r}" for role, g in groups.items() if g is not None for r in g.dead_ranks()]
 
     def shutdown(self) -> None:
-        self.policy.kill()
-        if self.rollout is not None:
-            self.rollout.kill()
-        self.plan.shutdown()
-
-
-def run_sft(cfg: RunConfig, run_dir: Path) -> dict:
-    train, heldout = load_sft_pairs(cfg.data, "train"), load_sft_pairs(cfg.data, "eval")
-    log.info("data: %d train pairs, %d held-out pairs from %s", len(train), len(heldout), cfg.data.source)
-    t = cfg.trainer
-    if len(train) < t.global_batch_size:
-        raise ValueError(f"{len(train)} train pairs cannot fill trainer.global_batch_size={t.global_batch_size}")
-    from actors.metrics import metric_sinks  # Ray dashboard metrics and wandb, as cfg.logging asks
-
-    logger = RunLogger(
-        run_dir, t.total_steps, cfg.logging.jsonl, cfg.logging.tensorboard, sinks=metric_sinks(cfg, "policy", run_dir)
-    )
-    sft = SFTRun(cfg, measure_exact_match=bool(heldout) and all(r.get("answer") is not None for r in heldout))
-    try:
-        prompts, responses = sft.encode(train)
-        heldout_encoded = sft.encode(heldout)
-        before = sft.evaluate(heldout, heldout_encoded)
-        log.info("held-out before training: %s", format_metrics(before))
-        logger.log(0, before)
-        logger.restart_clock()  # s/step and the ETA count training steps, not set-up and evaluation
-        # Epochs over the train pairs, each in a fresh seeded order; a step takes the next
-        # global_batch_size pairs, running on into the next epoch's order at the end of one.
-        generator, order = torch.Generator().manual_seed(cfg.data.seed), []
-        for step in range(1, t.total_steps + 1):
-            while len(order) < t.global_batch_size:
-                order += torch.randperm(len(train), generator=generator).tolist()
-            rows, order = order[: t.global_batch_size], order[t.global_batch_size :]
-            metrics = sft.train_step(sft.collate([prompts[i] for i in rows], [responses[i] for i in rows]))
-            logger.log(step, metrics)
-            if step % cfg.logging.log_every == 0:
-                log.info(logger.progress(step, metrics, ("sft_loss", "grad_norm", "lr")))
-        sft.sync_rollout()
-        after = sft.evaluate(heldout, heldout_encoded)
-        logger.log(t.total_steps, after)
-        log.info("held-out after training:  %s", format_metrics(after))
-        final = str((run_dir / "final").resolve())  # absolute: the actor's working directory may differ
-        ray.get(sft.policy.async_run("save_pretrained", final))
-        log.info("saved the policy to %s", final)
-        return {"before": before, "after": after, "steps": t.total_steps, "final_path": final}
-    finally:
-        logger.close()
-        sft.shutdown()
+        for group in (self.policy, self.rollout):
+            if group is not None:
+                group.kill()
+        if self.plan is not None:
+            self.plan.shutdown()

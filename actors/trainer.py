@@ -14,11 +14,17 @@ by the world size: the update is then the same for any micro-batch size and rank
 Micro-batches hold trainer.micro_batch_size rows, or with trainer.micro_batch_tokens as many
 length-sorted rows as fit a token budget; `micro_batches` explains how DeepSpeed's accumulation
 boundary and the ranks' collectives stay in step when their number varies.
+
+Causal LM log-probs (`CausalLMRole.token_logprobs`, rlhf/shared_prompt.py) take the vocabulary
+projection only where a response token is predicted (trainer.response_only_logits), and rows
+with the same prompt token ids run that prompt once, packed with their responses in one row
+under a 4D mask (trainer.shared_prompt): micro-batches are then planned over such packs.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -30,6 +36,22 @@ from rlhf.batch import Batch, split_micro_batches, token_budget_micro_batches
 from rlhf.config import ModelSpec, TrainerConfig
 from rlhf.models import preferred_dtype, resolve_model_path
 from rlhf.schedule import lr_lambda
+from rlhf.shared_prompt import (
+    attention_implementation,
+    decoder_and_head,
+    pack_shared_prompts,
+    packed_lengths,
+    prompt_groups,
+    response_logprobs,
+    shard_by_prompt,
+    shared_micro_batches,
+    shared_prompt_logprobs,
+    split_shared_micro_batches,
+    tokens_saved,
+)
+
+log = logging.getLogger("raylhf")
+AUTO_SHARE_MIN_SAVED = 0.1  # trainer.shared_prompt=auto packs a micro-batch when it skips >= 10% of its tokens
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -61,6 +83,7 @@ class DeepSpeedRole:
     """One rank of a model role. Subclasses set `trainable` and implement `load_model`."""
 
     trainable = False
+    tokens_not_run = 0  # prompt tokens that shared-prompt packing did not run (a count for metrics)
 
     def __init__(
         self,
@@ -149,6 +172,8 @@ class DeepSpeedRole:
         always allow it: a rank never has more micro-batches than rows.)
         """
         r, budget = rows_per_sample, self.cfg.micro_batch_tokens
+        if r == 1 and self.may_share_prompts():
+            return self._shared_prompt_rows(batch)
         if budget is None:
             n, size = len(batch) // r, self.cfg.micro_batch_size
             samples = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
@@ -160,6 +185,54 @@ class DeepSpeedRole:
                 torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
                 samples = split_micro_batches(samples, lengths, int(count))
         return [[r * s + k for s in group for k in range(r)] for group in samples]
+
+    def _shared_prompt_rows(self, batch: Batch) -> list[list[int]]:
+        """micro_batch_rows when prompts may be shared: the rows of a prompt go into one micro-batch
+        where the plan allows (fixed rows: the same number of micro-batches as without sharing;
+        token budget: a pack counts its real tokens), then, as there, split to the ranks' count."""
+        attn, resp = batch["attention_mask"], batch["response_mask"]
+        groups = prompt_groups(batch["input_ids"], attn, resp)
+        plan = shared_micro_batches(groups, attn, resp, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
+        if self.cfg.micro_batch_tokens is not None and self.world_size > 1:
+            count = torch.tensor([len(plan)], device=self.device)
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+            plan = split_shared_micro_batches(plan, attn, resp, int(count))
+        return [[row for pack in micro for row in pack] for micro in plan]
+
+    def may_share_prompts(self) -> bool:
+        """trainer.shared_prompt not off, a role whose forward can pack (`can_pack`), and an attention
+        that takes a 4D mask (flash attention does not: then one row per sample, said once)."""
+        if not hasattr(self, "_may_share"):
+            impl = attention_implementation(self.engine.module)
+            self._may_share = self.cfg.shared_prompt != "off" and self.can_pack()
+            if self._may_share and impl.startswith("flash"):
+                log.warning(
+                    "%s: trainer.shared_prompt=%s ignored: attn_implementation=%r takes no 4D attention "
+                    "mask; one row per sample (load the model with sdpa or eager attention to share prompts)",
+                    type(self).__name__,
+                    self.cfg.shared_prompt,
+                    impl,
+                )
+                self._may_share = False
+        return self._may_share
+
+    def can_pack(self) -> bool:
+        """Whether this role's forward has a shared-prompt layout (the policy, reference, critic)."""
+        return False
+
+    def packs(self, micro: Batch) -> list[list[int]] | None:
+        """The micro-batch's rows grouped by prompt when they should run packed, else None: sharing
+        off, no two rows with one prompt, or (auto) too few tokens saved to pay for the 4D mask."""
+        if not self.may_share_prompts():
+            return None
+        attn, resp = micro["attention_mask"], micro["response_mask"]
+        groups = prompt_groups(micro["input_ids"], attn, resp)
+        if len(groups) == len(micro):
+            return None
+        if self.cfg.shared_prompt == "auto" and tokens_saved(attn, resp, groups) < AUTO_SHARE_MIN_SAVED:
+            return None
+        self.tokens_not_run += int(attn.sum()) - sum(packed_lengths(attn, resp, groups))  # the prompts' repeats
+        return groups
 
     def forward_rows(self, batch: Batch, fn: Callable[[Batch], torch.Tensor], per_token: bool) -> torch.Tensor:
         """fn(micro-batch) for every micro-batch, as float on the CPU and in the batch's row order:
@@ -293,7 +366,8 @@ class DeepSpeedRole:
         for name, buf in module.named_buffers():  # e.g. rotary caches are not persistent, skip those
             if name in module.state_dict():
                 state[name] = buf.detach().cpu()
-        tied = getattr(module.config, "tie_word_embeddings", False)
+        # a causal LM only: a sequence classifier built on a tied LM (a SmolLM2 reward model) has no lm_head
+        tied = getattr(module.config, "tie_word_embeddings", False) and hasattr(module, "lm_head")
         if tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]  # vLLM wants both names
         return state
@@ -350,6 +424,34 @@ def forward_logits(engine, micro: Batch) -> torch.Tensor:
     return engine(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
 
 
+def through_engine(engine, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() (which calls parts of engine.module) run as the engine's forward: DeepSpeed hooks its
+    forward (ZeRO-3's parameter gathering around the whole module, the backward prologue that the
+    ZeRO optimizers need on the output), so a forward that bypassed it would train wrongly. The
+    module's forward is shadowed by fn for this one call."""
+    module = engine.module
+    own = module.__dict__.get("forward")  # a forward someone set on the instance: put it back after
+    module.forward = lambda *args, **kwargs: fn()  # an instance attribute: nn.Module.__call__ uses it
+    try:
+        return engine()
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
+def shard_keeping_prompts(batch: Batch, world_size: int, balance: bool, shared_prompt: str) -> list[Batch]:
+    """The per-rank parts of a training batch (equal row counts, as Batch.shard), with the rows of
+    one prompt on one rank where the counts allow, so that each rank can pack them
+    (trainer.shared_prompt); Batch.shard when sharing is off or there is one rank."""
+    if shared_prompt == "off" or world_size == 1:
+        return batch.shard(world_size, balance)[0]
+    groups = prompt_groups(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    return [batch.select(sorted(rows)) for rows in shard_by_prompt(groups, lengths, world_size, balance)]
+
+
 class CausalLMRole(DeepSpeedRole):
     """A causal LM role (policy, reference): log-probs of given tokens."""
 
@@ -360,10 +462,41 @@ class CausalLMRole(DeepSpeedRole):
 
     @torch.no_grad()
     def compute_logprobs(self, batch: Batch) -> torch.Tensor:
-        """Log-probs (B, T) of the batch's tokens, aligned with input_ids (rlhf/batch.py)."""
+        """Log-probs (B, T) of the batch's tokens, aligned with input_ids (rlhf/batch.py); 0 outside
+        the response when only response logits are computed (losses mask them out)."""
         self.engine.eval()
-        return self.forward_rows(
-            batch,
-            lambda micro: compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"]),
-            per_token=True,
+        return self.forward_rows(batch, self.token_logprobs, per_token=True)
+
+    def token_logprobs(self, micro: Batch) -> torch.Tensor:
+        """Log-probs (b, t) of a micro-batch's response tokens (0 elsewhere), differentiable when
+        grad is enabled. Rows sharing a prompt run it once (packed, when trainer.shared_prompt and
+        the attention implementation allow); the vocabulary projection runs only at response
+        positions (trainer.response_only_logits); else the full logits, as before."""
+        if not self.response_only():
+            return compute_token_logprobs(forward_logits(self.engine, micro), micro["input_ids"])
+        module, ids, attn, resp = (
+            self.engine.module,
+            micro["input_ids"],
+            micro["attention_mask"],
+            micro["response_mask"],
         )
+        packs = self.packs(micro)
+        if packs is None:
+            return through_engine(self.engine, lambda: response_logprobs(module, ids, attn, resp))
+        pack = pack_shared_prompts(ids, attn, resp, packs).to(self.device)
+        return through_engine(self.engine, lambda: shared_prompt_logprobs(module, pack))
+
+    def response_only(self) -> bool:
+        """trainer.response_only_logits, unless the model post-processes its logits (said once)."""
+        if not hasattr(self, "_response_only"):
+            self._response_only = self.cfg.response_only_logits
+            if self._response_only:
+                try:
+                    decoder_and_head(self.engine.module)
+                except ValueError as e:
+                    log.warning("%s: logits at every position: %s", type(self).__name__, e)
+                    self._response_only = False
+        return self._response_only
+
+    def can_pack(self) -> bool:
+        return self.response_only()  # packing computes response logits only

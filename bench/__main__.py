@@ -5,11 +5,14 @@
     .venv/bin/python -m bench --preset large           # 16 prompts x 8 samples x <= 128 new tokens
     .venv/bin/python -m bench --quick --prompts 6 --samples 6 --max-new-tokens 48 --parts rl-sync,trl
     .venv/bin/python -m bench --grad-checkpointing both   # every RL and TRL part with and without it
+    .venv/bin/python -m bench --shared-prompt --models smollm2 --steps 3   # training forwards only (~12 min)
 
 Each part runs in its own process (its own Ray, engines and memory), one after another:
 bench.rl_step (the system's GRPO step, sync and with rollout.async_rollouts), bench.trl_grpo (TRL's
 GRPOTrainer in bench/.trl-venv, which bench/setup_trl.sh creates on first use), bench.rollout_and_sync
-and bench.micro_batching. A part that fails is reported as such and the rest still run; its log
+and bench.micro_batching (`--shared-prompt` instead runs only the sync RL step three times: the
+full-logits forward, response-only logits, and response-only logits with shared prompts, on the
+same workload and settings). A part that fails is reported as such and the rest still run; its log
 is kept. A part that cannot honour the size or a setting refuses (exit 3, "refused" in the
 table) rather than running something else; sizes are checked for both sides before anything runs.
 Any size runs: micro-batches are derived from it (bench.workload.micro_batch_rows), the same on
@@ -253,6 +256,70 @@ def gc_rows(results: dict[str, dict], gc: str) -> list[tuple[str, list[str]]]:
     ]
 
 
+# --shared-prompt: the same sync RL run three ways, one after another (bench.rl_step flags)
+FORWARDS = {  # part name: (label, flags)
+    "full-logits": ("full logits, one row per sample (the old forward)", ["--shared-prompt", "off", "--full-logits"]),
+    "response-only": ("response-only logits (trainer.shared_prompt=off)", ["--shared-prompt", "off"]),
+    "shared-prompt": (
+        "response-only logits + shared prompt (shared_prompt=auto, the default)",
+        ["--shared-prompt", "auto"],
+    ),
+}
+
+
+def bench_forwards(model: str, args, w: Workload, logs: Path) -> dict[str, dict[str, dict | None]]:
+    """{gc: {label: results}}: the three forwards of FORWARDS on workload `w`, for each
+    --grad-checkpointing value; bench.rl_step derives the micro-batches from the size, as in the suite."""
+    py = sys.executable
+    rl = ["--prompts", str(w.prompts), "--samples", str(w.samples), "--tokens", str(w.max_new_tokens)]
+    rl += ["--steps", str(args.steps or STEPS[model]), "--threads", str(args.threads)]
+    return {
+        gc: {
+            label: run_part(
+                f"{model}-rl-{name}-gc-{gc}",
+                [py, "-m", "bench.rl_step", "--model", model, *rl, "--grad-checkpointing", gc, *flags],
+                logs,
+            )
+            for name, (label, flags) in FORWARDS.items()
+        }
+        for gc in grad_checkpointing_values(args.grad_checkpointing)
+    }
+
+
+def forwards_table(results: dict[str, dict[str, dict[str, dict | None]]]) -> list[str]:
+    """Markdown lines: per model and checkpointing value, each forward's step, train and reference
+    medians, speed-ups over the first (the old forward), samples/s and the policy's and reference's
+    peak memory. A run that failed, refused or was not run says so in its row."""
+    lines = [
+        "| model | grad ckpt | forward | step, s | train, s | reference, s | step / train / reference speed-up "
+        "| samples/s | tokens not run | peak RSS policy / reference, MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, by_gc in results.items():
+        for gc, runs in by_gc.items():
+            base = next(iter(runs.values()))
+            for label, found in runs.items():
+                try:
+                    r = ran(found)
+                except Missing as e:
+                    lines.append(f"| {model} | {gc} | {label} | {e} |" + " |" * 6)
+                    continue
+                try:
+                    b = ran(base)
+                    speed = " / ".join(
+                        f"{b['time/' + k] / r['time/' + k]:.2f}x" for k in ("step", "train", "reference")
+                    )
+                except Missing:
+                    speed = "n/a (no base run)"
+                lines.append(
+                    f"| {model} | {gc} | {label} | {r['time/step']:.2f} | {r['time/train']:.2f} | "
+                    f"{r['time/reference']:.2f} | {speed} | {r['samples_per_s']:.2f} | "
+                    f"{r.get('shared_prompt/tokens_skipped', 0.0):.0%} | "
+                    f"{r['peak_rss_mib/policy']:.0f} / {r['peak_rss_mib/reference']:.0f} |"
+                )
+    return lines
+
+
 def table(results: dict[str, dict], gcs: list[str]) -> list[tuple[str, list[str]]]:
     """(label, one cell per model) rows of the summary table."""
     s = lambda r: pick(r, "sync", base_gc(r))
@@ -446,6 +513,12 @@ def main() -> None:
         "parts without results run again (e.g. after one failed)",
     )
     parser.add_argument("--skip-trl", action="store_true", help="no TRL comparison (no bench/.trl-venv)")
+    parser.add_argument(
+        "--shared-prompt",
+        action="store_true",
+        help="only the training-forward comparison: the sync RL step with full logits, response-only "
+        "logits, and response-only logits + shared prompts (the default), side by side",
+    )
     args = parser.parse_args()
     models = ["tiny"] if args.quick else args.models.split(",")
     args.parts = args.parts.split(",")
@@ -472,6 +545,18 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     print(f"[bench] logs in {logs}", flush=True)
     started = time.perf_counter()
+    if args.shared_prompt:  # only the training-forward comparison (--parts does not apply)
+        forwards = {m: bench_forwards(m, args, w, logs) for m in models}
+        micro = micro_batch_rows(w.batch)
+        print(
+            f"\nmachine: {machine_description()}; fp32; {args.threads} thread(s) per process; "
+            f"suite wall time {(time.perf_counter() - started) / 60:.1f} min; sync GRPO step, {w.describe()} "
+            f"({w.batch} samples, one optimizer step in {w.batch // micro} micro-batches of {micro} rows), "
+            + ", ".join(f"{m}: {args.steps or STEPS[m]} steps" for m in models)
+            + ", medians of the steps after the first\n"
+        )
+        print("\n".join(forwards_table(forwards)))
+        return
     results = {m: bench_model(m, args, w, logs) for m in models}
     gcs = grad_checkpointing_values(args.grad_checkpointing)
 

@@ -37,15 +37,14 @@ def padded_area(groups, lengths) -> int:
 
 
 def bench_model(path: str, args) -> dict[str, float]:
-    import ray
     import torch
     from transformers import AutoConfig
 
-    from actors.group import ActorGroup, PlacementPlan
+    from actors.group import ActorGroup, PlacementPlan, ray_get
     from actors.policy import PolicyActor
     from rlhf.algos import compute_loss_normalizer
     from rlhf.batch import token_budget_micro_batches
-    from rlhf.config import AlgorithmConfig, ModelSpec, ResourcesConfig, TrainerConfig
+    from rlhf.config import DEFAULT_STEP_TIMEOUT_S, AlgorithmConfig, ModelSpec, ResourcesConfig, TrainerConfig
 
     batch = rl_like_batch(args.rows, min(AutoConfig.from_pretrained(path).vocab_size, 30000))
     batch["advantages"] = torch.randn(len(batch), 1) * batch["response_mask"]
@@ -70,11 +69,13 @@ def bench_model(path: str, args) -> dict[str, float]:
                 trainer=trainer.model_dump(),
                 algorithm=AlgorithmConfig(name="grpo").model_dump(),
             )
-            ray.get(group.async_run("compute_logprobs", batch.select([0, 1]).trim()))  # warm-up
+            ray_get(
+                DEFAULT_STEP_TIMEOUT_S, policy=group.async_run("compute_logprobs", batch.select([0, 1]).trim())
+            )  # warm-up
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                ray.get(group.async_run("train_step", batch, normalizer=norm))
+                ray_get(DEFAULT_STEP_TIMEOUT_S, policy=group.async_run("train_step", batch, normalizer=norm))
                 times.append(time.perf_counter() - start)
         finally:
             plan.shutdown()

@@ -2,7 +2,8 @@
 it), its step time broken into phases, samples/s and peak memory per role.
 
     .venv/bin/python -m bench.rl_step [--model tiny|smollm2] [--prompts 8] [--samples 4] [--max-new-tokens 32]
-        [--steps 4] [--async-rollouts] [--grad-checkpointing off|on] [--threads N] [--json out.json]
+        [--steps 4] [--async-rollouts] [--grad-checkpointing off|on] [--threads N]
+        [--shared-prompt auto|on|off] [--full-logits] [--json out.json]
 
 The workload (shared with bench.trl_grpo, so both sides run the same one): reasoning-gym
 chain_sum (2-3 one-digit terms) in the model's chat template, `--prompts` prompts x `--samples`
@@ -70,6 +71,15 @@ def grad_checkpointing_supported() -> bool:
     return "gradient_checkpointing" in TrainerConfig.model_fields
 
 
+def add_forward_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shared-prompt", choices=["auto", "on", "off"], help="trainer.shared_prompt (default: the config's)"
+    )
+    parser.add_argument(
+        "--full-logits", action="store_true", help="trainer.response_only_logits=false (the old forward)"
+    )
+
+
 def workload_config(path: str, args, run_dir: str, async_rollouts: bool = False):
     from bench.workload import MAX_PROMPT_TOKENS, TRAIN_PROMPTS, micro_batch_rows
     from rlhf.config import load_config
@@ -84,6 +94,10 @@ def workload_config(path: str, args, run_dir: str, async_rollouts: bool = False)
     }
     if grad_checkpointing_supported():
         trainer["gradient_checkpointing"] = args.grad_checkpointing == "on"
+    if getattr(args, "shared_prompt", None):  # the --shared-prompt comparison's forwards
+        trainer["shared_prompt"] = args.shared_prompt
+    if getattr(args, "full_logits", False):
+        trainer["response_only_logits"] = False
     return load_config(
         base={
             "models": {"policy": {"path": path, "dtype": "float32"}},
@@ -154,6 +168,9 @@ def bench_rl(path: str, args, async_rollouts: bool = False) -> dict:
     out["threads"] = float(args.threads)
     out |= {f"peak_rss_mib/{role}": mib for role, mib in sorted(monitor.peak_mib.items())}
     out["others_cores"] = monitor.others_cores
+    skipped = [x["shared_prompt/tokens_skipped"] for x in steps[1:] if "shared_prompt/tokens_skipped" in x]
+    if skipped:  # share of the policy's training tokens that shared-prompt packing did not run
+        out["shared_prompt/tokens_skipped"] = sum(skipped) / len(skipped)
     # what the async implementation reports about itself (staleness, overlap), if it does
     for key in sorted({k for x in steps for k in x if "stale" in k or "overlap" in k}):
         out[key] = sum(x.get(key, 0.0) for x in steps[1:]) / (len(steps) - 1)
@@ -164,6 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     add_workload_args(parser)
+    add_forward_args(parser)
     parser.add_argument("--async-rollouts", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()

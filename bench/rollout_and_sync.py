@@ -52,14 +52,14 @@ def model_path(name: str) -> str:
 def prompts_for(path: str, k: int) -> list[str]:
     from transformers import AutoTokenizer
 
-    from rlhf.data.chat import apply_chat_template
     from rlhf.data.reasoning_gym import reasoning_gym_prompts
+    from rlhf.experience import format_prompt
 
     tok = AutoTokenizer.from_pretrained(path)
     rows = reasoning_gym_prompts(
         "chain_sum", k, seed=0, task_kwargs={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}
     )
-    return [apply_chat_template(tok, r["prompt"]) for r in rows]
+    return [format_prompt(tok, r["prompt"]) for r in rows]
 
 
 def bench_generation(path: str, args) -> dict:
@@ -68,14 +68,17 @@ def bench_generation(path: str, args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.group import PlacementPlan
+    from actors.group import PlacementPlan, ray_get
     from actors.local_cluster import init_ray
     from actors.rollout import RolloutGroup
-    from rlhf.config import ResourcesConfig, RolloutConfig
+    from rlhf.config import DEFAULT_STEP_TIMEOUT_S, ResourcesConfig, RolloutConfig
+    from rlhf.experience import sampling_settings
     from rlhf.models import preferred_dtype
 
     prompts = prompts_for(path, args.prompts)
-    sampling = {"n": args.samples, "temperature": 1.0, "max_tokens": args.tokens, "seed": 0}
+    # a run's training samples at temperature 1 (rollout.seed 0, step 0: seed 0)
+    workload = RolloutConfig(samples_per_prompt=args.samples, temperature=1.0, max_new_tokens=args.tokens, seed=0)
+    sampling = sampling_settings(workload, "train")
     n_tokens = len(prompts) * args.samples * args.tokens
     dtype = preferred_dtype()
     out = {}
@@ -83,7 +86,9 @@ def bench_generation(path: str, args) -> dict:
     init_ray(num_cpus=os.cpu_count())
     plan = PlacementPlan.create(ResourcesConfig(rollout={"cpus_per_actor": 1}), ["rollout"])
     group = RolloutGroup(plan, path, dtype, RolloutConfig(), max_model_len=512)
-    through_group = lambda: group.merge_samples(ray.get(group.async_generate(prompts, sampling)), len(prompts))
+    through_group = lambda: group.merge_samples(
+        ray_get(DEFAULT_STEP_TIMEOUT_S, rollout=group.async_generate(prompts, sampling)), len(prompts)
+    )
     t = median_time(through_group, args.repeats)
     produced = sum(len(s["response_token_ids"]) for s in through_group())
     out["group_tokens_per_s"] = produced / t
@@ -137,11 +142,18 @@ def bench_sync(path: str, args) -> dict:
     """Seconds and GB/s to move the policy's weights into a live engine (gather + object store + load)."""
     import ray
 
-    from actors.group import ActorGroup, PlacementPlan
+    from actors.group import START_TIMEOUT_S, ActorGroup, PlacementPlan, ray_get
     from actors.local_cluster import init_ray
     from actors.policy import PolicyActor
     from actors.rollout import RolloutGroup
-    from rlhf.config import AlgorithmConfig, ModelSpec, ResourcesConfig, RolloutConfig, TrainerConfig
+    from rlhf.config import (
+        DEFAULT_STEP_TIMEOUT_S,
+        AlgorithmConfig,
+        ModelSpec,
+        ResourcesConfig,
+        RolloutConfig,
+        TrainerConfig,
+    )
 
     init_ray(num_cpus=os.cpu_count())
     res = ResourcesConfig(policy={"cpus_per_actor": 0.5}, rollout={"cpus_per_actor": 0.5})
@@ -155,12 +167,12 @@ def bench_sync(path: str, args) -> dict:
         algorithm=AlgorithmConfig(name="grpo").model_dump(),
     )
     group = RolloutGroup(plan, path, None, RolloutConfig(), max_model_len=512)
-    ray.get(group.workers[0].__ray_ready__.remote())
-    size = len(ray.get(policy.async_run("weights_blob"))[0])
+    ray_get(START_TIMEOUT_S, rollout=[group.workers[0].__ray_ready__.remote()])
+    size = len(ray_get(DEFAULT_STEP_TIMEOUT_S, policy=policy.async_run("weights_blob"))[0])
 
     def sync():
         blobs = policy.async_run("weights_blob")
-        ray.get(group.async_load_weights(blobs[0]) + blobs[1:])
+        ray_get(DEFAULT_STEP_TIMEOUT_S, rollout=group.async_load_weights(blobs[0]), policy=blobs[1:])
 
     t = median_time(sync, args.repeats)
     policy.kill()

@@ -50,8 +50,8 @@ def main() -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from bench.monitor import own_peak_mib
-    from rlhf.data.chat import apply_chat_template
     from rlhf.data.reasoning_gym import reasoning_gym_prompts
+    from rlhf.experience import format_prompt
     from rlhf.rewards.verifiers import reasoning_gym_reward
 
     torch.set_num_threads(threads)
@@ -66,7 +66,7 @@ def main() -> None:
     data = Dataset.from_list(
         [
             {
-                "prompt": apply_chat_template(tok, r["prompt"]),
+                "prompt": format_prompt(tok, r["prompt"]),  # as our runs format it (data.chat_template default)
                 "question": r["question"],
                 "answer": r["answer"],
                 "metadata": json.dumps(r["metadata"]),

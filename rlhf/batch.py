@@ -4,6 +4,9 @@ A `Batch` is a dict of tensors that share the leading dimension B (samples). Tok
 (B, T) and right-padded: each row is the prompt tokens, then the response tokens, then padding.
 Per-token values (log-probs, advantages, values) are aligned with the token they belong to:
 `logprobs[b, t]` is log p(input_ids[b, t] | input_ids[b, :t]); position 0 has no prediction.
+`response_mask` is the loss mask: 1 on tokens the policy generated, 0 on prompt, padding and any
+non-policy tokens between response segments (multi-turn). RL batches also carry `group_ids`
+(B,) long: samples with the same id were drawn for the same prompt (rlhf/experience.py).
 
 Right padding keeps position ids 0..T-1 correct for every real token in any HF causal LM, so no
 role needs to pass position ids.
@@ -13,16 +16,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
 TOKEN_FIELDS = ("input_ids", "attention_mask", "response_mask")
 
 
-class Batch(dict):
+class Batch(dict[str, torch.Tensor]):
     """dict[str, Tensor] whose values all have the same leading size B."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         sizes = {k: v.shape[0] for k, v in self.items()}
         if len(set(sizes.values())) > 1:
@@ -53,7 +57,7 @@ class Batch(dict):
         """Tokens per sample: the longest of its `rows_per_sample` consecutive rows (2 for the
         chosen/rejected rows of a preference pair, which must stay together)."""
         lengths = self["attention_mask"].sum(-1).view(-1, rows_per_sample)  # (B / r, r)
-        return lengths.max(-1).values.tolist()
+        return [int(x) for x in lengths.max(-1).values.tolist()]
 
     def shard(self, n: int, balance_tokens: bool = False, rows_per_sample: int = 1) -> tuple[list[Batch], torch.Tensor]:
         """n parts for n ranks with equal sample counts (+-1), and `order`, the rows they hold
@@ -105,27 +109,57 @@ def collate_samples(
     pad_id: int,
     per_token: dict[str, Sequence[Sequence[float]]] | None = None,
 ) -> Batch:
-    """Build a right-padded Batch from token lists.
+    """Build a right-padded Batch from prompt + one response per sample.
 
     prompts[i], responses[i]: token ids of sample i. per_token[name][i] holds one float per
     response token (e.g. the rollout engine's log-probs) and is placed at the response positions.
+    (Samples with several response segments: `collate_sequences`, or rlhf/experience.py.)
     """
     per_token = per_token or {}
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    for name, values in per_token.items():
+        for i, (v, r) in enumerate(zip(values, responses)):
+            if len(v) != len(r):
+                raise ValueError(f"{name}[{i}] has {len(v)} values for {len(r)} response tokens")
+    return collate_sequences(
+        [list(p) + list(r) for p, r in zip(prompts, responses)],
+        [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)],
+        pad_id,
+        {name: [[0.0] * len(p) + list(v) for p, v in zip(prompts, values)] for name, values in per_token.items()},
+    )
+
+
+def collate_sequences(
+    token_ids: Sequence[Sequence[int]],
+    loss_masks: Sequence[Sequence[int]],
+    pad_id: int,
+    per_token: dict[str, Sequence[Sequence[float]]] | None = None,
+) -> Batch:
+    """Build a right-padded Batch from whole token sequences and their loss masks.
+
+    token_ids[i]: sample i's tokens, prompt first; loss_masks[i] (same length): 1 on tokens the
+    policy generated, 0 elsewhere, so a sample may hold several response segments with other
+    tokens (tool output, user turns) between them. per_token[name][i]: one float per token of
+    sample i, placed at its position. Returns input_ids, attention_mask (B, T) long,
+    response_mask (B, T) float (the loss mask) and each per_token field (B, T) float.
+    """
+    per_token = per_token or {}
+    lengths = [len(t) for t in token_ids]
     B, T = len(lengths), max(lengths, default=0)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros(B, T, dtype=torch.long)  # (B, T)
     response_mask = torch.zeros(B, T, dtype=torch.float32)  # (B, T)
     extra = {name: torch.zeros(B, T, dtype=torch.float32) for name in per_token}
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        n_p, n_r = len(p), len(r)
-        input_ids[i, : n_p + n_r] = torch.tensor(list(p) + list(r), dtype=torch.long)
-        attention_mask[i, : n_p + n_r] = 1
-        response_mask[i, n_p : n_p + n_r] = 1.0
+    for i, (tokens, mask) in enumerate(zip(token_ids, loss_masks)):
+        n = len(tokens)
+        if len(mask) != n:
+            raise ValueError(f"loss_masks[{i}] has {len(mask)} values for {n} tokens")
+        input_ids[i, :n] = torch.tensor(list(tokens), dtype=torch.long)
+        attention_mask[i, :n] = 1
+        response_mask[i, :n] = torch.tensor(list(mask), dtype=torch.float32)
         for name, values in per_token.items():
-            if len(values[i]) != n_r:
-                raise ValueError(f"{name}[{i}] has {len(values[i])} values for {n_r} response tokens")
-            extra[name][i, n_p : n_p + n_r] = torch.tensor(values[i], dtype=torch.float32)
+            if len(values[i]) != n:
+                raise ValueError(f"{name}[{i}] has {len(values[i])} values for {n} tokens")
+            extra[name][i, :n] = torch.tensor(list(values[i]), dtype=torch.float32)
     return Batch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask, **extra)
 
 

@@ -1,7 +1,8 @@
 """Checkpoints that verify themselves and that no other run touches, and the driver's RNG state.
 
 A run's checkpoints live in its own root (`<run folder>/checkpoints`, or a folder named after the
-run inside `checkpoint.dir`); step k is `<root>/step_<k>` (zero-padded).
+run inside `checkpoint.dir`); step k is `<root>/step_<k>` (zero-padded). Every loop (RL, SFT, DPO, reward model) writes them the same
+way, through the shared driver (actors/driver.py).
 
 Writing is atomic. Every role writes its part (DeepSpeed's engine state) into a staging folder
 `step_<k>.<run id>.partial`, the driver writes `driver.pt` (step, data position, KL controller,
@@ -74,6 +75,8 @@ def resume_fingerprint(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     }
     if cfg.models.critic is not None:
         layout["resources.critic.num_actors"] = c["resources"]["critic"]["num_actors"]
+    if cfg.algorithm.name == "reward_model":  # the trained role is the reward model
+        layout["resources.reward.num_actors"] = c["resources"]["reward"]["num_actors"]
     data = {f"data.{k}": c["data"][k] for k in ("source", "split", "task_kwargs", "train_size", "seed")}
     # through JSON: the fingerprint compares equal to the one read back from a manifest (tuples as lists)
     fingerprint: dict[str, dict[str, Any]] = json.loads(

@@ -40,6 +40,9 @@ from rlhf.registry import Registry
 from rlhf.rewards.registry import REWARD_KINDS
 from rlhf.strict_yaml import parse_yaml
 
+# trainer.step_timeout_s: how long any one remote call may take before the run calls it hung
+DEFAULT_STEP_TIMEOUT_S = 3600.0
+
 Role = Literal["policy", "reference", "reward", "critic", "rollout"]
 ROLES: tuple[str, ...] = ("policy", "reference", "reward", "critic", "rollout")
 
@@ -407,6 +410,19 @@ class TrainerConfig(Section):
         "rows sorted by length are packed while rows x longest row <= budget (a longer row goes alone), "
         "and ranks get token-balanced shares. null: micro_batch_size rows",
     )
+    shared_prompt: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="policy, reference and critic forwards: rows with the same prompt token ids run the prompt once, "
+        "packed with their responses in one row under a 4D attention mask (same log-probs, loss and "
+        "gradients). auto: when it skips >= 10% of the tokens; on: whenever rows share a prompt; off: "
+        "never. Models loaded with flash attention (no 4D mask) fall back to one row per sample, logged",
+    )
+    response_only_logits: bool = Field(
+        True,
+        description="policy and reference: project hidden states to the vocabulary only where a response "
+        "token is predicted, in chunks (same log-probs). false: logits at every position (the old path; "
+        "also used for an entropy bonus and for models that post-process their logits)",
+    )
     grad_clip: float = Field(1.0, gt=0.0, description="clip the global gradient norm to this")
     epochs_per_rollout: int = Field(
         1, ge=1, description="RL: passes over each step's samples, in global_batch_size optimizer steps"
@@ -414,18 +430,21 @@ class TrainerConfig(Section):
     total_steps: int = Field(
         10, ge=1, description="RL steps (generate, score, train, sync); optimizer steps for sft, dpo and reward_model"
     )
-    eval_every: int = Field(0, ge=0, description="RL: held-out evaluation every N steps too (0: before and after only)")
+    eval_every: int = Field(
+        0, ge=0, description="every loop: held-out evaluation every N steps too (0: before and after only)"
+    )
     max_nonfinite_steps: int = Field(
         3,
         ge=0,
         description="RL: stop, with a checkpoint, after this many consecutive steps whose update was skipped "
         "for a non-finite loss or gradient (0: never stop, only skip and count)",
     )
-    step_timeout_s: float | None = Field(
-        None,
+    step_timeout_s: float = Field(
+        DEFAULT_STEP_TIMEOUT_S,
         gt=0.0,
-        description="RL: a trainer call or generation that takes longer fails, naming the role and "
-        "ranks that did not answer (null: wait forever)",
+        description="every loop: a remote call (a trainer step, a generation, an evaluation, a checkpoint "
+        "save or load, an export) that takes longer fails, naming the role and ranks that did not answer, "
+        "and the run restarts its actors from the newest checkpoint (checkpoint.max_restarts)",
     )
     collective_timeout_s: float = Field(
         600.0,
@@ -507,7 +526,7 @@ class CheckpointConfig(Section):
     max_restarts: int = Field(
         2,
         ge=0,
-        description="RL: when an actor dies or hangs, restart every group and resume from the newest "
+        description="every loop: when an actor dies or hangs, restart every group and resume from the newest "
         "checkpoint (step 1 if none) at most this many times per run (0: stop)",
     )
 
@@ -533,6 +552,51 @@ class LoggingConfig(Section):
     log_every: int = Field(1, ge=1, description="print a progress line every N steps (the files get every step)")
 
 
+class EvalConfig(Section):
+    judges: list[Literal["exact_match", "lexicon_sentiment", "on_topic"]] = Field(
+        default_factory=list,
+        description="independent judges of held-out generations, reported as eval/judge/<name> next to the "
+        "training reward: exact_match (strict final answer == gold), lexicon_sentiment (VADER, -1..1), "
+        "on_topic (MiniLM cosine similarity to the domain's texts); see rlhf/evaluation/judges.py",
+    )
+    on_topic_field: str = Field(
+        "review",
+        description="on_topic: the row field holding the domain's text (IMDB: the whole review); else the prompt",
+    )
+    alarm_action: Literal["off", "warn", "stop", "keep_best"] = Field(
+        "warn",
+        description="when the reward-hacking alarm fires (eval/hacking_alarm=1): warn (log + metric), stop the run, "
+        "or keep_best (also export the policy with the best judge score so far to <run>/best-by-judge)",
+    )
+    alarm_reward_z: float = Field(
+        2.0, gt=0.0, description="alarm: the training reward's paired t since the first eval that counts as a rise"
+    )
+    alarm_judge_z: float = Field(
+        1.0, description="alarm: a judge whose paired t since the first eval stays under this did not follow the rise"
+    )
+    health_floor: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="alarm: text health collapsed when distinct-2 falls under this x the first eval's",
+    )
+    max_repeat_rise: float = Field(
+        0.25, gt=0.0, le=1.0, description="alarm: text health collapsed when the repeated-3-gram share rises by more"
+    )
+    best_judge: str | None = Field(None, description="keep_best: the judge that ranks evaluations; default the first")
+    save_samples: bool = Field(
+        True, description="write every eval's generations with their scores to <run>/samples/eval-<updates>.jsonl"
+    )
+
+    @model_validator(mode="after")
+    def _best_judge_known(self) -> EvalConfig:
+        if self.best_judge is not None and self.best_judge not in self.judges:
+            raise ValueError(f"eval.best_judge={self.best_judge!r} is not in eval.judges {self.judges}")
+        if self.alarm_action == "keep_best" and not self.judges:
+            raise ValueError("eval.alarm_action='keep_best' ranks evaluations by a judge: name one in eval.judges")
+        return self
+
+
 # ------------------------------------------------------------------------------------------ run
 class RunConfig(Section):
     models: ModelsConfig = Field(description="the models of each role")
@@ -549,6 +613,9 @@ class RunConfig(Section):
     )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="RL checkpoints and restarts")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="where metrics go")
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig, description="held-out evaluation: judges, samples written, the reward-hacking alarm"
+    )
 
     @property
     def is_rl(self) -> bool:

@@ -25,12 +25,12 @@ implementation: boolean for sdpa (True = may attend), additive float for eager a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import cast
 
 import torch
 from torch.utils.checkpoint import checkpoint
-
-from rlhf.batch import token_budget_micro_batches
 
 DEFAULT_CHUNK_TOKENS = 1024  # response tokens projected to the vocabulary at once
 MASK_ALIGN = 8  # packed width rounded up to this: CUDA's memory-efficient SDPA wants aligned masks
@@ -46,7 +46,8 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
                 f"{type(model).__name__} post-processes its logits ({field}={getattr(config, field)}); "
                 "response-only logits assume logits = lm_head(hidden) and would differ"
             )
-    return model.get_decoder(), model.get_output_embeddings()
+    get_decoder, get_head = getattr(model, "get_decoder"), getattr(model, "get_output_embeddings")  # noqa: B009
+    return cast(torch.nn.Module, get_decoder()), cast(torch.nn.Module, get_head())
 
 
 def attention_implementation(model: torch.nn.Module) -> str:
@@ -74,7 +75,7 @@ def _chunk_logprobs(
 ) -> torch.Tensor:
     logits = head(hidden).float() / temperature  # (k, V), float32 as compute_token_logprobs does
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (k,)
-    return picked - torch.logsumexp(logits, dim=-1)  # (k,)
+    return cast(torch.Tensor, picked - torch.logsumexp(logits, dim=-1))  # (k,)
 
 
 def logprobs_at(
@@ -145,7 +146,7 @@ def _response_positions(response_mask: torch.Tensor) -> tuple[torch.Tensor, torc
     return rows, cols
 
 
-def _scatter(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape) -> torch.Tensor:
+def _scatter(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     out = values.new_zeros(tuple(shape))  # (B, T)
     return out.index_put((rows, cols), values)  # differentiable: the loss's gradient reaches `values`
 
@@ -171,8 +172,9 @@ class SharedPromptPack:
     batch_shape: tuple[int, int]
     real_tokens: int  # positions that are not padding: the compute this layout costs
 
-    def to(self, device) -> SharedPromptPack:
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+    def to(self, device: torch.device | str) -> SharedPromptPack:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()}
         return SharedPromptPack(**moved)
 
 
@@ -278,6 +280,27 @@ def shared_prompt_logprobs(
     return _scatter(values, pack.rows, pack.cols, pack.batch_shape)
 
 
+def shared_prompt_values(model: torch.nn.Module, pack: SharedPromptPack) -> torch.Tensor:
+    """A critic's values (B, T) float32 from one forward of the packed groups, in the original rows'
+    layout and alignment (values[:, t] = the head's output at t - 1: the state before token t),
+    at response positions only (0 elsewhere; GAE and the value loss read only those).
+
+    model: an HF *ForTokenClassification with one label (base model, dropout, score head), as
+    actors/critic.py loads. Its dropout (active in train mode) sees only the picked hidden states,
+    so in train mode the values follow the same distribution as the unpacked forward's, not the
+    same random draws; in eval mode (or with dropout 0) they are equal up to float rounding."""
+    body = cast(torch.nn.Module, getattr(model, "base_model"))  # noqa: B009
+    score = cast(torch.nn.Module, getattr(model, "score"))  # noqa: B009
+    dropout = cast(torch.nn.Module, getattr(model, "dropout", torch.nn.Identity()))
+    mask = mask_for_model(pack.allowed, model, next(model.parameters()).dtype)
+    hidden = body(
+        input_ids=pack.input_ids, attention_mask=mask, position_ids=pack.position_ids, use_cache=False
+    ).last_hidden_state  # (G, L, H)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pack.predict_at)  # (K, H)
+    values = score(dropout(picked))[:, 0].float()  # (K,)
+    return _scatter(values, pack.rows, pack.cols, pack.batch_shape)
+
+
 def consecutive_groups(num_rows: int, group_size: int) -> list[list[int]]:
     """Row indices of groups of `group_size` consecutive rows (n samples per prompt, in order)."""
     if group_size < 1 or num_rows % group_size:
@@ -297,5 +320,140 @@ def group_micro_batches(
     """The groups of each micro-batch under a token budget (rlhf/batch.py's greedy fill, with a
     group's packed width as its length): a group is never split, since its responses need the
     prompt in the same row. Returns, per micro-batch, its groups' row indices."""
-    plan = token_budget_micro_batches(packed_lengths(attention_mask, response_mask, groups), budget)
+    plan = fill_under_budget(packed_lengths(attention_mask, response_mask, groups), budget)
     return [[groups[i] for i in micro] for micro in plan]
+
+
+def fill_under_budget(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """rlhf/batch.py's token_budget_micro_batches rule (longest first, fill while items x longest
+    <= budget, a longer item alone), for packs; kept here so this module type-checks on its own."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    plan: list[list[int]] = []
+    for i in order:
+        if plan and (len(plan[-1]) + 1) * max(lengths[plan[-1][0]], 1) <= budget:
+            plan[-1].append(i)
+        else:
+            plan.append([i])
+    return plan
+
+
+# --------------------------------------------------------------------------- finding and planning groups
+# The trainer (actors/trainer.py) finds the rows that share a prompt by comparing prompt token ids,
+# never by row order: the coordinator shuffles a step's samples before training, and rows may
+# come from different prompts' samples in any order. A prompt is a row's tokens before its
+# first response token; whatever follows (a response, tool output inside it) stays per row.
+
+
+def prompt_groups(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+) -> list[list[int]]:
+    """Row indices of each set of rows with the same prompt token ids, in order of each set's first
+    row; a row without a response token (nothing to share) is a group of its own. (B, T) inputs."""
+    firsts = _prompt_lengths(attention_mask, response_mask)
+    has_response = response_mask.bool().any(-1).tolist()
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    groups: list[list[int]] = []
+    for row, (p, shared) in enumerate(zip(firsts, has_response)):
+        if not shared or p == 0:
+            groups.append([row])
+            continue
+        key = tuple(input_ids[row, :p].tolist())
+        if key not in by_prompt:
+            by_prompt[key] = []
+            groups.append(by_prompt[key])
+        by_prompt[key].append(row)
+    return groups
+
+
+def tokens_saved(attention_mask: torch.Tensor, response_mask: torch.Tensor, groups: list[list[int]]) -> float:
+    """Share (0..1) of the rows' real tokens that packing `groups` would not run: the repeats of
+    each prompt."""
+    total = int(attention_mask.sum())
+    return 1.0 - sum(packed_lengths(attention_mask, response_mask, groups)) / total if total else 0.0
+
+
+def split_group(
+    group: list[int], attention_mask: torch.Tensor, response_mask: torch.Tensor, max_tokens: int
+) -> list[list[int]]:
+    """A group cut into consecutive subgroups whose packed width stays within max_tokens (a
+    subgroup of one row may exceed it). Each subgroup still shares its prompt."""
+    parts: list[list[int]] = [[]]
+    for row in group:
+        if parts[-1] and packed_lengths(attention_mask, response_mask, [parts[-1] + [row]])[0] > max_tokens:
+            parts.append([])
+        parts[-1].append(row)
+    return parts
+
+
+def shared_micro_batches(
+    groups: list[list[int]],
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    micro_batch_size: int,
+    budget: int | None,
+) -> list[list[list[int]]]:
+    """Micro-batches of packs: per micro-batch, the row indices of each packed row.
+
+    budget None (trainer.micro_batch_size rows): the rows, group after group, cut into runs of
+    micro_batch_size, so there are as many micro-batches as the plain path has; a group cut by
+    a run's end becomes two packs. budget (trainer.micro_batch_tokens): groups wider than the
+    budget are split into subgroups that fit, then packs are filled into micro-batches like
+    rows are (rlhf/batch.py: packs x widest pack <= budget), a pack counting its real tokens.
+    """
+    if budget is None:
+        order = [r for g in groups for r in g]
+        plan = []
+        for start in range(0, len(order), micro_batch_size):
+            run = set(order[start : start + micro_batch_size])
+            plan.append([kept for g in groups if (kept := [r for r in g if r in run])])
+        return plan
+    packs = [part for g in groups for part in split_group(g, attention_mask, response_mask, budget)]
+    return group_micro_batches(attention_mask, response_mask, packs, budget)
+
+
+def split_shared_micro_batches(
+    plan: list[list[list[int]]], attention_mask: torch.Tensor, response_mask: torch.Tensor, count: int
+) -> list[list[list[int]]]:
+    """Split micro-batches until there are `count` (ranks must run equally many, see
+    actors/trainer.py): the costliest (packs x widest pack) in halves of its packs, or, when every
+    micro-batch is one pack, the pack with the most rows into two packs of the same prompt."""
+    plan = [list(micro) for micro in plan]
+
+    def cost(micro: list[list[int]]) -> int:
+        return len(micro) * max(packed_lengths(attention_mask, response_mask, micro))
+
+    while len(plan) < count:
+        several = [m for m in plan if len(m) > 1]
+        if several:
+            k = plan.index(max(several, key=cost))
+            micro = plan[k]
+            plan[k : k + 1] = [micro[: len(micro) // 2], micro[len(micro) // 2 :]]
+            continue
+        k = max(range(len(plan)), key=lambda i: len(plan[i][0]))
+        pack = plan[k][0]
+        if len(pack) < 2:
+            raise ValueError(f"cannot make {count} micro-batches of {sum(len(p) for m in plan for p in m)} rows")
+        plan[k : k + 1] = [[pack[: len(pack) // 2]], [pack[len(pack) // 2 :]]]
+    return plan
+
+
+def shard_by_prompt(groups: list[list[int]], lengths: list[int], world_size: int, balance: bool) -> list[list[int]]:
+    """Row indices for each rank, equal counts (+-1, the first ranks get the extra rows), keeping a
+    prompt's rows on one rank where the counts allow (a group cut at a rank's capacity continues
+    on the next rank). balance: groups longest (in tokens) first, each to the rank with the fewest
+    tokens that has room (as rlhf/batch.py balances rows); else groups in order, rank after rank."""
+    n = len(lengths)
+    capacity = [n // world_size + (r < n % world_size) for r in range(world_size)]
+    parts: list[list[int]] = [[] for _ in range(world_size)]
+    tokens = [0] * world_size
+    order = sorted(groups, key=lambda g: -sum(lengths[i] for i in g)) if balance else groups
+    for group in order:
+        rows = list(group)
+        while rows:
+            open_ranks = [r for r in range(world_size) if len(parts[r]) < capacity[r]]
+            rank = min(open_ranks, key=lambda r: (tokens[r], r)) if balance else open_ranks[0]
+            take = rows[: capacity[rank] - len(parts[rank])]
+            rows = rows[len(take) :]
+            parts[rank] += take
+            tokens[rank] += sum(lengths[i] for i in take)
+    return parts

@@ -12,7 +12,10 @@ across seeds, so `train_heldout_split` also drops held-out questions that occur 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import operator
+from collections.abc import Callable
 from typing import Any
 
 import reasoning_gym
@@ -100,3 +103,83 @@ def train_heldout_split(
         f"only {len(heldout)} of {heldout_size} held-out {task} questions are unseen in train: "
         "make the task harder (task_kwargs) or the train set smaller"
     )
+
+
+# ------------------------------------------------------------------------- gold answers checked
+# reasoning-gym's generators can state wrong answers (basic_arithmetic with one-digit terms and
+# allow_parentheses=False: "4 / 1" with answer 2, "3 / 0" with answer 18). Its scorer compares a
+# completion with the row's own answer, so it cannot notice; a run would train on noise. Each row
+# is therefore checked at load (rlhf.data.sources: a failing row is a bad row, strict or skip):
+# - when the run scores with reward kind reasoning_gym, the gold answer, given as the completion,
+#   must score 1.0 with that verifier (reasoning_gym_reward, reading answers as a run does):
+#   else no answer can ever earn the full reward;
+# - where the row's metadata holds an arithmetic `expression`, its value (computed here) must
+#   equal the gold answer: an integer answer exactly, a decimal one to its stated places.
+_OPS: dict[type, Callable[[float, float], float]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+}
+
+
+def arithmetic_value(expression: str) -> float | None:
+    """The value of + - * / arithmetic on numbers with parentheses; None when `expression` is
+    anything else (names, calls, powers: no arithmetic check is made). ZeroDivisionError propagates."""
+    try:
+        tree = ast.parse(expression.replace("×", "*").replace("÷", "/"), mode="eval")
+    except SyntaxError:
+        return None
+
+    def value(node: ast.AST) -> float | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return float(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            inner = value(node.operand)
+            return None if inner is None else (-inner if isinstance(node.op, ast.USub) else inner)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = value(node.left), value(node.right)
+            return None if left is None or right is None else _OPS[type(node.op)](left, right)
+        return None
+
+    return value(tree.body)
+
+
+def answer_matches_value(answer: str, value: float) -> bool:
+    """An integer answer must equal `value` (to float rounding); one with d decimals, `value` rounded to d places."""
+    try:
+        gold = float(answer.replace(",", "").strip())
+    except ValueError:
+        return False
+    decimals = len(answer.strip().split(".", 1)[1]) if "." in answer else 0
+    slack = 0.5 * 10.0**-decimals if decimals else 0.0
+    return abs(gold - value) <= slack + 1e-9 * max(1.0, abs(value))
+
+
+def gold_answer_problems(row: dict[str, Any], task: str | None = None, verified: bool = True) -> list[str]:
+    """Why the row's gold answer is not a right answer to its question (empty: it is); see above.
+    verified=False skips the verifier check (a run that does not score with reward kind reasoning_gym)."""
+    answer = row.get("answer")
+    if answer is None:
+        return []  # tasks that score from metadata alone (rush_hour, ...): nothing to check here
+    problems = []
+    from rlhf.rewards.verifiers import reasoning_gym_reward
+
+    score = reasoning_gym_reward(task)([str(answer)], [row])[0] if verified else 1.0
+    if score != 1.0:
+        problems.append(
+            f"field 'answer' = {answer!r}: the gold answer scores {score:g}, not 1, under the task's verifier "
+            "(as the run reads answers: the last number), so no completion can earn the full reward"
+        )
+    expression = (row.get("metadata") or {}).get("expression")
+    if isinstance(expression, str):
+        try:
+            value = arithmetic_value(expression)
+        except ZeroDivisionError:
+            problems.append(f"field 'answer' = {answer!r}: the question's expression {expression!r} divides by zero")
+        else:
+            if value is not None and not answer_matches_value(str(answer), value):
+                problems.append(
+                    f"field 'answer' = {answer!r}: wrong; the question's expression {expression!r} = {value:g}"
+                )
+    return problems

@@ -252,7 +252,7 @@ def _load(kind: Kind, cfg: DataConfig, split: str, reward_kinds: tuple[str, ...]
     builtin = source.startswith("reasoning_gym:") or source == "imdb"
     checks = _reward_field_checks(reward_kinds, cfg, source, from_file=not builtin)
     if builtin:
-        rows = _builtin_rows(kind, source, cfg, split)
+        rows = _builtin_rows(kind, source, cfg, split, verified="reasoning_gym" in reward_kinds)
         if checks is not None:
             rows, _ = validate_rows(rows, {}, source, on_bad_row=cfg.on_bad_row, more_checks=checks)
     else:
@@ -262,7 +262,8 @@ def _load(kind: Kind, cfg: DataConfig, split: str, reward_kinds: tuple[str, ...]
     return [{**row, "prompt": row["prompt"] + cfg.prompt_suffix} for row in rows]
 
 
-def _builtin_rows(kind: Kind, source: str, cfg: DataConfig, split: str) -> list[dict[str, Any]]:
+def _builtin_rows(kind: Kind, source: str, cfg: DataConfig, split: str, verified: bool = False) -> list[dict[str, Any]]:
+    """verified: the run scores with reward kind reasoning_gym, so each gold answer must also earn it."""
     size = cfg.train_size if split == "train" else cfg.eval_size
     if source == "imdb":
         from rlhf.data import imdb
@@ -282,6 +283,7 @@ def _builtin_rows(kind: Kind, source: str, cfg: DataConfig, split: str) -> list[
             f"data.source={source!r} makes prompts with answers, not preference pairs; use a file or 'imdb'"
         )
     from rlhf.data.reasoning_gym import (
+        gold_answer_problems,
         reasoning_gym_prompts,
         task_kwargs_problem,
         task_name_problem,
@@ -297,6 +299,14 @@ def _builtin_rows(kind: Kind, source: str, cfg: DataConfig, split: str) -> list[
         rows = reasoning_gym_prompts(task, size, cfg.seed, cfg.task_kwargs, suffix="")
     else:
         rows = train_heldout_split(task, cfg.train_size, size, cfg.seed, cfg.task_kwargs, suffix="")[1]
+    # every gold answer must be a right answer to its question (generators can be wrong): bad rows otherwise
+    rows, _ = validate_rows(
+        rows,
+        {},
+        f"{source} ({split})",
+        on_bad_row=cfg.on_bad_row,
+        more_checks=lambda r: gold_answer_problems(r, task, verified),
+    )
     # SFT on a task: the gold answer is the target response (the `answer` stays for scoring).
     return [row | {"response": row["answer"]} for row in rows] if kind == "sft" else rows
 

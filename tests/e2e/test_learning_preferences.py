@@ -121,7 +121,7 @@ def test_ppo_with_critic_raises_reward_model_score(ray_cluster, reward_model_res
     cfg = config(
         tmp_path,
         "ppo",
-        {"policy": tiny, "critic": tiny, "reward": {"path": reward_model_result["final"], "dtype": "float32"}},
+        {"policy": tiny, "critic": tiny, "reward": {"path": reward_model_result["final_path"], "dtype": "float32"}},
         {"name": "ppo", "advantage": "gae", "kl": {"coef": 0.02, "estimator": "k1", "mode": "reward"}},
         # 10 steps at lr 1e-3 did not move the held-out reward; 40 at 3e-3 do
         {"lr": 3e-3, "critic_lr": 1e-3, "global_batch_size": 32, "micro_batch_size": 16, "total_steps": 40},

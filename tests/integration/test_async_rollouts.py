@@ -82,11 +82,10 @@ def runs(ray_cluster, tiny_model, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("async")
     weights, batches, drawn = {}, {}, []
-    original_step, original_collate = RLCoordinator.step, RLCoordinator.collate
+    original_step, original_experience = RLCoordinator.step, RLCoordinator.make_experience
 
     def recording_step(self, next_prompts, step):
         weights[step - 1] = ray.get(self.policy.async_run("full_state_dict"))[0]  # version step-1
-        self.recording = step
 
         def draw(k):
             drawn.append(step)
@@ -94,13 +93,15 @@ def runs(ray_cluster, tiny_model, tmp_path_factory):
 
         return original_step(self, draw, step)
 
-    def recording_collate(self, samples):
-        batches[self.recording] = batch = original_collate(self, samples)
-        return batch
+    def recording_experience(self, next_prompts, step, *args):
+        experience = original_experience(self, next_prompts, step, *args)
+        if experience is not None:
+            batches[step] = experience.batch
+        return experience
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RLCoordinator, "step", recording_step)
-        patch.setattr(RLCoordinator, "collate", recording_collate)
+        patch.setattr(RLCoordinator, "make_experience", recording_experience)
         run(async_config(tmp, tiny_model))
     uninterrupted = step_metrics(tmp / "async")
     # as if the run had died after its step-2 checkpoint, with step 3's generation in flight

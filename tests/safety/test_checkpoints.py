@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 
-from actors.launch import main, resume_point, rl_checkpoints, run
+from actors.launch import main, resume_point, run_checkpoints
 from rlhf.checkpoint import DRIVER_STATE, MANIFEST, CheckpointDir, CheckpointError, read_manifest
-from rlhf.config import ConfigError, apply_override, dump_config, validate_config
+from rlhf.config import apply_override, dump_config, validate_config
 from rlhf.run_folder import RUN_FILE, RunFolderError, open_run_folder
 
 WEIGHTS = "policy/state/mp_rank_00_model_states.pt"
@@ -48,7 +48,7 @@ def opened(cfg):
     """The run's folder and checkpoints, as run() opens them (nothing begun, nothing written)."""
     folder = open_run_folder(cfg.logging.dir, cfg.logging.run_name, resume=cfg.checkpoint.resume)
     try:
-        yield folder, rl_checkpoints(cfg, folder)
+        yield folder, run_checkpoints(cfg, folder)
     finally:
         folder.close()
 
@@ -269,11 +269,14 @@ def test_a_new_run_never_overwrites_a_finished_runs_folder(tmp_path, tiny_model,
     assert runs[0] != runs[1]
 
 
-def test_supervised_and_preference_runs_cannot_resume_over_a_folder(tmp_path, tiny_model):
-    sft = config(tmp_path, tiny_model, "sft", **{"algorithm.name": "sft", "checkpoint.resume": "true"})
-    with pytest.raises(ConfigError, match="'sft' does not checkpoint mid-run, so there is nothing to resume"):
-        run(sft)
-    assert not (tmp_path / "runs" / "sft").exists()
+def test_a_supervised_run_never_resumes_another_loops_checkpoint(tmp_path, tiny_model):
+    """Every loop checkpoints and resumes (actors/driver.py); the layout fingerprint keeps one
+    loop's checkpoint out of another (an SFT resume over a GRPO run's folder is refused)."""
+    fake_run(config(tmp_path, tiny_model, "a"), [2])
+    sft = config(tmp_path, tiny_model, "a", **{"algorithm.name": "sft", "checkpoint.resume": "true"})
+    with opened(sft) as (_, again), pytest.raises(CheckpointError) as refused:
+        resume_point(sft, again, restarted=False)
+    assert "algorithm.name: checkpoint 'grpo', this config 'sft'" in str(refused.value)
 
 
 def test_two_processes_never_share_a_run_folder(tmp_path, tiny_model):

@@ -72,7 +72,8 @@ def test_rows_show_type_default_and_constraints_read_from_the_fields():
     assert _row(text, "rollout.top_p")[3] == "> 0; <= 1"
     assert _row(text, "data.source")[2] == "required"
     assert _row(text, "algorithm.kl.estimator")[3] == "one of: `k1`, `k2`, `k3`"
-    assert _row(text, "trainer.step_timeout_s")[1:3] == ["float or null", "`null`"]
+    assert _row(text, "trainer.step_timeout_s")[1:3] == ["float", "`3600.0`"]
+    assert _row(text, "models.<role>.tokenizer")[1:3] == ["str or null", "`null`"]
     assert _row(text, "resources.colocate")[1] == "list of list of str"
     assert _row(text, "resources.colocate")[3] == "items: `policy`, `reference`, `reward`, `critic`, `rollout`"
     assert "&lt;task>" in _row(text, "data.source")[4]  # a bare <task> would be read as an HTML tag

@@ -20,8 +20,15 @@ from rlhf.shared_prompt import (
     group_micro_batches,
     pack_shared_prompts,
     packed_lengths,
+    prompt_groups,
     response_logprobs,
+    shard_by_prompt,
+    shared_micro_batches,
     shared_prompt_logprobs,
+    shared_prompt_values,
+    split_group,
+    split_shared_micro_batches,
+    tokens_saved,
 )
 
 TOL = 1e-5  # fp32: the paths differ only in summation order
@@ -227,3 +234,104 @@ def test_bad_groups_get_clear_errors():
     with pytest.raises(ValueError, match="groups of 2"):
         consecutive_groups(3, 2)
     assert consecutive_groups(4, 2) == [[0, 1], [2, 3]]
+
+
+# ------------------------------------------------------------------ finding and planning groups
+def shuffled(spec, seed=1):
+    batch, groups = grouped_batch(spec, seed=seed)
+    order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed))
+    where = {int(old): new for new, old in enumerate(order)}
+    return batch.select(order), [sorted(where[r] for r in g) for g in groups]
+
+
+def test_prompt_groups_are_found_by_prompt_ids_not_row_order():
+    batch, groups = shuffled([(5, [3, 8, 2]), (9, [2, 2]), (5, [7]), (4, [6, 6, 1])])
+    args = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    # the third prompt has the first's length but other tokens: its own group
+    assert sorted(map(sorted, prompt_groups(*args))) == sorted(groups)
+    # same tokens as another prompt's start but a longer prompt: not the same prompt
+    batch2, _ = grouped_batch([(3, [2, 2])])
+    ids = torch.cat([batch2["input_ids"][:1, :3], torch.tensor([[7, 9, 9]])], 1)  # prompt p0 p1 p2 + response 7
+    longer = collate_samples([ids[0, :4].tolist(), ids[0, :3].tolist()], [[9, 9], [7, 9, 9]], pad_id=0)
+    assert prompt_groups(longer["input_ids"], longer["attention_mask"], longer["response_mask"]) == [[0], [1]]
+    # a row without a response shares nothing
+    no_response = collate_samples([[4, 5], [4, 5]], [[], [6]], pad_id=0)
+    assert prompt_groups(*(no_response[k] for k in ("input_ids", "attention_mask", "response_mask"))) == [[0], [1]]
+
+
+def test_tokens_saved_counts_the_repeated_prompts():
+    batch, groups = grouped_batch([(10, [2, 2, 2, 2])])
+    args = (batch["attention_mask"], batch["response_mask"])
+    assert tokens_saved(*args, groups) == pytest.approx(30 / 48)  # 4 x (10 + 2) tokens, 10 + 8 run
+    assert tokens_saved(*args, [[0], [1], [2], [3]]) == 0.0
+
+
+def test_fixed_row_micro_batches_keep_groups_together_and_the_count():
+    batch, groups = shuffled([(5, [3, 8]), (9, [2, 2]), (3, [7, 1]), (4, [6, 6])])
+    groups = prompt_groups(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    plan = shared_micro_batches(groups, batch["attention_mask"], batch["response_mask"], 4, None)
+    assert [sum(map(len, micro)) for micro in plan] == [4, 4]  # as many micro-batches as 8 rows / 4
+    assert all(len(micro) == 2 for micro in plan)  # each micro-batch: 2 whole groups, 2 packs
+    # a micro-batch size that cuts a group: the group becomes two packs, rows all kept
+    plan3 = shared_micro_batches(groups, batch["attention_mask"], batch["response_mask"], 3, None)
+    assert [sum(map(len, micro)) for micro in plan3] == [3, 3, 2]
+    assert sorted(r for m in plan3 for p in m for r in p) == list(range(8))
+
+
+def test_token_budget_splits_wide_groups_and_counts_real_tokens():
+    batch, groups = grouped_batch([(20, [10, 10, 10, 10]), (4, [2, 2])])
+    attn, resp = batch["attention_mask"], batch["response_mask"]
+    assert split_group(groups[0], attn, resp, 45) == [[0, 1], [2, 3]]  # 20 + 10 + 10 = 40 each
+    plan = shared_micro_batches(groups, attn, resp, 99, budget=45)
+    assert sorted(r for m in plan for p in m for r in p) == list(range(6))
+    for micro in plan:
+        assert len(micro) * max(packed_lengths(attn, resp, micro)) <= 45
+    # ranks: split to a larger count, whole micro-batches first, then packs into packs of one prompt
+    more = split_shared_micro_batches(plan, attn, resp, 5)
+    assert len(more) == 5 and sorted(r for m in more for p in m for r in p) == list(range(6))
+    with pytest.raises(ValueError, match="cannot make"):
+        split_shared_micro_batches(plan, attn, resp, 7)
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_shard_by_prompt_keeps_groups_on_one_rank(balance):
+    groups = [[0, 3, 5, 6], [1, 2, 4, 7], [8, 9, 10, 11]]
+    lengths = [10] * 8 + [30] * 4
+    parts = shard_by_prompt(groups, lengths, 3, balance)
+    assert [len(p) for p in parts] == [4, 4, 4]
+    assert sorted(map(sorted, parts)) == sorted(map(sorted, groups))
+    # counts that cut a group: equal shares (+-1) still, every row once
+    parts = shard_by_prompt([[0, 1, 2], [3, 4, 5], [6, 7, 8]], [5] * 9, 2, balance)
+    assert [len(p) for p in parts] == [5, 4] and sorted(r for p in parts for r in p) == list(range(9))
+
+
+def test_critic_values_from_packs_equal_the_unpacked_values_and_gradients():
+    """A token-classification critic (actors/critic.py): values[:, t] = head(hidden at t - 1)."""
+    from transformers import Qwen2Config, Qwen2ForTokenClassification
+
+    config = Qwen2Config(
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        classifier_dropout=0.0,  # train mode, but no random draws: the two layouts must agree exactly
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    critic = Qwen2ForTokenClassification(config).float().train()
+    batch, groups = shuffled([(6, [4, 9, 2]), (3, [5, 1]), (10, [2, 6, 3, 4])])
+    mask = batch["response_mask"]
+    out = critic(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., 0]
+    plain = torch.nn.functional.pad(out[:, :-1], (1, 0)) * mask
+    ((plain - 0.5) ** 2 * mask).sum().backward()
+    ref_grads = grads(critic)
+    critic.zero_grad(set_to_none=True)
+
+    pack = pack_shared_prompts(batch["input_ids"], batch["attention_mask"], mask, groups)
+    values = shared_prompt_values(critic, pack)
+    ((values - 0.5) ** 2 * mask).sum().backward()
+    torch.testing.assert_close(values, plain, atol=TOL, rtol=0)
+    assert_grads_close(grads(critic), ref_grads)
