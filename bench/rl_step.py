@@ -1,16 +1,22 @@
 """Benchmark: a short GRPO run through the whole system (`actors.launch.run`, as a recipe runs
 it), its step time broken into phases, samples/s and peak memory per role.
 
-    .venv/bin/python -m bench.rl_step [--model tiny|smollm2] [--prompts 8] [--samples 4] [--tokens 32] [--steps 4] [--async-rollouts]
+    .venv/bin/python -m bench.rl_step [--model tiny|smollm2] [--prompts 8] [--samples 4] [--max-new-tokens 32]
+        [--steps 4] [--async-rollouts] [--grad-checkpointing off|on] [--threads N]
         [--shared-prompt auto|on|off] [--full-logits] [--json out.json]
 
 The workload (shared with bench.trl_grpo, so both sides run the same one): reasoning-gym
 chain_sum (2-3 one-digit terms) in the model's chat template, `--prompts` prompts x `--samples`
-samples x <= `--tokens` new tokens per step at temperature 1, scored by the task's verifier;
-GRPO advantages, KL to a frozen reference as a k3 loss term (coef 0.04), one optimizer step on
-all samples of a step in micro-batches of 8, fp32, policy / reference / rollout actors on 0.5 CPU
-each. Step wall time comes from the run's own metrics.jsonl (the run clock at each step's log
-line); "other" is that minus the timed phases. Medians over the steps after the first.
+samples x <= `--max-new-tokens` new tokens per step at temperature 1, scored by the task's
+verifier; GRPO advantages, KL to a frozen reference as a k3 loss term (coef 0.04), one optimizer
+step on all samples of a step in micro-batches of bench.workload.micro_batch_rows(batch) rows
+(the largest divisor of the batch <= 8), fp32, policy / reference / rollout actors on 0.5 CPU
+each with `--threads` torch threads (RAYLHF_CPU_THREADS). Step wall time comes from the run's own
+metrics.jsonl (the run clock at each step's log line); "other" is that minus the timed phases.
+Medians over the steps after the first. Samples/s counts the samples each step trained (the
+metrics' `samples`: the rows of the batch the step trained on); a step that trained other than
+prompts x samples makes the run fail instead of being counted. `--grad-checkpointing on` is
+refused (exit 3) while trainer config has no gradient_checkpointing field to pass it through.
 """
 
 from __future__ import annotations
@@ -20,21 +26,49 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+
+from bench.threads import use_threads
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 TASK_KWARGS = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}
 PROMPT_SUFFIX = " Give only the final number."
-KL_COEF, LR, MICRO_BATCH, TRAIN_SIZE = 0.04, 1e-6, 8, 256
+KL_COEF, LR = 0.04, 1e-6
 
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The workload and settings flags both sides take (this part and bench.trl_grpo)."""
+    from bench.threads import add_threads_arg
+
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--tokens", type=int, default=32, help="max new tokens per sample")
+    parser.add_argument(
+        "--max-new-tokens", "--tokens", dest="max_new_tokens", type=int, default=32, help="max new tokens per sample"
+    )
     parser.add_argument("--steps", type=int, default=4, help="steps; the first is left out of the medians")
+    parser.add_argument(
+        "--grad-checkpointing",
+        choices=["off", "on"],
+        default="off",
+        help="recompute activations in the backward pass (less memory, more compute); TRL's default is on",
+    )
+    add_threads_arg(parser)
+
+
+def workload_of(args):
+    from bench.workload import Workload
+
+    return Workload(args.prompts, args.samples, args.max_new_tokens)
+
+
+def grad_checkpointing_supported() -> bool:
+    """Whether our trainer config has a field to turn gradient checkpointing on."""
+    from rlhf.config import TrainerConfig
+
+    return "gradient_checkpointing" in TrainerConfig.model_fields
 
 
 def add_forward_args(parser: argparse.ArgumentParser) -> None:
@@ -47,9 +81,23 @@ def add_forward_args(parser: argparse.ArgumentParser) -> None:
 
 
 def workload_config(path: str, args, run_dir: str, async_rollouts: bool = False):
+    from bench.workload import MAX_PROMPT_TOKENS, TRAIN_PROMPTS, micro_batch_rows
     from rlhf.config import load_config
 
-    batch = args.prompts * args.samples
+    w = workload_of(args)
+    trainer = {
+        "zero_stage": 2,
+        "lr": LR,
+        "global_batch_size": w.batch,
+        "micro_batch_size": micro_batch_rows(w.batch),
+        "total_steps": args.steps,
+    }
+    if grad_checkpointing_supported():
+        trainer["gradient_checkpointing"] = args.grad_checkpointing == "on"
+    if getattr(args, "shared_prompt", None):  # the --shared-prompt comparison's forwards
+        trainer["shared_prompt"] = args.shared_prompt
+    if getattr(args, "full_logits", False):
+        trainer["response_only_logits"] = False
     return load_config(
         base={
             "models": {"policy": {"path": path, "dtype": "float32"}},
@@ -57,10 +105,10 @@ def workload_config(path: str, args, run_dir: str, async_rollouts: bool = False)
                 "source": "reasoning_gym:chain_sum",
                 "task_kwargs": TASK_KWARGS,
                 "prompt_suffix": PROMPT_SUFFIX,
-                "train_size": TRAIN_SIZE,
+                "train_size": TRAIN_PROMPTS,
                 "eval_size": 0,
-                "max_prompt_len": 128,
-                "max_response_len": args.tokens,
+                "max_prompt_len": MAX_PROMPT_TOKENS,
+                "max_response_len": w.max_new_tokens,
             },
             "algorithm": {
                 "name": "grpo",
@@ -68,23 +116,15 @@ def workload_config(path: str, args, run_dir: str, async_rollouts: bool = False)
                 "kl": {"coef": KL_COEF, "estimator": "k3", "mode": "loss"},
             },
             "rollout": {
-                "prompts_per_step": args.prompts,
-                "samples_per_prompt": args.samples,
+                "prompts_per_step": w.prompts,
+                "samples_per_prompt": w.samples,
                 "temperature": 1.0,
-                "max_new_tokens": args.tokens,
+                "max_new_tokens": w.max_new_tokens,
                 "eval_samples": 0,
                 "async_rollouts": async_rollouts,
             },
             "rewards": [{"kind": "reasoning_gym"}],
-            "trainer": {
-                "zero_stage": 2,
-                "lr": LR,
-                "global_batch_size": batch,
-                "micro_batch_size": min(MICRO_BATCH, batch),
-                "total_steps": args.steps,
-                **({"shared_prompt": args.shared_prompt} if getattr(args, "shared_prompt", None) else {}),
-                **({"response_only_logits": False} if getattr(args, "full_logits", False) else {}),
-            },
+            "trainer": trainer,
             "resources": {role: {"cpus_per_actor": 0.5} for role in ("policy", "reference", "rollout")},
             "logging": {"dir": run_dir, "run_name": "bench"},
         }
@@ -101,6 +141,7 @@ def bench_rl(path: str, args, async_rollouts: bool = False) -> dict:
     from actors.launch import run
     from bench.monitor import Monitor
     from bench.stats import PHASES, step_breakdown, step_walls
+    from bench.workload import micro_batch_rows, trained_samples_per_s
 
     run_dir = tempfile.mkdtemp(prefix="raylhf-bench-")
     try:
@@ -115,11 +156,16 @@ def bench_rl(path: str, args, async_rollouts: bool = False) -> dict:
     out = {f"time/{k}": v for k, v in step_breakdown(walls, steps).items()}
     out["step_walls"] = walls  # every step, the warm-up included: to see the spread
     out["step_phases"] = [sum(x.get(f"time/{p}", 0.0) for p in PHASES) for x in steps]
-    per_step = args.prompts * args.samples
-    out["samples_per_s"] = per_step / out["time/step"]
+    w = workload_of(args)
+    trained = [float(x.get("samples", 0.0)) for x in steps[1:]]  # a skipped step trained nothing
+    out["samples_per_s"] = trained_samples_per_s("ours", w, walls[1:], trained)  # refuses a short step
+    out["trained_samples_per_step"] = trained
     out["generated_tokens_per_step"] = sum(x["response_length/mean"] * x["samples"] for x in steps[1:]) / (
         len(steps) - 1
     )
+    out["micro_batch_rows"] = float(micro_batch_rows(w.batch))
+    out["grad_checkpointing"] = args.grad_checkpointing
+    out["threads"] = float(args.threads)
     out |= {f"peak_rss_mib/{role}": mib for role, mib in sorted(monitor.peak_mib.items())}
     out["others_cores"] = monitor.others_cores
     skipped = [x["shared_prompt/tokens_skipped"] for x in steps[1:] if "shared_prompt/tokens_skipped" in x]
@@ -139,13 +185,30 @@ def main() -> None:
     parser.add_argument("--async-rollouts", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    use_threads(args.threads)  # the actors inherit RAYLHF_CPU_THREADS from this process
     logging.basicConfig(level=logging.WARNING)
-    from bench.rollout_and_sync import model_path
+    from transformers import AutoConfig
 
-    if args.async_rollouts and not async_implemented():
-        out = {"not_implemented": 1.0}
-    else:
-        out = bench_rl(model_path(args.model), args, args.async_rollouts)
+    from bench.rollout_and_sync import model_path
+    from bench.workload import WorkloadError, validate
+
+    path = model_path(args.model)
+    try:
+        validate(workload_of(args), AutoConfig.from_pretrained(path).max_position_embeddings, args.steps)
+        if args.grad_checkpointing == "on" and not grad_checkpointing_supported():
+            raise WorkloadError(
+                "--grad-checkpointing on: our trainer config (rlhf/config.py TrainerConfig) has no "
+                "gradient_checkpointing field, so our side cannot run with it"
+            )
+        if args.async_rollouts and not async_implemented():
+            out = {"not_implemented": 1.0}
+        else:
+            out = bench_rl(path, args, args.async_rollouts)
+    except WorkloadError as e:
+        print(f"[bench.rl_step] refused: {e}", file=sys.stderr)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"refused": str(e)}))
+        sys.exit(3)
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out))

@@ -1,15 +1,24 @@
 """The peer: TRL's GRPOTrainer on bench.rl_step's workload, for the samples/s comparison.
 
     bash bench/setup_trl.sh      # once: TRL in its own venv, bench/.trl-venv
-    bench/.trl-venv/bin/python -m bench.trl_grpo --model-path PATH [--prompts 8] [--samples 4] [--tokens 32] [--steps 4] [--json out.json]
+    bench/.trl-venv/bin/python -m bench.trl_grpo --model-path PATH [--prompts 8] [--samples 4] [--max-new-tokens 32]
+        [--steps 4] [--grad-checkpointing off|on] [--threads N] [--json out.json]
 
 Runs in TRL's venv (no Ray, vLLM, DeepSpeed or pydantic there), so it imports only the light
 parts of this repository: the reasoning-gym prompts and the same verifier reward. Same model,
 prompts, samples per prompt, max new tokens, temperature 1, KL coef (TRL's `beta`) with a frozen
-reference, token-mean loss (TRL's "dapo"), lr, grad clip, micro-batches of 8 with gradient
-accumulation up to one optimizer step per generation batch, fp32 on the CPU. Without vLLM, TRL
-samples with HF `generate`, all samples of a step in one batch. Step time is the wall time
-between optimizer steps (TRL's callback), generation included; median over steps after the first.
+reference, token-mean loss (TRL's "dapo"), lr, grad clip, fp32 on the CPU; micro-batches of
+bench.workload.micro_batch_rows(batch) rows with gradient accumulation up to one optimizer step
+per generation batch (TRL's generation batch = rows x accumulation steps = the workload's batch,
+checked). Gradient checkpointing is set explicitly (TRL's default is on; ours has none unless the
+trainer config offers it), and read back from the model. Without vLLM, TRL samples with HF
+`generate`, all samples of a step in one batch. Step time is the wall time between optimizer
+steps (TRL's callback), generation included; median over steps after the first.
+
+Samples/s counts what TRL trained, from its own record: the rows that reached the loss
+(`compute_loss`) and the completion tokens generated (`_generate_and_score_completions`), per
+optimizer step; a step that trained other than prompts x samples rows makes the run fail
+(bench.workload.trained_samples_per_s) instead of being counted.
 """
 
 from __future__ import annotations
@@ -17,31 +26,43 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 
 def main() -> None:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from bench.monitor import own_peak_mib
-    from bench.rl_step import KL_COEF, LR, MICRO_BATCH, PROMPT_SUFFIX, TASK_KWARGS, TRAIN_SIZE, add_workload_args
-    from rlhf.data.reasoning_gym import reasoning_gym_prompts
-    from rlhf.experience import format_prompt
-    from rlhf.rewards.verifiers import reasoning_gym_reward
+    from bench.rl_step import KL_COEF, LR, PROMPT_SUFFIX, TASK_KWARGS, add_workload_args, workload_of
+    from bench.threads import use_threads
+    from bench.workload import TRAIN_PROMPTS, WorkloadError, micro_batch_rows, trained_samples_per_s, validate
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", required=True)
     add_workload_args(parser)
     parser.add_argument("--json")
     args = parser.parse_args()
+    threads = use_threads(args.threads)  # before torch loads: OpenMP reads it once
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from bench.monitor import own_peak_mib
+    from rlhf.data.reasoning_gym import reasoning_gym_prompts
+    from rlhf.experience import format_prompt
+    from rlhf.rewards.verifiers import reasoning_gym_reward
+
+    torch.set_num_threads(threads)
+    w = workload_of(args)
+    try:
+        validate(w, AutoConfig.from_pretrained(args.model_path).max_position_embeddings, args.steps)
+    except WorkloadError as e:
+        refuse(args, str(e))
 
     tok = AutoTokenizer.from_pretrained(args.model_path)
-    rows = reasoning_gym_prompts("chain_sum", TRAIN_SIZE, seed=0, task_kwargs=TASK_KWARGS, suffix=PROMPT_SUFFIX)
+    rows = reasoning_gym_prompts("chain_sum", TRAIN_PROMPTS, seed=0, task_kwargs=TASK_KWARGS, suffix=PROMPT_SUFFIX)
     data = Dataset.from_list(
         [
             {
@@ -61,28 +82,48 @@ def main() -> None:
         ]
         return verifier(completions, samples)
 
+    class CountingGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer that records what it generated and what reached the loss."""
+
+        rows_trained, tokens_generated, rows_generated = 0, 0, 0
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            self.rows_generated += int(out["completion_ids"].shape[0])
+            self.tokens_generated += int(out["completion_mask"].sum())  # up to and with EOS, as ours counts
+            return out
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self.rows_trained += int(inputs["completion_ids"].shape[0])
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     class StepClock(TrainerCallback):
+        """Wall time and the trainer's counts at each optimizer step's end."""
+
         def __init__(self):
-            self.ends = []
+            self.ends, self.records, self.trainer = [], [], None
 
         def on_train_begin(self, *_, **__):
             self.ends.append(time.perf_counter())
 
         def on_step_end(self, *_, **__):
             self.ends.append(time.perf_counter())
+            t = self.trainer
+            self.records.append((t.rows_trained, t.rows_generated, t.tokens_generated))
+            t.rows_trained = t.rows_generated = t.tokens_generated = 0
 
-    batch = args.prompts * args.samples
-    micro = min(MICRO_BATCH, batch)
+    micro = micro_batch_rows(w.batch)
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
         use_cpu=True,
         bf16=False,
         fp16=False,
         model_init_kwargs={"dtype": torch.float32},
+        gradient_checkpointing=args.grad_checkpointing == "on",  # TRL's default is on: always explicit
         per_device_train_batch_size=micro,
-        gradient_accumulation_steps=batch // micro,  # one update per generation batch
-        num_generations=args.samples,
-        max_completion_length=args.tokens,
+        gradient_accumulation_steps=w.batch // micro,  # one update per generation batch
+        num_generations=w.samples,
+        max_completion_length=w.max_new_tokens,
         temperature=1.0,
         top_p=1.0,
         top_k=0,
@@ -103,8 +144,10 @@ def main() -> None:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    if config.generation_batch_size != w.batch:  # TRL would generate (and train) a different number
+        refuse(args, f"TRL's generation_batch_size is {config.generation_batch_size}, the workload's batch {w.batch}")
     clock = StepClock()
-    trainer = GRPOTrainer(
+    trainer = CountingGRPOTrainer(
         model=args.model_path,
         reward_funcs=chain_sum_reward,
         args=config,
@@ -112,19 +155,39 @@ def main() -> None:
         processing_class=tok,
         callbacks=[clock],
     )
+    clock.trainer = trainer
     trainer.train()
     walls = [b - a for a, b in zip(clock.ends, clock.ends[1:])][1:]  # steps after the first
-    lengths = [x["completions/mean_length"] for x in trainer.state.log_history if "completions/mean_length" in x][1:]
+    measured = clock.records[1:]
+    trained = [float(r[0]) for r in measured]
+    try:
+        samples_per_s = trained_samples_per_s("TRL", w, walls, trained)
+    except WorkloadError as e:
+        refuse(args, str(e))
     out = {
         "step_s": statistics.median(walls),
-        "samples_per_s": batch / statistics.median(walls),
-        "generated_tokens_per_step": batch * sum(lengths) / max(len(lengths), 1),
+        "samples_per_s": samples_per_s,
+        "trained_samples_per_step": trained,
+        "generated_samples_per_step": [float(r[1]) for r in measured],
+        "generated_tokens_per_step": statistics.mean(float(r[2]) for r in measured),
         "peak_rss_mib": own_peak_mib(),
         "steps_measured": float(len(walls)),
+        "micro_batch_rows": float(micro),
+        "gradient_accumulation_steps": float(config.gradient_accumulation_steps),
+        "grad_checkpointing": "on" if trainer.model.is_gradient_checkpointing else "off",  # the model's own flag
+        "threads": float(torch.get_num_threads()),
     }
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out))
+
+
+def refuse(args, reason: str) -> None:
+    """Exit with status 3 and {"refused": reason} in --json: a size or setting this side cannot honour."""
+    print(f"[bench.trl_grpo] refused: {reason}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"refused": reason}))
+    sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,20 @@ def test_forwards_table_gives_speed_ups_over_the_first_forward():
         r |= {"peak_rss_mib/policy": 6000.0, "peak_rss_mib/reference": 1500.0}
         return r | ({"shared_prompt/tokens_skipped": skipped} if skipped is not None else {})
 
-    lines = forwards_table({"smollm2": {"old": run(30.0, 20.0, 6.0), "new": run(15.0, 10.0, 2.0, 0.55), "x": None}})
+    runs = {"old": run(30.0, 20.0, 6.0), "new": run(15.0, 10.0, 2.0, 0.55), "x": None}
+    lines = forwards_table({"smollm2": {"off": runs}})
     assert "| 1.00x / 1.00x / 1.00x |" in lines[2]
+    assert "| smollm2 | off | new |" in lines[3]
     assert "| 2.00x / 2.00x / 3.00x | 2.13 | 55% | 6000 / 1500 |" in lines[3]
-    assert "failed" in lines[4]
+    assert "| x | failed |" in lines[4]
+
+
+def test_forwards_table_names_refused_runs_and_a_missing_base():
+    from bench.__main__ import forwards_table
+
+    ok = {"time/step": 10.0, "time/train": 5.0, "time/reference": 1.0, "samples_per_s": 3.2}
+    ok |= {"peak_rss_mib/policy": 6000.0, "peak_rss_mib/reference": 1500.0}
+    runs = {"old": {"refused": "--grad-checkpointing on: no trainer field"}, "new": ok}
+    lines = forwards_table({"tiny": {"on": runs}})
+    assert "| tiny | on | old | refused |" in lines[2]
+    assert "| n/a (no base run) | 3.20 |" in lines[3]

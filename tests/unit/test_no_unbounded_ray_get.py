@@ -46,6 +46,8 @@ def test_no_ray_get_without_a_timeout_outside_the_helper():
     for folder in SCANNED:
         for file in sorted((ROOT / folder).rglob("*.py")):
             rel = file.relative_to(ROOT).as_posix()
+            if any(part.startswith(".") for part in file.relative_to(ROOT).parts):
+                continue  # a virtual environment (bench/.trl-venv, made by bench/setup_trl.sh): not our code
             if rel not in NOT_YET:
                 found += unbounded_calls(file.read_text(), rel)
     assert not found, (
