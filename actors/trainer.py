@@ -401,8 +401,10 @@ class DeepSpeedRole:
 
         from actors.weight_sync import FlatWeightsPacker, state_dict_to_bytes
 
-        if fmt == "torch_save":
+        if fmt == "torch_save" or getattr(self, "lora", None) is not None:  # LoRA: merged weights, plain names
             state = self.full_state_dict()
+            if fmt == "flat":
+                return _pack_state(state, getattr(torch, dtype) if dtype else None) if state is not None else None
             return state_dict_to_bytes(state, getattr(torch, dtype) if dtype else None) if state is not None else None
         if fmt != "flat":
             raise ValueError(f"weights_blob: fmt must be 'flat' or 'torch_save', not {fmt!r}")
@@ -600,3 +602,16 @@ class CausalLMRole(DeepSpeedRole):
 
     def can_pack(self) -> bool:
         return self.response_only()  # packing computes response logits only
+
+
+def _pack_state(state: dict[str, torch.Tensor], cast: torch.dtype | None):
+    """A full state_dict (e.g. LoRA's merged weights) as a FlatWeights payload."""
+    from actors.weight_sync import FlatWeightsPacker
+
+    packer = FlatWeightsPacker()
+    packer.reset()
+    for name, t in state.items():
+        packer.add(name, t.shape, cast if cast is not None and t.is_floating_point() else t.dtype)
+    for name, t in state.items():
+        packer.write(name, t)
+    return packer.finish()

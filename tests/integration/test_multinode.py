@@ -131,7 +131,7 @@ def test_weights_synced_across_nodes_make_vllm_match_the_trainer(runtime, tiny_m
     *_, fresh = greedy()
     assert fresh < ATOL, f"trainer vs vLLM log-probs differ by {fresh} after the cross-node sync"
 
-    blob_bytes = len(ray.get(blobs[0], timeout=TIMEOUT_S))
+    blob_bytes = ray.get(blobs[0], timeout=TIMEOUT_S).nbytes
     probe_s = object_store_transfer_s(PROBE_MB)
     print(
         f"\ncross-node weight sync: {blob_bytes / 2**20:.1f} MiB in {sync_s:.2f} s (gather, transfer, vLLM load) "
