@@ -185,3 +185,29 @@ def test_an_observation_over_the_budget_ends_the_episode_without_it(tokenizer: A
 def test_a_prompt_over_the_budget_is_cut_and_ends_the_episode(tokenizer: Any) -> None:
     ep = Episode(tokenizer, make_environment("guess_feedback"), GAME, 0, max_turns=5, max_tokens=10)
     assert (ep.done, ep.finish_reason, len(ep.token_ids)) == (True, "token_budget", 10)
+
+
+TOOLS_TEMPLATE = (  # a ChatML template that renders tools in the system turn (as Qwen's and Hermes' do)
+    "{% if tools %}<|im_start|>system\nTools: {% for t in tools %}{{ t['function']['name'] }} {% endfor %}"
+    "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_the_calculator_tool_call_format_goes_through_a_template_with_tools(tokenizer: Any) -> None:
+    import copy
+
+    with_tools = copy.deepcopy(tokenizer)
+    with_tools.chat_template = TOOLS_TEMPLATE
+    row = {"question": "What is 6*7?", "answer": "42", "metadata": {"source_dataset": "basic_arithmetic"}}
+    ep = Episode(
+        with_tools, make_environment("calculator", tool_call_format=True), row, 0, max_turns=3, max_tokens=1024
+    )
+    assert tokenizer.decode(ep.prompt_ids).startswith("<|im_start|>system\nTools: calculator <|im_end|>")
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "6*7"}}</tool_call>'
+    ep.add_policy_turn(*sampled(tokenizer, call))
+    assert tokenizer.decode(ep.token_ids).endswith(
+        call + "<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+    )
+    ep.add_policy_turn(*sampled(tokenizer, "42"))
+    assert (ep.finish_reason, ep.reward, ep.delta_fallbacks) == ("env_done", 1.0, 0)
