@@ -119,8 +119,7 @@ class DPOLoop:
         self.policy = self.samples = None
 
     def setup(self) -> None:
-        from actors.policy import PolicyActor
-        from actors.reference import ReferenceActor
+        from actors.reference import AdaptersOffReference, ReferenceActor, reference_is_policy_without_adapters
 
         cfg, models = self.cfg, self.cfg.models
         tokenizer = AutoTokenizer.from_pretrained(models.policy.tokenizer or resolve_model_path(models.policy.path))
@@ -129,14 +128,18 @@ class DPOLoop:
         self.heldout = tokenize_pairs(heldout_pairs, tokenizer, cfg.data)
         self.steps = list(pair_batches(len(train_pairs), cfg))
         sample_eval = models.reward is not None  # also score fresh samples with the reward model
-        roles = ["policy", "reference"] + (["rollout", "reward"] if sample_eval else [])
+        adapters_off = reference_is_policy_without_adapters(models)  # LoRA: no reference process
+        roles = ["policy"] + ([] if adapters_off else ["reference"]) + (["rollout", "reward"] if sample_eval else [])
         self.plan = PlacementPlan.create(cfg.resources, roles)
         common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
+        if adapters_off:  # before any update, the policy with its adapters off is the reference
+            reference = AdaptersOffReference(self._start_policy(common))
+        else:
+            reference = ActorGroup(
+                ReferenceActor, "reference", self.plan, model=(models.reference or models.policy).model_dump(), **common
+            )
+            self.groups.append(reference)
         used = [r for i in sorted({i for pairs in self.steps for i in pairs}) for r in (2 * i, 2 * i + 1)]
-        reference = ActorGroup(
-            ReferenceActor, "reference", self.plan, model=(models.reference or models.policy).model_dump(), **common
-        )
-        self.groups.append(reference)
         train = self.train
         train["ref_logprobs"] = torch.full_like(train["response_mask"], float("nan"))  # NaN: never scored, never used
         refs = reference.async_run("compute_logprobs", train.select(used))
@@ -145,21 +148,29 @@ class DPOLoop:
         if len(self.heldout):
             refs = reference.async_run("compute_logprobs", self.heldout)
             self.heldout["ref_logprobs"] = ray_get(self.timeout_s, reference=refs)[0]
-        if not sample_eval:
+        if not sample_eval and not adapters_off:
             reference.kill()
             self.groups.remove(reference)
+        if self.policy is None:
+            self._start_policy(common)
+        if sample_eval:
+            self.samples = SampleEval(cfg, self.plan, tokenizer, self.policy, reference, heldout_pairs)
+            self.groups += self.samples.groups
+
+    def _start_policy(self, common: dict) -> ActorGroup:
+        from actors.policy import PolicyActor
+
+        models = self.cfg.models
         self.policy = ActorGroup(
             PolicyActor,
             "policy",
             self.plan,
             model=models.policy.model_dump(),
-            algorithm=cfg.algorithm.model_dump(),
+            algorithm=self.cfg.algorithm.model_dump(),
             **common,
         )
         self.groups.append(self.policy)
-        if sample_eval:
-            self.samples = SampleEval(cfg, self.plan, tokenizer, self.policy, reference, heldout_pairs)
-            self.groups += self.samples.groups
+        return self.policy
 
     def step(self, step: int) -> dict[str, float]:
         pairs = self.steps[step - 1]

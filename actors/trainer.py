@@ -150,6 +150,8 @@ class DeepSpeedRole:
         use_cpu_threads_from_env()
         torch.manual_seed(seed)
         module = self.load_model(resolve_model_path(self.spec.path))
+        if self.trainable and self.cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(module)
         self.lora = self.spec.lora if self.trainable else None  # a frozen role has nothing to adapt
         if self.lora is not None:
             module = with_lora_adapters(module, self.lora)
@@ -517,6 +519,18 @@ class DeepSpeedRole:
         if path is None:
             raise FileNotFoundError(f"rank {self.rank}: no DeepSpeed checkpoint {tag!r} in {directory}")
         torch.set_rng_state(client_state["torch_rng"])
+
+
+def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward instead of keeping them.
+    Non-reentrant: it needs no input that requires grad, so it also works under LoRA (frozen
+    embeddings) and with the shared-prompt forward's explicit masks and position ids."""
+    if not getattr(module, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"trainer.gradient_checkpointing: {type(module).__name__} does not support gradient checkpointing; "
+            "set it to false"
+        )
+    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def with_lora_adapters(module: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:

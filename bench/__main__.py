@@ -501,8 +501,8 @@ def main() -> None:
         "--grad-checkpointing",
         choices=["off", "on", "both"],
         default="off",
-        help="gradient checkpointing on both sides (TRL's own default is on; ours has none today, so 'on' is "
-        "refused on our side and runs on TRL's); both: every RL and TRL part twice",
+        help="gradient checkpointing on both sides (TRL's own default is on; ours is trainer.gradient_checkpointing, "
+        "off by default); both: every RL and TRL part twice",
     )
     parser.add_argument(
         "--threads",

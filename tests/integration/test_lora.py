@@ -137,3 +137,31 @@ def test_lora_policy_reference_sync_resume_export(ray_cluster, tiny_model, tmp_p
         for group in groups:
             group.kill()
         plan.shutdown()
+
+
+def test_dpo_with_lora_scores_the_reference_with_adapters_off(ray_cluster, tiny_model, tmp_path, monkeypatch):
+    """DPO with LoRA starts no reference process: the policy's adapters-off forward scores the pairs.
+    Before the first update the adapters are zero, so policy = reference and the first step's
+    DPO loss is exactly -log sigmoid(0) = log 2; after it the adapters have moved the policy away
+    from the reference (the frozen reference log-probs were taken once, before any update)."""
+    import math
+
+    import actors.reference
+    from actors.launch import run
+    from tests.integration.test_resume_every_loop import dpo_config, step_metrics
+
+    class NoReferenceProcess:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("DPO with LoRA started a reference process")
+
+    monkeypatch.setattr(actors.reference, "ReferenceActor", NoReferenceProcess)
+    cfg = dpo_config(tmp_path, tiny_model, "dpo-lora")
+    cfg = cfg.model_copy(
+        update={"models": cfg.models.model_copy(update={"policy": cfg.models.policy.model_copy(update={"lora": LORA})})}
+    )
+    result = run(cfg)
+    losses = [m["dpo_loss"] for _, m in sorted(step_metrics(tmp_path / "dpo-lora", "dpo_loss").items())]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5), losses
+    assert all(abs(loss - math.log(2)) > 1e-4 for loss in losses[1:]), losses
+    assert result["before"]["eval/reward_margin"] == 0.0  # held-out: policy = reference before training
+    assert result["after"]["eval/reward_margin"] != 0.0

@@ -1,4 +1,4 @@
-"""DeepSpeed trainer roles on a real local Ray: ZeRO-2/3 and 1/2 ranks agree on one update."""
+"""DeepSpeed trainer roles on a real local Ray: ZeRO-2/3, 1/2 ranks and gradient checkpointing agree on one update."""
 
 import pytest
 import torch
@@ -18,14 +18,16 @@ def random_batch(n=8, seed=0):
     return collate_samples(prompts, responses, pad_id=0)
 
 
-def one_update(ray, model_path, stage, ranks, on_policy=False):
+def one_update(ray, model_path, stage, ranks, on_policy=False, **trainer_settings):
     """Start policy (+ reference for old log-probs), take one PPO step, return (loss, new log-probs, weights)."""
     from actors.group import ActorGroup, PlacementPlan
     from actors.policy import PolicyActor
 
     plan = PlacementPlan.create(ResourcesConfig(policy={"num_actors": ranks, "cpus_per_actor": 0.5}), ["policy"])
     try:
-        trainer = TrainerConfig(zero_stage=stage, global_batch_size=8, micro_batch_size=2, lr=1e-2).model_dump()
+        trainer = TrainerConfig(
+            zero_stage=stage, global_batch_size=8, micro_batch_size=2, lr=1e-2, **trainer_settings
+        ).model_dump()
         group = ActorGroup(
             PolicyActor,
             "policy",
@@ -54,6 +56,8 @@ def one_update(ray, model_path, stage, ranks, on_policy=False):
 def test_zero_stages_and_rank_counts_agree(ray_cluster, tiny_model):
     results = {(s, r): one_update(ray_cluster, tiny_model, s, r) for s, r in [(2, 1), (3, 1), (2, 2), (3, 2)]}
     results["on-policy shortcut"] = one_update(ray_cluster, tiny_model, 3, 2, on_policy=True)
+    # recomputing activations in the backward must not change the loss, the gradients or the update
+    results["gradient checkpointing"] = one_update(ray_cluster, tiny_model, 2, 1, gradient_checkpointing=True)
     base_loss, base_norm, batch, base_after, base_state = results[(2, 1)]
     mask = batch["response_mask"].bool()
     assert (base_after - batch["old_logprobs"])[mask].abs().max() > 1e-3, "the update changed nothing"
