@@ -214,39 +214,42 @@ def browse(checks: Checks, dashboard: str, token: str, job_id: str, alive: dict,
             ".then(r => r.status)"
         )
         checks.check(status == 200, "browser login", f"POST /api/authenticate with the token: HTTP {status}")
-
-        page.goto(f"{dashboard}/#/jobs/{job_id}")
         page.reload()  # as the login dialog does: the app starts again, now with the cookie
-        text = page.wait_for_text(lambda t: job_id in t and "RUNNING" in t, timeout_s=90)
-        shot = page.screenshot(shots / "ray-dashboard-job.png")
-        checks.check(True, "job page", f"#/jobs/{job_id} shows the job RUNNING ({len(text)} chars of text); {shot}")
 
-        page.goto(f"{dashboard}/#/actors")
         want = {role: (ROLE_CLASSES[role], a["node_id"]) for role, a in alive.items()}
+        # one string per table row as the page shows it (innerText puts each cell on its own line)
+        rows_js = "Array.from(document.querySelectorAll('tbody tr')).map(r => r.innerText.split(/\\s+/).join(' '))"
 
-        def every_role_on_its_node(t: str) -> bool:
-            lines = t.splitlines()
-            return all(
-                any(cls in ln and node[:8] in ln and "ALIVE" in ln for ln in lines) for cls, node in want.values()
-            )
+        def row_of(rows: list[str], cls: str, node: str) -> str | None:
+            return next((r for r in rows if f" {cls} " in f" {r} " and node in r and " ALIVE " in f" {r} "), None)
 
-        try:
-            text = page.wait_for_text(every_role_on_its_node, timeout_s=90)
-        except BrowserError as e:
-            checks.check(False, "actors page", str(e)[:2000])
-            page.screenshot(shots / "ray-dashboard-actors.png")
-            return
+        deadline = time.monotonic() + 90
+        while True:
+            rows = page.evaluate(rows_js) or []
+            if all(row_of(rows, cls, node) for cls, node in want.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         shot = page.screenshot(shots / "ray-dashboard-actors.png")
         for role, (cls, node) in want.items():
-            line = next(ln for ln in text.splitlines() if cls in ln and node[:8] in ln and "ALIVE" in ln)
+            line = row_of(rows, cls, node)
             kind = kind_of.get(node, "?")
             checks.check(
-                kind == ROLE_KINDS[role],
+                line is not None and kind == ROLE_KINDS[role],
                 f"actors page: {role}",
-                f"{cls} ALIVE on node {node[:12]}… of kind {kind} (wanted {ROLE_KINDS[role]}); row: {' '.join(line.split())[:140]}",
+                f"{cls} ALIVE on node {node[:12]}… of kind {kind} (wanted {ROLE_KINDS[role]}); "
+                + (f"row: {line[:140]}" if line else f"no such row among {rows}"[:1500]),
             )
         nodes = {a["node_id"] for a in alive.values()}
         checks.check(len(nodes) == 4, "four nodes", f"the four roles run on {len(nodes)} different nodes; {shot}")
+
+        page.goto(f"{dashboard}/#/jobs/{job_id}")
+        try:
+            text = page.wait_for_text(lambda t: job_id in t and "RUNNING" in t, timeout_s=90)
+            ok = True
+        except BrowserError as e:
+            text, ok = str(e), False
+        shot = page.screenshot(shots / "ray-dashboard-job.png")
+        checks.check(ok, "job page", f"#/jobs/{job_id} shows the job RUNNING ({len(text)} chars of text); {shot}")
 
 
 def query_prometheus(checks: Checks, prometheus: str) -> None:
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_tiny_causal_lm(work / "tiny", TEXTS, seed=0)
     t0 = time.monotonic()
     cluster = multinode.start(WORKER_KINDS, HEAD_KIND, cpus_per_node=1, object_store_mb=256, watch=True)
-    prometheus = None
+    prometheus, job_id = None, None
     try:
         token = Path(cluster.token_path).read_text().strip()
         checks.say(
@@ -313,17 +316,32 @@ def main(argv: list[str] | None = None) -> int:
         alive, kind_of = wait_for_roles(cluster.dashboard_url, token, args.timeout_s)
         wait_for_step(prom_url, args.timeout_s)
         checks.say(f"every role alive and a step logged after {time.monotonic() - t0:.0f} s")
-        browse(checks, cluster.dashboard_url, token, job_id, alive, kind_of, shots)
         query_prometheus(checks, prom_url)
+        browse(checks, cluster.dashboard_url, token, job_id, alive, kind_of, shots)
         check_grafana(checks, cluster)
+    except Exception as e:
+        checks.check(False, "run", f"{type(e).__name__}: {e}"[:3000])
+    try:
         subprocess.run(
             [multinode.RAY, "job", "stop", f"--address={cluster.dashboard_url}", job_id],
             env={k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")} | cluster.client_env(),
             capture_output=True,
             timeout=60,
-        )
-    except Exception as e:
-        checks.check(False, "run", f"{type(e).__name__}: {e}"[:3000])
+        ) if job_id else None
+        if job_id:  # what the job said, whatever happened (its log goes with the nodes)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")} | cluster.client_env()
+            proc = subprocess.run(
+                [multinode.RAY, "job", "logs", f"--address={cluster.dashboard_url}", job_id],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            (work / "job.log").write_text(proc.stdout)
+            checks.say(
+                f"      job log ({work / 'job.log'}), last lines: "
+                + " | ".join(proc.stdout.strip().splitlines()[-4:])[:1500]
+            )
     finally:
         if prometheus is not None:
             os.killpg(prometheus.pid, signal.SIGTERM)
