@@ -9,7 +9,9 @@ a GPU, say). Resource amounts come from `ResourcesConfig`; GPUs are used when th
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -111,8 +113,16 @@ class ActorGroup:
     """The Ray actors of one role, one per rank, with the torch.distributed rendezvous set up.
 
     `actor_cls` is a plain class (not yet `ray.remote`) whose constructor takes
-    `(rank, world_size, master_addr, master_port, **init_kwargs)`. Rank 0 is placed first and the
-    rendezvous address is taken from its node, so groups work across nodes.
+    `(rank, world_size, master_addr, master_port, rendezvous_dir=..., **init_kwargs)`.
+
+    The rendezvous (torch.distributed's store, where ranks swap their collective addresses):
+    - every rank on rank 0's host (a one-machine run, the private local cluster, the local
+      multi-node cluster): a FileStore in a fresh private directory (mode 0700) on that host,
+      passed as `rendezvous_dir`; the ranks then also bind their collective sockets to loopback.
+      Nothing of the group listens beyond 127.0.0.1.
+    - ranks on several hosts: torch's env:// TCPStore at rank 0's node address and a free port
+      (`master_addr`, `master_port`; `rendezvous_dir` None). That store listens on every
+      interface without authentication (Ray's token does not cover it): see README "Security model".
     """
 
     def __init__(self, actor_cls: type, role: str, plan: PlacementPlan, **init_kwargs):
@@ -127,12 +137,22 @@ class ActorGroup:
                 num_gpus=res.gpus_per_actor,
                 scheduling_strategy=plan.strategy(role, rank),
                 name=None,
-            ).remote(rank, self.world_size, addr, port, **init_kwargs)
+            ).remote(rank, self.world_size, addr, port, rendezvous_dir=self.rendezvous_dir, **init_kwargs)
 
-        # Rank 0's node hosts the rendezvous. Ask a throwaway task placed in rank 0's bundle for
-        # the node address and a free port there (zero resources: it must not block the bundle).
-        where = ray.remote(_node_address_and_port).options(num_cpus=0, scheduling_strategy=plan.strategy(role, 0))
-        ((addr, port),) = ray_get(START_TIMEOUT_S, **{role: [where.remote()]})
+        # Rank 0's node hosts the rendezvous. Throwaway tasks placed in the ranks' bundles (zero
+        # resources: they must not block a bundle) find out where the ranks will be: rank 0's task
+        # gives its node address, a free port and a new private directory; the others say whether
+        # they are on that address and see that directory (same host, same filesystem, same user).
+        def probe(rank: int, fn, *args) -> ray.ObjectRef:
+            return ray.remote(fn).options(num_cpus=0, scheduling_strategy=plan.strategy(role, rank)).remote(*args)
+
+        ((addr, port, directory),) = ray_get(START_TIMEOUT_S, **{role: [probe(0, _rendezvous_host)]})
+        peers = [probe(rank, _node_sees, directory) for rank in range(1, self.world_size)]
+        seen = ray_get(START_TIMEOUT_S, **{role: peers}) if peers else []
+        self.single_host = all(ip == addr and sees for ip, sees in seen)
+        if not self.single_host:  # the directory is of no use: remove it (best effort)
+            ray_get(START_TIMEOUT_S, **{role: [probe(0, _remove_directory, directory)]})
+        self.rendezvous_dir: str | None = directory if self.single_host else None
         self.master_addr, self.master_port = addr, port
         self.actors = [start(rank, addr, port) for rank in range(self.world_size)]
 
@@ -203,5 +223,18 @@ def ray_get(timeout_s: float, **refs_by_role: list[ray.ObjectRef] | dict[int, ra
     return [values[ref] for ref in labels]
 
 
-def _node_address_and_port() -> tuple[str, int]:
-    return ray.util.get_node_ip_address(), free_port()
+def _rendezvous_host() -> tuple[str, int, str]:
+    """On rank 0's node: its address, a free port (for a multi-host TCPStore) and a new directory
+    only this user can enter (for a single-host FileStore)."""
+    return ray.util.get_node_ip_address(), free_port(), tempfile.mkdtemp(prefix="raylhf-rendezvous-")
+
+
+def _node_sees(directory: str) -> tuple[str, bool]:
+    """On another rank's node: its address, and whether rank 0's private directory is here."""
+    path = os.path.realpath(directory)
+    ours = os.path.isdir(path) and os.stat(path).st_uid == os.getuid()
+    return ray.util.get_node_ip_address(), ours
+
+
+def _remove_directory(directory: str) -> None:
+    shutil.rmtree(directory, ignore_errors=True)

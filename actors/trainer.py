@@ -84,6 +84,25 @@ def deepspeed_config(trainer: TrainerConfig, dtype: str, micro_batch: int, grad_
     return cfg
 
 
+def loopback_interface() -> str:
+    """The name of the interface holding 127.0.0.1 ("lo" on Linux, "lo0" on macOS)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == "127.0.0.1" for a in addresses):
+            return name
+    return "lo"
+
+
+def keep_collectives_on_loopback() -> None:
+    """Make gloo and NCCL bind their connection sockets to loopback in this process. Gloo would
+    otherwise bind to the address the hostname resolves to, NCCL's bootstrap to the first
+    non-loopback interface. Only for groups whose ranks all run on this host; this actor process
+    joins no other group (weight sync goes through Ray's object store)."""
+    interface = loopback_interface()
+    os.environ.update(GLOO_SOCKET_IFNAME=interface, NCCL_SOCKET_IFNAME=interface)
+
+
 class DeepSpeedRole:
     """One rank of a model role. Subclasses set `trainable` and implement `load_model`."""
 
@@ -101,6 +120,7 @@ class DeepSpeedRole:
         trainer: dict,
         lr: float | None = None,
         seed: int = 0,
+        rendezvous_dir: str | None = None,
     ):
         os.environ.update(
             RANK=str(rank),
@@ -115,10 +135,17 @@ class DeepSpeedRole:
         self.spec, self.cfg = ModelSpec(**model), TrainerConfig(**trainer)
         self.dtype = preferred_dtype() if self.spec.dtype == "auto" else self.spec.dtype
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        init_method = None  # env:// (MASTER_ADDR/MASTER_PORT): a TCPStore on every interface, for multi-host groups
+        if rendezvous_dir is not None:  # every rank on this host (actors/group.py): nothing beyond loopback
+            init_method = f"file://{os.path.join(rendezvous_dir, 'store')}"
+            keep_collectives_on_loopback()
         # a collective whose peer died or hangs raises after this instead of blocking the rank forever
         deepspeed.init_distributed(
             dist_backend="nccl" if self.device.type == "cuda" else "gloo",
             timeout=datetime.timedelta(seconds=self.cfg.collective_timeout_s),
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
         )
         use_cpu_threads_from_env()
         torch.manual_seed(seed)

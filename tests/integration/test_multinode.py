@@ -187,14 +187,13 @@ def test_every_node_listens_on_loopback_only_and_wants_the_token(multinode_clust
     ports = {port for _, _, port in sockets}
     for node in cluster.nodes:  # each node's own raylet and object manager, on the ports it was given
         assert {node.ports["node_manager"], node.ports["object_manager"]} <= ports, (node.kind, sockets)
-    # Not Ray's: torch.distributed's env:// rendezvous store (a TCPStore on each DeepSpeed group's
-    # MASTER_PORT, set up in actors/trainer.py) binds every interface, with no authentication.
-    # Known and reported; everything else must be loopback only.
-    rendezvous = {runtime[role].master_port for role in ACTOR_CLASSES}
-    exposed = [s for s in sockets if not is_loopback(s[1]) and s[2] not in rendezvous]
+    # The DeepSpeed groups too: every node is 127.0.0.1, so each group's rendezvous is a file in a
+    # private directory, not torch's env:// TCPStore (which would listen on every interface).
+    assert all(runtime[role].single_host for role in ACTOR_CLASSES)
+    exposed = [s for s in sockets if not is_loopback(s[1])]
     assert not exposed, f"listening beyond loopback: {exposed}"
-    others = [port for _, _, port in sockets if port not in rendezvous]
-    assert not [(a, p) for a in other_addresses() for p in others if reachable(a, p)]
+    assert not {runtime[role].master_port for role in ACTOR_CLASSES} & ports, "an env:// TCPStore is listening"
+    assert not [(a, p) for a in other_addresses() for p in ports if reachable(a, p)]
     token = Path(cluster.token_path).read_text().strip()
     assert oct(os.stat(cluster.token_path).st_mode & 0o777) == "0o600"
     assert http_status(f"{cluster.dashboard_url}/api/jobs/") == 401

@@ -322,3 +322,41 @@ def test_sigkilled_driver_leaves_no_process_behind():
             pass  # already gone
     finally:
         end_driver(driver, info)
+
+
+def test_trainer_group_listens_on_loopback_only(ray_cluster, tiny_model):
+    """A 2-rank ZeRO-2 trainer group, all on this host: its rendezvous is a file in a private
+    directory (torch's env:// TCPStore would listen on `::`, every interface, without
+    authentication) and its gloo connections bind 127.0.0.1. Checked after a training step, on
+    every listening socket of both rank processes."""
+    from actors.group import ActorGroup, PlacementPlan
+    from actors.policy import PolicyActor
+    from rlhf.config import AlgorithmConfig, ModelSpec, ResourcesConfig, TrainerConfig
+    from tests.integration.test_trainers import random_batch
+
+    plan = PlacementPlan.create(ResourcesConfig(policy={"num_actors": 2, "cpus_per_actor": 0.5}), ["policy"])
+    try:
+        group = ActorGroup(
+            PolicyActor,
+            "policy",
+            plan,
+            model=ModelSpec(path=tiny_model, dtype="float32").model_dump(),
+            trainer=TrainerConfig(zero_stage=2, global_batch_size=8, micro_batch_size=2).model_dump(),
+            algorithm=AlgorithmConfig(name="grpo").model_dump(),
+        )
+        assert group.single_host and group.rendezvous_dir
+        assert oct(os.stat(group.rendezvous_dir).st_mode & 0o777) == "0o700"
+        batch = random_batch()
+        batch["advantages"] = batch["response_mask"].float()
+        metrics = ray_cluster.get(group.async_scatter("train_step", batch.chunk(2), normalizer=1.0), timeout=600)
+        assert len(metrics) == 2
+        pids = ray_cluster.get([a.__ray_call__.remote(lambda actor: os.getpid()) for a in group.actors], timeout=60)
+        sockets = listening([psutil.Process(pid) for pid in pids])
+        assert sockets, "the ranks listen on nothing: gloo's connection sockets were expected"
+        exposed = [s for s in sockets if not is_loopback(s[1])]
+        assert not exposed, f"trainer ranks listening beyond loopback: {exposed}"
+        assert group.master_port not in {port for _, _, port in sockets}, "an env:// TCPStore is listening"
+        open_elsewhere = [(a, port) for a in other_addresses() for _, _, port in sockets if reachable(a, port)]
+        assert not open_elsewhere, f"reachable on a non-loopback address: {open_elsewhere}"
+    finally:
+        plan.shutdown()
