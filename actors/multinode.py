@@ -305,12 +305,17 @@ def kill_node(cluster: NodeCluster, node: Node) -> list[int]:
             family = [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
         pass
-    family += [p for p in cluster_processes(node.temp_dir) if p.pid not in {f.pid for f in family}]
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+
+    def kill(procs: list[psutil.Process]) -> None:
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    kill(family)  # first: the scan below (every process's open files) takes a while
+    family += (rest := [p for p in cluster_processes(node.temp_dir) if p.pid not in {f.pid for f in family}])
+    kill(rest)
     psutil.wait_procs(family, timeout=10)
     return [p.pid for p in family]
 

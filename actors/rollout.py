@@ -325,7 +325,9 @@ class RolloutGroup:
     def restart(self, ranks: list[int], weights_from=None) -> None:
         """New workers for `ranks` in their bundles (a dead actor's resources return to its bundle),
         loaded with `weights_from`'s current weights; waits until they are ready (engine start-up
-        is not bounded by the step timeout)."""
+        is not bounded by the step timeout). A worker Ray cannot reach is first waited for until Ray
+        declares it dead (its node lost: the bundle then moves to a live node) or it answers."""
+        dead_ranks([self.workers[i] for i in ranks])  # the verdict on unreachable ones (actors.group)
         for i in ranks:
             ray.kill(self.workers[i])  # a no-op if it is dead; frees the bundle if it is wedged
             self.workers[i] = self.start(i)
