@@ -128,10 +128,6 @@ def test_losing_the_rollout_node_mid_generation(multinode_cluster, tiny_model, t
     # the engine was re-created on the other rollout node, once
     assert len(new_nodes) == 1 and new_nodes[0] != killed["node"] and kind_of(cluster, new_nodes[0]) == "rollout"
     assert "rollout worker 0 died during generation" in caplog.text
-    assert (
-        "the rollout placement group lost a node; Ray is placing its bundle(s) on another node of kind 'rollout'"
-        in caplog.text
-    )
     assert result["steps"] == STEPS and result["restarts"] == 0  # handled in place: no run-level restart
     # step 2's generation, which lost its node: every prompt's n samples, none twice
     assert [dict(c) for _, c in collected] == [{p: N for p in range(PROMPTS)}] * STEPS
