@@ -174,19 +174,38 @@ class ActorGroup:
             ray.kill(actor)
 
 
-def dead_ranks(actors: list, wait_s: float = 5.0) -> list[int]:
+# How long an actor Ray cannot reach may stay undecided. Its node may have died: Ray declares a node
+# dead only after its health checks fail (gcs health_check_period_ms x health_check_failure_threshold,
+# 3 s x 5 by default), and until then calls fail with ActorUnavailableError, the placement group
+# still counts the node's bundles as placed there, and an actor started in them lands on the dead
+# node. Waiting for the verdict lets a restart go to a node that is really there.
+UNREACHABLE_VERDICT_S = 120.0
+
+
+def dead_ranks(actors: list, wait_s: float = 5.0, verdict_s: float = UNREACHABLE_VERDICT_S) -> list[int]:
     """Indices of the actors that have died. A call on a dead actor fails at once; a live one that
-    is busy (e.g. stuck in a collective with a dead peer) just does not answer within wait_s."""
-    pings = [actor.__ray_ready__.remote() for actor in actors]
-    ready, _ = ray.wait(pings, num_returns=len(pings), timeout=wait_s)
-    dead = []
-    for rank, ping in enumerate(pings):
-        if ping in ready:
+    is busy (e.g. stuck in a collective with a dead peer) just does not answer within wait_s. One
+    that Ray cannot reach (ActorUnavailableError: its node may be gone) is asked again until Ray
+    declares it dead or it answers, for at most verdict_s; still unreachable then, it counts as dead."""
+    deadline = time.monotonic() + verdict_s
+    dead, undecided = [], list(range(len(actors)))
+    while undecided:
+        pings = {actors[rank].__ray_ready__.remote(): rank for rank in undecided}
+        ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=wait_s)
+        undecided = []
+        for ping in ready:
             try:
                 ray.get(ping, timeout=wait_s)  # answered already: returns or raises at once
+            except ray.exceptions.ActorUnavailableError:  # before RayActorError: it is one
+                undecided.append(pings[ping])
             except ray.exceptions.RayActorError:
-                dead.append(rank)
-    return dead
+                dead.append(pings[ping])
+        if undecided and time.monotonic() > deadline:
+            dead += undecided
+            break
+        if undecided:
+            time.sleep(1.0)
+    return sorted(dead)
 
 
 class StepTimeoutError(TimeoutError):

@@ -22,7 +22,9 @@
   `<root>/grafana-dashboards`, where the raylhf dashboard (grafana/raylhf_dashboard.json) is
   copied first, so a Grafana started with Ray's grafana.ini shows it next to Ray's own.
 
-Node loss (a worker's raylet killed mid-run) is not handled by runs yet.
+Losing a node: `kill_node` SIGKILLs every process of one worker node at once (its raylet, agents
+and the actors' workers), as a machine that dies would; tests/integration/test_node_loss.py shows
+what a run then does (README "Several nodes", "Losing a node").
 """
 
 from __future__ import annotations
@@ -283,6 +285,47 @@ def stop(cluster: NodeCluster, remove: bool = True) -> list[int]:
     if remove:
         shutil.rmtree(cluster.root, ignore_errors=True)
     return leftovers
+
+
+def kill_node(cluster: NodeCluster, node: Node) -> list[int]:
+    """SIGKILL every process of this worker node at once, without warning anyone: its `ray start`,
+    its raylet and agents, and the actors' worker processes it started (each logs under the node's
+    own temp dir). What a machine that loses power does to a run. Returns the pids killed.
+    The head is refused: losing it ends the cluster (Ray's GCS lives there)."""
+    import psutil
+
+    from actors.local_cluster import cluster_processes
+
+    if node is cluster.head:
+        raise ValueError("kill_node: the head node holds the cluster's GCS; kill a worker node")
+    family: list[psutil.Process] = []
+    try:
+        proc = psutil.Process(node.pid)
+        if proc.create_time() == node.started:  # still our `ray start`, not a reused pid
+            family = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        pass
+
+    def kill(procs: list[psutil.Process]) -> None:
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    kill(family)  # first: the scan below (every process's open files) takes a while
+    family += (rest := [p for p in cluster_processes(node.temp_dir) if p.pid not in {f.pid for f in family}])
+    kill(rest)
+    psutil.wait_procs(family, timeout=10)
+    return [p.pid for p in family]
+
+
+def node_with_id(cluster: NodeCluster, node_id: str) -> Node:
+    """The node of this cluster that Ray knows as `node_id` (matched by its raylet's port)."""
+    import ray
+
+    port = next(n["NodeManagerPort"] for n in ray.nodes() if n["NodeID"] == node_id)
+    return next(n for n in cluster.nodes if n.ports["node_manager"] == port)
 
 
 def connect(cluster: NodeCluster) -> None:

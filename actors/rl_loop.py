@@ -37,7 +37,10 @@ class RLLoop:
         self.coordinator = RLCoordinator(cfg)
 
     def step(self, step: int) -> dict[str, float]:
-        return self.coordinator.step(self.stream.next, step)
+        metrics = self.coordinator.step(self.stream.next, step)
+        # prompts taken from the training stream so far (a checkpoint restores it): a prompt lost or
+        # drawn twice after a failure shows as a count off by its size, not only in `samples`
+        return metrics | {"data/prompts_drawn": float(self.stream.position)}
 
     def evaluate(self) -> dict[str, float]:
         return self.coordinator.evaluate(self.heldout) if self.heldout else {}

@@ -210,6 +210,7 @@ class RolloutGroup:
         timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
     ):
         res = plan.resources["rollout"]
+        self.plan = plan
         self.max_restarts, self.timeout_s, self.restarts = rollout.max_worker_restarts, timeout_s, 0
 
         def start(i: int):
@@ -324,22 +325,50 @@ class RolloutGroup:
     def restart(self, ranks: list[int], weights_from=None) -> None:
         """New workers for `ranks` in their bundles (a dead actor's resources return to its bundle),
         loaded with `weights_from`'s current weights; waits until they are ready (engine start-up
-        is not bounded by the step timeout)."""
+        is not bounded by the step timeout). A worker Ray cannot reach is first waited for until Ray
+        declares it dead (its node lost: the bundle then moves to a live node) or it answers."""
+        dead_ranks([self.workers[i] for i in ranks])  # the verdict on unreachable ones (actors.group)
         for i in ranks:
             ray.kill(self.workers[i])  # a no-op if it is dead; frees the bundle if it is wedged
             self.workers[i] = self.start(i)
         self.restarts += len(ranks)
-        if weights_from is None:
-            ray_get(START_TIMEOUT_S, rollout={i: self.workers[i].__ray_ready__.remote() for i in ranks})
-        else:
-            blobs = weights_from.async_run(
-                "weights_blob", dtype=self.sync_dtype()
-            )  # every policy rank joins (ZeRO-3 gathers)
-            loads = dict(zip(ranks, self.async_load_weights(blobs[0], ranks)))
-            ray_get(START_TIMEOUT_S, rollout=loads, policy={rank + 1: ref for rank, ref in enumerate(blobs[1:])})
+        self.say_if_waiting_for_a_node()
+        try:
+            if weights_from is None:
+                ray_get(START_TIMEOUT_S, rollout={i: self.workers[i].__ray_ready__.remote() for i in ranks})
+            else:
+                blobs = weights_from.async_run(
+                    "weights_blob", dtype=self.sync_dtype()
+                )  # every policy rank joins (ZeRO-3 gathers)
+                loads = dict(zip(ranks, self.async_load_weights(blobs[0], ranks)))
+                ray_get(START_TIMEOUT_S, rollout=loads, policy={rank + 1: ref for rank, ref in enumerate(blobs[1:])})
+        except StepTimeoutError as e:
+            kind = self.plan.resources["rollout"].node_kind
+            raise StepTimeoutError(
+                f"restarted rollout worker(s) {ranks} not ready within {START_TIMEOUT_S:g}s: "
+                f"no node {f'of kind {kind!r} ' if kind else ''}took their placement-group bundle, or the "
+                f"engine did not start ({e})"
+            ) from e
         log.warning(
             "rollout worker(s) %s restarted%s", ranks, " with the policy's current weights" if weights_from else ""
         )
+
+    def say_if_waiting_for_a_node(self) -> None:
+        """A node that died took bundles of the rollout placement group with it: Ray places them
+        again (state RESCHEDULING) on a node that fits, which may have to join the cluster first.
+        Say so, since the restarted workers wait for it (START_TIMEOUT_S)."""
+        try:
+            state = ray.util.placement_group_table(self.plan.groups["rollout"]).get("state")
+        except Exception:  # only a log line depends on it
+            return
+        if state == "RESCHEDULING":
+            kind = self.plan.resources["rollout"].node_kind
+            log.warning(
+                "the rollout placement group lost a node; Ray is placing its bundle(s) on another node%s "
+                "(the restarted engines wait up to %gs for one)",
+                f" of kind {kind!r}" if kind else "",
+                START_TIMEOUT_S,
+            )
 
     def sync_dtype(self, wait_s: float = 5.0) -> str | None:
         """The dtype every engine computes in, which the policy casts to while packing (half the
