@@ -29,7 +29,7 @@ import torch
 from transformers import AutoTokenizer
 
 from actors.critic import CriticActor
-from actors.group import ActorGroup, PlacementPlan, ray_get
+from actors.group import ActorGroup, PlacementPlan, peak_rss_mib, ray_get
 from actors.policy import PolicyActor
 from actors.reference import AdaptersOffReference, ReferenceActor, reference_is_policy_without_adapters
 from actors.reward import RewardActor
@@ -56,6 +56,7 @@ from rlhf.experience import (
     samples_from_generation,
     sampling_settings,
 )
+from rlhf.memory import MIB
 from rlhf.models import resolve_model_path
 from rlhf.rewards.alarms import CONSTANT_REWARD_BATCHES, constant_reward_message, constant_rewards
 from rlhf.rewards.registry import build_reward_functions, combine_rewards, run_reward_function
@@ -124,6 +125,9 @@ class RLCoordinator:
         self.rollout = RolloutGroup(
             self.plan, self.policy_path, dtype, cfg.rollout, max_model_len=max_len, timeout_s=self.timeout_s
         )
+        for i, plan in enumerate(self.rollout.kv_cache_plans()):  # waits for the engines to start
+            size = f"{plan['bytes'] / MIB:.0f} MiB" if plan["bytes"] else "on the GPU"
+            log.info("rollout engine %d: KV cache %s (%s)", i, size, plan["how"])
         task = cfg.data.source.removeprefix("reasoning_gym:") if cfg.data.source.startswith("reasoning_gym:") else None
         self.rewards = build_reward_functions(cfg.rewards, task)
         self.first_batches: list[dict[str, list[float]]] = []  # per-function rewards of the first scored batches
@@ -466,6 +470,7 @@ class RLCoordinator:
             out[f"eval/{prefix}response_length"] = sum(s.num_policy_tokens for s in samples) / len(samples)
             out |= self.judging.score(prefix, prompts, generated, values, scores.tolist())  # eval/judge/<name>, ...
         out |= self.judging.finish(self.version)  # samples/eval-<version>.jsonl; the alarm (stop: raises)
+        self.log_peak_memory()
         if self.judging.new_best and self.cfg.eval.alarm_action == "keep_best":  # export the best policy by judge
             best = str((self.judging.run_dir / "best-by-judge").resolve())
             ray_get(self.timeout_s, policy=self.policy.async_run("save_pretrained", best))
@@ -486,6 +491,22 @@ class RLCoordinator:
         else:
             ray.wait(blobs, num_returns=len(blobs), fetch_local=False, timeout=self.timeout_s)  # the trainers' part
             self.pending_loads = (loads, blobs[1:])
+
+    def log_peak_memory(self) -> None:
+        """The run log gets each role's peak resident memory so far: every process of the role,
+        summed over ranks (rollout: each engine actor with its engine processes), and the driver.
+        Asked after a held-out evaluation, when nothing queued on the engines is left to wait for."""
+        groups = {"policy": self.policy, "critic": self.critic, "reward": self.reward_model}
+        groups |= {"reference": self.reference} if isinstance(self.reference, ActorGroup) else {}
+        refs = {role: g.async_run("peak_rss_mib") for role, g in groups.items() if g is not None}
+        refs["rollout"] = self.rollout.async_peak_rss_mib()
+        peaks = {role: sum(ray_get(self.timeout_s, **{role: r})) for role, r in refs.items()}
+        peaks["driver"] = peak_rss_mib()
+        log.info(
+            "peak memory (RSS, MiB) per role: %s; all %.0f",
+            ", ".join(f"{role} {mib:.0f}" for role, mib in peaks.items()),
+            sum(peaks.values()),
+        )
 
     def log_if_no_memory_freed(self, freed: list[bool]) -> None:
         if not any(freed) and not self.said_sleep_is_a_no_op:

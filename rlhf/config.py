@@ -206,7 +206,13 @@ class RolloutConfig(Section):
     eval_samples: int = Field(
         4, ge=0, description="held-out: also score this many samples per prompt at `temperature` (0: greedy only)"
     )
-    kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: Literal["auto"] | Annotated[float, Field(gt=0)] = Field(
+        "auto",
+        description="CPU only: each vLLM engine's KV cache, in GiB. auto: sized from the workload (the engine's share "
+        "of prompts_per_step x samples_per_prompt sequences x (data.max_prompt_len + max_new_tokens) tokens in "
+        "whole blocks x the model's KV bytes per token, x 1.25, at least 64 MiB; rlhf/memory.py), logged at "
+        "start. Held-out prompts beyond that run in turn",
+    )
     gpu_memory_utilization: float = Field(
         0.5,
         gt=0.0,
