@@ -58,6 +58,7 @@ from rlhf.experience import (
 )
 from rlhf.memory import MIB
 from rlhf.models import resolve_model_path
+from rlhf.overlap import choose_async
 from rlhf.rewards.alarms import CONSTANT_REWARD_BATCHES, constant_reward_message, constant_rewards
 from rlhf.rewards.registry import build_reward_functions, combine_rewards, run_reward_function
 from rlhf.run_log import PhaseTimer
@@ -93,6 +94,11 @@ class RLCoordinator:
         roles += ["critic"] if a.advantage_estimator.needs_critic else []
         roles += ["reward"] if models.reward else []
         self.plan = PlacementPlan.create(cfg.resources, roles)
+        # async rollouts: as configured, or (auto) where the engines have compute of their own
+        self.async_rollouts, why = choose_async(
+            cfg.rollout.async_rollouts, cfg.resources, roles, cfg.rollout.sleep_during_training
+        )
+        log.info("rollouts: %s (%s)", "asynchronous" if self.async_rollouts else "synchronous", why)
         common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
         algo = a.model_dump()
         self.policy = ActorGroup(
@@ -181,7 +187,7 @@ class RLCoordinator:
         batch (rlhf/experience.py). None when dynamic sampling kept no prompt group."""
         cfg = self.cfg
         samples, scores = self.generate_and_score(next_prompts, step, timer, metrics)  # (B,) scores
-        if cfg.rollout.async_rollouts:  # the next steps' samples generate while this step trains
+        if self.async_rollouts:  # the next steps' samples generate while this step trains
             self.prefetch(next_prompts, step)
         if not samples:
             return None
@@ -298,7 +304,7 @@ class RLCoordinator:
         if a.dynamic_sampling:
             metrics["dynamic_sampling/kept_fraction"] = len(samples) / total
             metrics["dynamic_sampling/prompts_drawn"] = float(drawn)
-        if cfg.rollout.async_rollouts:
+        if self.async_rollouts:
             metrics["async/generate_s"] = engine_s  # the engines' seconds, hidden or waited for
             metrics["async/overlap_s"] = hidden_s
             metrics["async/overlap_fraction"] = hidden_s / max(engine_s, 1e-9)
@@ -319,7 +325,7 @@ class RLCoordinator:
                 )
                 ray_get(self.timeout_s, rollout=self.rollout.async_wake_up())
         with timer("sync"):
-            self.sync_weights(wait=not self.cfg.rollout.async_rollouts)
+            self.sync_weights(wait=not self.async_rollouts)
 
     @staticmethod
     def sampled_kl(experience: Experience, train_metrics: dict[str, float]) -> float:
@@ -342,7 +348,7 @@ class RLCoordinator:
             "response_length/mean": float(lengths.float().mean()),
             "samples": float(len(scores)),
         }
-        if self.cfg.rollout.async_rollouts:
+        if self.async_rollouts:
             staleness = experience.staleness
             out["async/staleness"] = sum(staleness) / len(staleness)
             out["async/staleness_max"] = float(max(staleness))

@@ -220,10 +220,13 @@ class RolloutConfig(Section):
         description="GPU only: share of the GPU's memory an engine takes for weights and KV "
         "cache; leave room for trainers colocated with it",
     )
-    async_rollouts: bool = Field(
-        False,
+    async_rollouts: bool | Literal["auto"] = Field(
+        "auto",
         description="generate the next step's samples while this step trains (one-step off-policy; "
-        "algorithm.importance_sampling corrects for the older weights that sampled)",
+        "algorithm.importance_sampling corrects for the older weights that sampled). auto: on when the engines "
+        "have compute of their own (whole GPUs not colocated with a trainer, or nodes of a node_kind no trainer "
+        "uses), off where they share CPU cores with the trainers (measured slower there: docs/benchmarks.md); "
+        "the choice and its reason are logged at start (rlhf/overlap.py)",
     )
     max_staleness: int = Field(
         1,
@@ -724,7 +727,7 @@ class RunConfig(Section):
                 "rollout.sleep_during_training frees the engines' memory for the roles that share their devices, "
                 "but rollout shares them with none: add a group such as [policy, rollout] to resources.colocate"
             )
-        if ro.sleep_during_training and ro.async_rollouts:
+        if ro.sleep_during_training and ro.async_rollouts is True:  # auto: sync with sleep (rlhf/overlap.py)
             raise ValueError(
                 "rollout.async_rollouts generates while the trainers train, and rollout.sleep_during_training puts "
                 "the engines to sleep then: choose one"

@@ -1,0 +1,53 @@
+"""Whether a run overlaps generation with training (asynchronous rollouts): rollout.async_rollouts=auto.
+
+Async rollouts hide generation behind training, but only help when the two run on different
+compute. Where they share it, each gets part of what a synchronous step gives every phase:
+
+* measured on 2 CPU cores (docs/benchmarks.md, "Overlap"): two busy processes with 2 threads
+  each oversubscribe the cores (SmolLM2 step 0.88x as fast as sync, tiny model 0.30x); with one
+  core each, training, the largest phase, runs on half the cores and the SmolLM2 step was again
+  slower than a sync step on both cores;
+* on GPUs, engines on devices of their own (whole GPUs, not colocated) generate while the trainers train on theirs: the
+  setup async RL systems are built for (not measured here: this project's CI has no GPU).
+
+So `auto` chooses async only when the engines have compute of their own: GPUs not shared with a
+trainer, or CPU nodes of another kind than every trainer's. Everything else runs synchronously,
+including one CPU machine whatever its core count (a split of its cores was slower wherever we
+measured it). `true` and `false` are obeyed as given.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from rlhf.config import ResourcesConfig
+
+MODEL_ROLES = ("policy", "reference", "critic", "reward")  # every role that runs a model besides the engines
+
+
+def choose_async(
+    setting: bool | Literal["auto"],
+    resources: ResourcesConfig,
+    roles: list[str],
+    sleep_during_training: bool = False,
+) -> tuple[bool, str]:
+    """(async rollouts on?, why) for the run's `roles` (those it starts, e.g. no reference
+    without KL). `setting` is rollout.async_rollouts."""
+    if setting is True or setting is False:
+        return setting, f"rollout.async_rollouts={str(setting).lower()}"
+    if sleep_during_training:
+        return False, "auto: rollout.sleep_during_training frees the engines' devices during training"
+    others = [r for r in roles if r in MODEL_ROLES]
+    engines = resources.rollout
+    shared = sorted({r for g in resources.colocate if "rollout" in g for r in g if r in others})
+    if shared:
+        return False, f"auto: the engines share devices with {', '.join(shared)} (resources.colocate)"
+    if engines.gpus_per_actor >= 1:  # Ray gives a whole-GPU request devices no other actor gets a share of
+        return True, "auto: the engines have GPUs of their own"
+    kinds = {r: getattr(resources, r).node_kind for r in others}
+    if engines.node_kind is not None and all(k is not None and k != engines.node_kind for k in kinds.values()):
+        return True, f"auto: the engines run on nodes of kind {engines.node_kind!r}, the trainers on others"
+    return False, (
+        "auto: the engines share CPU cores with the trainers, where asynchronous rollouts measured "
+        "slower than synchronous ones (docs/benchmarks.md)"
+    )

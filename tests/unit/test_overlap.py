@@ -1,0 +1,54 @@
+"""rollout.async_rollouts=auto: async only where the engines have compute of their own (rlhf/overlap.py)."""
+
+import pytest
+
+from rlhf.config import ResourcesConfig
+from rlhf.overlap import choose_async
+
+RL = ["policy", "rollout", "reference"]
+
+
+def resources(**roles) -> ResourcesConfig:
+    return ResourcesConfig(**roles)
+
+
+def test_explicit_settings_are_obeyed_even_where_auto_would_not():
+    assert choose_async(True, resources(), RL) == (True, "rollout.async_rollouts=true")
+    gpus = resources(rollout={"gpus_per_actor": 1})
+    assert choose_async(False, gpus, RL) == (False, "rollout.async_rollouts=false")
+
+
+def test_auto_is_sync_where_engines_and_trainers_share_cpu_cores():
+    # the default resources: every role on any node's CPUs (this machine: 2 cores) -> measured slower
+    on, why = choose_async("auto", resources(), RL)
+    assert not on and "share CPU cores" in why
+    # a node kind for the engines alone does not separate them: the trainers may land on that node
+    on, _ = choose_async("auto", resources(rollout={"node_kind": "gen"}), RL)
+    assert not on
+    # fractional GPUs may share a device with a trainer's fraction
+    on, _ = choose_async("auto", resources(rollout={"gpus_per_actor": 0.5}, policy={"gpus_per_actor": 0.5}), RL)
+    assert not on
+
+
+def test_auto_is_async_where_engines_have_their_own_gpus_or_nodes():
+    on, why = choose_async("auto", resources(rollout={"gpus_per_actor": 1}, policy={"gpus_per_actor": 1}), RL)
+    assert on and "GPUs of their own" in why
+    kinds = resources(rollout={"node_kind": "gen"}, policy={"node_kind": "train"}, reference={"node_kind": "train"})
+    on, why = choose_async("auto", kinds, RL)
+    assert on and "'gen'" in why
+    # a role the run does not start (no reference without KL) does not count
+    on, _ = choose_async("auto", resources(rollout={"node_kind": "gen"}, policy={"node_kind": "train"}), RL[:2])
+    assert on
+    # ... but one that does, with no kind, may share the engines' nodes
+    on, _ = choose_async("auto", resources(rollout={"node_kind": "gen"}, policy={"node_kind": "train"}), RL)
+    assert not on
+
+
+@pytest.mark.parametrize("colocate", [[["policy", "rollout"]], [["reference", "rollout"]]])
+def test_auto_is_sync_when_engines_are_colocated_with_a_trainer_or_sleep(colocate):
+    gpus = {"gpus_per_actor": 1}
+    res = resources(rollout=gpus, policy=gpus, reference=gpus, colocate=colocate)
+    on, why = choose_async("auto", res, RL)
+    assert not on and colocate[0][0] in why
+    on, why = choose_async("auto", resources(rollout=gpus, policy=gpus), RL, sleep_during_training=True)
+    assert not on and "sleep_during_training" in why
