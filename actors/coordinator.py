@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ from rlhf.experience import (
 )
 from rlhf.memory import MIB
 from rlhf.models import resolve_model_path
-from rlhf.overlap import choose_async
+from rlhf.overlap import choose_async, cpu_split_advice
 from rlhf.rewards.alarms import CONSTANT_REWARD_BATCHES, constant_reward_message, constant_rewards
 from rlhf.rewards.registry import build_reward_functions, combine_rewards, run_reward_function
 from rlhf.run_log import PhaseTimer
@@ -99,6 +100,12 @@ class RLCoordinator:
             cfg.rollout.async_rollouts, cfg.resources, roles, cfg.rollout.sleep_during_training
         )
         log.info("rollouts: %s (%s)", "asynchronous" if self.async_rollouts else "synchronous", why)
+        threads = os.environ.get("RAYLHF_CPU_THREADS")
+        own_compute = choose_async("auto", cfg.resources, roles)[0]
+        if advice := cpu_split_advice(
+            self.async_rollouts, own_compute, int(threads) if threads else None, os.cpu_count() or 1
+        ):
+            log.warning(advice)
         common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
         algo = a.model_dump()
         self.policy = ActorGroup(

@@ -51,3 +51,18 @@ def choose_async(
         "auto: the engines share CPU cores with the trainers, where asynchronous rollouts measured "
         "slower than synchronous ones (docs/benchmarks.md)"
     )
+
+
+def cpu_split_advice(async_on: bool, own_compute: bool, threads: int | None, cores: int) -> str | None:
+    """A warning when async rollouts run on engines without compute of their own (`own_compute`:
+    what `auto` would have found) and the thread count (RAYLHF_CPU_THREADS; None: unset, Ray's
+    default of one per CPU reserved) makes an engine and a trainer together use more threads than
+    the machine has cores; else None. Measured on 2 cores: 2 threads each made the SmolLM2 step
+    0.88x as fast as sync, the tiny model's 0.30x."""
+    if not async_on or own_compute or threads is None or 2 * threads <= cores:
+        return None
+    return (
+        f"asynchronous rollouts with {threads} threads per process (RAYLHF_CPU_THREADS) on {cores} cores "
+        f"shared by the engines and the trainers oversubscribe them (measured up to 3x slower than sync, "
+        f"docs/benchmarks.md); give each half: RAYLHF_CPU_THREADS={max(cores // 2, 1)}"
+    )

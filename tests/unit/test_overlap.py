@@ -52,3 +52,14 @@ def test_auto_is_sync_when_engines_are_colocated_with_a_trainer_or_sleep(colocat
     assert not on and colocate[0][0] in why
     on, why = choose_async("auto", resources(rollout=gpus, policy=gpus), RL, sleep_during_training=True)
     assert not on and "sleep_during_training" in why
+
+
+def test_forced_async_on_too_many_threads_gets_advice_to_split_the_cores():
+    from rlhf.overlap import cpu_split_advice
+
+    advice = cpu_split_advice(True, own_compute=False, threads=2, cores=2)
+    assert advice and "RAYLHF_CPU_THREADS=1" in advice
+    assert cpu_split_advice(True, own_compute=False, threads=1, cores=2) is None  # half each
+    assert cpu_split_advice(True, own_compute=False, threads=None, cores=2) is None  # Ray's default: 1
+    assert cpu_split_advice(False, own_compute=False, threads=2, cores=2) is None  # sync
+    assert cpu_split_advice(True, own_compute=True, threads=8, cores=8) is None  # engines elsewhere
