@@ -59,7 +59,7 @@ from rlhf.experience import (
 )
 from rlhf.memory import MIB
 from rlhf.models import resolve_model_path
-from rlhf.overlap import choose_async, cpu_split_advice
+from rlhf.overlap import choose_async, choose_reference_overlap, cpu_split_advice
 from rlhf.rewards.alarms import CONSTANT_REWARD_BATCHES, constant_reward_message, constant_rewards
 from rlhf.rewards.registry import build_reward_functions, combine_rewards, run_reward_function
 from rlhf.run_log import PhaseTimer
@@ -79,6 +79,7 @@ class Generation:
     refs: dict[int, ray.ObjectRef]  # engine index -> (samples, engine seconds)
     version: int  # policy version of the weights the engines generate it with
     prefetched: bool = False  # started during an earlier step (async rollouts)
+    reference: ray.ObjectRef | None = None  # rollout.overlap_reference: its reference log-probs, started early
     result: tuple[list[dict], float] | None = None  # (samples, slowest engine's seconds), once collected
 
 
@@ -127,6 +128,12 @@ class RLCoordinator:
             if critic
             else None
         )
+        self.overlap_reference, why = choose_reference_overlap(
+            cfg.rollout.overlap_reference, self.async_rollouts, cfg.resources, isinstance(self.reference, ActorGroup)
+        )
+        if self.async_rollouts:
+            log.info("next step's reference log-probs while the policy trains: %s (%s)", self.overlap_reference, why)
+        self.reference_ahead: ray.ObjectRef | None = None  # this step's, started during the previous one
         self.reward_model = (
             ActorGroup(RewardActor, "reward", self.plan, model=models.reward.model_dump(), **common)
             if models.reward
@@ -203,7 +210,9 @@ class RLCoordinator:
                 self.log_if_no_memory_freed(ray_get(self.timeout_s, rollout=self.rollout.async_sleep()))
         batch = collate(samples, self.tokenizer.pad_token_id)  # + group_ids (B,)
         with timer("reference"):
-            self.add_logprobs_and_values(batch)
+            self.add_logprobs_and_values(batch, metrics)
+        if self.overlap_reference:  # the next step's samples, as soon as generated, while this step trains
+            self.start_reference_ahead(step + 1)
         # advantages: pure functions on the driver
         kl = (
             compute_kl(batch["old_logprobs"], batch["ref_logprobs"], cfg.algorithm.kl.estimator)
@@ -238,10 +247,45 @@ class RLCoordinator:
         if returns is not None:
             batch["returns"] = returns
 
-    def add_logprobs_and_values(self, batch: Batch) -> None:
+    def start_reference_ahead(self, step: int) -> None:
+        """rollout.overlap_reference: the reference's log-probs of step `step`'s prefetched samples.
+        The reference gets the engines' ObjectRefs, which Ray resolves before running the call, so
+        it starts when the generation ends, while the policy trains on this step."""
+        gen = self.prefetched.get(step)
+        if gen is None or gen.result is not None or gen.reference is not None or not gen.refs:
+            return
+        starts = [a for a, _ in self.rollout.shards(len(gen.texts))]
+        engines = sorted(gen.refs)
+        gen.reference = self.reference.async_run(
+            "logprobs_of_generation",
+            self.tokenizer.pad_token_id,
+            [starts[i] for i in engines],
+            *[gen.refs[i] for i in engines],
+        )[0]
+
+    def reference_from_ahead(self, batch: Batch) -> torch.Tensor | None:
+        """The reference log-probs (B, T) started during the previous step, if they are of exactly
+        this batch's tokens (not when dynamic sampling dropped or added groups, or an engine died
+        and its shard was generated again); None: compute them now."""
+        ref, self.reference_ahead = self.reference_ahead, None
+        if ref is None:
+            return None
+        try:
+            ahead = ray_get(self.timeout_s, reference=[ref])[0]
+        except ray.exceptions.RayError:  # e.g. an engine died under that generation: asked again now
+            return None
+        same = ahead["input_ids"].shape == batch["input_ids"].shape and torch.equal(
+            ahead["input_ids"], batch["input_ids"]
+        )
+        return ahead["ref_logprobs"] if same else None
+
+    def add_logprobs_and_values(self, batch: Batch, metrics: dict | None = None) -> None:
         """Add what the update needs besides the samples, asked of every role at once: the
         policy's old log-probs, the reference's log-probs and the critic's values (B, T)."""
         a = self.cfg.algorithm
+        ahead = self.reference_from_ahead(batch) if self.reference else None
+        if self.overlap_reference and metrics is not None:
+            metrics["reference/ahead"] = float(ahead is not None)  # 1: computed while the previous step trained
         # Trained on once, in one optimizer step: the policy's own training forward supplies the
         # old log-probs (actors/policy.py), i.e. the weights before this update. That holds for
         # stale (async) samples too: PPO's ratio is taken against these weights, and the rollout
@@ -251,13 +295,13 @@ class RLCoordinator:
         if need_old:
             parts, order = batch.shard(self.policy.world_size, self.balance)  # batch[order] == cat(parts)
         old_refs = self.policy.async_scatter("compute_logprobs", parts) if need_old else []
-        ref_refs = self.reference.async_run("compute_logprobs", batch)[:1] if self.reference else []
+        ref_refs = self.reference.async_run("compute_logprobs", batch)[:1] if self.reference and ahead is None else []
         value_refs = self.critic.async_run("compute_values", batch)[:1] if self.critic else []
         if need_old:
             batch["old_logprobs"] = torch.empty_like(batch["response_mask"])
             batch["old_logprobs"][order] = torch.cat(ray_get(self.timeout_s, policy=old_refs))
         if self.reference:
-            batch["ref_logprobs"] = ray_get(self.timeout_s, reference=ref_refs)[0]
+            batch["ref_logprobs"] = ahead if ahead is not None else ray_get(self.timeout_s, reference=ref_refs)[0]
         if self.critic:
             batch["old_values"] = ray_get(self.timeout_s, critic=value_refs)[0]
 
@@ -277,6 +321,8 @@ class RLCoordinator:
             with timer("generate"):
                 # async: the first round was started during the previous step; refills run now
                 gen = self.prefetched.pop(step, None) if round_ == 0 else None
+                if round_ == 0:
+                    self.reference_ahead = gen.reference if gen is not None else None
                 # a full round each time: when few groups are informative, asking for just the
                 # missing count would rarely fill the step
                 gen = gen or self.launch(next_prompts(cfg.rollout.prompts_per_step), step, round_)

@@ -228,6 +228,13 @@ class RolloutConfig(Section):
         "uses), off where they share CPU cores with the trainers (measured slower there: docs/benchmarks.md); "
         "the choice and its reason are logged at start (rlhf/overlap.py)",
     )
+    overlap_reference: bool | Literal["auto"] = Field(
+        "auto",
+        description="with async rollouts: the reference computes the next step's log-probs as soon as its samples "
+        "are generated, while the policy trains (used when the step trains exactly those samples, else computed "
+        "again). auto: on when the reference has compute of its own (whole GPUs not colocated with the policy, or "
+        "nodes of another node_kind); off where it shares CPU cores with the policy (rlhf/overlap.py)",
+    )
     max_staleness: int = Field(
         1,
         ge=1,

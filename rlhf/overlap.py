@@ -66,3 +66,32 @@ def cpu_split_advice(async_on: bool, own_compute: bool, threads: int | None, cor
         f"shared by the engines and the trainers oversubscribe them (measured up to 3x slower than sync, "
         f"docs/benchmarks.md); give each half: RAYLHF_CPU_THREADS={max(cores // 2, 1)}"
     )
+
+
+def choose_reference_overlap(
+    setting: bool | Literal["auto"], async_on: bool, resources: ResourcesConfig, reference_process: bool
+) -> tuple[bool, str]:
+    """(compute the next step's reference log-probs while the policy trains?, why).
+
+    With async rollouts the next step's samples are generated during this step, so the
+    reference can take them as soon as they are done, while the policy trains, instead of
+    after the next step starts. It then runs beside the policy: `auto` does that only where
+    the reference has compute of its own (whole GPUs not colocated with the policy, or nodes of
+    another kind), as `choose_async` does for the engines. `reference_process`: the run has a
+    reference actor (KL on, and not LoRA's adapters-off policy, which trains in the same process)."""
+    if setting is False:
+        return False, "rollout.overlap_reference=false"
+    if not reference_process:
+        return False, "no reference process (no KL term, or LoRA's adapters-off policy)"
+    if not async_on:
+        return False, "synchronous rollouts: the next step's samples do not exist while the policy trains"
+    if setting is True:
+        return True, "rollout.overlap_reference=true"
+    ref, policy = resources.reference, resources.policy
+    if any("reference" in g and "policy" in g for g in resources.colocate):
+        return False, "auto: the reference shares devices with the policy (resources.colocate)"
+    if ref.gpus_per_actor >= 1:
+        return True, "auto: the reference has GPUs of its own"
+    if ref.node_kind is not None and policy.node_kind is not None and ref.node_kind != policy.node_kind:
+        return True, f"auto: the reference runs on nodes of kind {ref.node_kind!r}, the policy on others"
+    return False, "auto: the reference shares CPU cores with the policy"
