@@ -232,8 +232,8 @@ class RolloutConfig(Section):
         "auto",
         description="with async rollouts: the reference computes the next step's log-probs as soon as its samples "
         "are generated, while the policy trains (used when the step trains exactly those samples, else computed "
-        "again). auto: on when the reference has compute of its own (whole GPUs not colocated with the policy, or "
-        "nodes of another node_kind); off where it shares CPU cores with the policy (rlhf/overlap.py)",
+        "again). auto: on whenever async rollouts are (measured faster even on 2 shared CPU cores: "
+        "docs/benchmarks.md); no effect without a reference process (rlhf/overlap.py)",
     )
     max_staleness: int = Field(
         1,

@@ -65,24 +65,18 @@ def test_forced_async_on_too_many_threads_gets_advice_to_split_the_cores():
     assert cpu_split_advice(True, own_compute=True, threads=8, cores=8) is None  # engines elsewhere
 
 
-def test_reference_overlap_needs_async_a_reference_process_and_for_auto_its_own_compute():
+def test_reference_overlap_goes_with_async_and_a_reference_process():
     from rlhf.overlap import choose_reference_overlap
 
     gpus = {"gpus_per_actor": 1}
     own = resources(reference=gpus, policy=gpus, rollout=gpus)
+    # auto: on with async rollouts, also on shared CPU cores (measured faster there)
     assert choose_reference_overlap("auto", True, own, True)[0]
-    assert choose_reference_overlap(
-        "auto", True, resources(reference={"node_kind": "a"}, policy={"node_kind": "b"}), True
-    )[0]
-    # the default resources: the reference shares this machine's CPU cores with the policy
     on, why = choose_reference_overlap("auto", True, resources(), True)
-    assert not on and "shares CPU cores" in why
-    on, why = choose_reference_overlap(
-        "auto", True, resources(reference=gpus, policy=gpus, colocate=[["policy", "reference"]]), True
-    )
-    assert not on and "colocate" in why
+    assert on and why.startswith("auto")
     # nothing to overlap without async rollouts or without a reference process, whatever the setting
     assert choose_reference_overlap(True, False, own, True)[0] is False
+    assert choose_reference_overlap("auto", False, own, True)[0] is False
     assert choose_reference_overlap(True, True, own, False)[0] is False
     assert choose_reference_overlap(True, True, resources(), True) == (True, "rollout.overlap_reference=true")
     assert choose_reference_overlap(False, True, own, True)[0] is False
