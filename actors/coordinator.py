@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 from transformers import AutoTokenizer
 
 from actors.critic import CriticActor
-from actors.group import ActorGroup, PlacementPlan, ray_get
+from actors.group import ActorGroup, PlacementPlan, peak_rss_mib, ray_get
 from actors.policy import PolicyActor
 from actors.reference import AdaptersOffReference, ReferenceActor, reference_is_policy_without_adapters
 from actors.reward import RewardActor
@@ -56,7 +57,9 @@ from rlhf.experience import (
     samples_from_generation,
     sampling_settings,
 )
+from rlhf.memory import MIB
 from rlhf.models import resolve_model_path
+from rlhf.overlap import choose_async, choose_reference_overlap, cpu_split_advice
 from rlhf.rewards.alarms import CONSTANT_REWARD_BATCHES, constant_reward_message, constant_rewards
 from rlhf.rewards.registry import build_reward_functions, combine_rewards, run_reward_function
 from rlhf.run_log import PhaseTimer
@@ -76,6 +79,7 @@ class Generation:
     refs: dict[int, ray.ObjectRef]  # engine index -> (samples, engine seconds)
     version: int  # policy version of the weights the engines generate it with
     prefetched: bool = False  # started during an earlier step (async rollouts)
+    reference: ray.ObjectRef | None = None  # rollout.overlap_reference: its reference log-probs, started early
     result: tuple[list[dict], float] | None = None  # (samples, slowest engine's seconds), once collected
 
 
@@ -92,6 +96,17 @@ class RLCoordinator:
         roles += ["critic"] if a.advantage_estimator.needs_critic else []
         roles += ["reward"] if models.reward else []
         self.plan = PlacementPlan.create(cfg.resources, roles)
+        # async rollouts: as configured, or (auto) where the engines have compute of their own
+        self.async_rollouts, why = choose_async(
+            cfg.rollout.async_rollouts, cfg.resources, roles, cfg.rollout.sleep_during_training
+        )
+        log.info("rollouts: %s (%s)", "asynchronous" if self.async_rollouts else "synchronous", why)
+        threads = os.environ.get("RAYLHF_CPU_THREADS")
+        own_compute = choose_async("auto", cfg.resources, roles)[0]
+        if advice := cpu_split_advice(
+            self.async_rollouts, own_compute, int(threads) if threads else None, os.cpu_count() or 1
+        ):
+            log.warning(advice)
         common = {"trainer": cfg.trainer.model_dump(), "seed": cfg.trainer.seed}
         algo = a.model_dump()
         self.policy = ActorGroup(
@@ -113,6 +128,12 @@ class RLCoordinator:
             if critic
             else None
         )
+        self.overlap_reference, why = choose_reference_overlap(
+            cfg.rollout.overlap_reference, self.async_rollouts, cfg.resources, isinstance(self.reference, ActorGroup)
+        )
+        if self.async_rollouts:
+            log.info("next step's reference log-probs while the policy trains: %s (%s)", self.overlap_reference, why)
+        self.reference_ahead: ray.ObjectRef | None = None  # this step's, started during the previous one
         self.reward_model = (
             ActorGroup(RewardActor, "reward", self.plan, model=models.reward.model_dump(), **common)
             if models.reward
@@ -124,6 +145,9 @@ class RLCoordinator:
         self.rollout = RolloutGroup(
             self.plan, self.policy_path, dtype, cfg.rollout, max_model_len=max_len, timeout_s=self.timeout_s
         )
+        for i, plan in enumerate(self.rollout.kv_cache_plans()):  # waits for the engines to start
+            size = f"{plan['bytes'] / MIB:.0f} MiB" if plan["bytes"] else "on the GPU"
+            log.info("rollout engine %d: KV cache %s (%s)", i, size, plan["how"])
         task = cfg.data.source.removeprefix("reasoning_gym:") if cfg.data.source.startswith("reasoning_gym:") else None
         self.rewards = build_reward_functions(cfg.rewards, task)
         self.first_batches: list[dict[str, list[float]]] = []  # per-function rewards of the first scored batches
@@ -177,7 +201,7 @@ class RLCoordinator:
         batch (rlhf/experience.py). None when dynamic sampling kept no prompt group."""
         cfg = self.cfg
         samples, scores = self.generate_and_score(next_prompts, step, timer, metrics)  # (B,) scores
-        if cfg.rollout.async_rollouts:  # the next steps' samples generate while this step trains
+        if self.async_rollouts:  # the next steps' samples generate while this step trains
             self.prefetch(next_prompts, step)
         if not samples:
             return None
@@ -186,7 +210,9 @@ class RLCoordinator:
                 self.log_if_no_memory_freed(ray_get(self.timeout_s, rollout=self.rollout.async_sleep()))
         batch = collate(samples, self.tokenizer.pad_token_id)  # + group_ids (B,)
         with timer("reference"):
-            self.add_logprobs_and_values(batch)
+            self.add_logprobs_and_values(batch, metrics)
+        if self.overlap_reference:  # the next step's samples, as soon as generated, while this step trains
+            self.start_reference_ahead(step + 1)
         # advantages: pure functions on the driver
         kl = (
             compute_kl(batch["old_logprobs"], batch["ref_logprobs"], cfg.algorithm.kl.estimator)
@@ -221,10 +247,45 @@ class RLCoordinator:
         if returns is not None:
             batch["returns"] = returns
 
-    def add_logprobs_and_values(self, batch: Batch) -> None:
+    def start_reference_ahead(self, step: int) -> None:
+        """rollout.overlap_reference: the reference's log-probs of step `step`'s prefetched samples.
+        The reference gets the engines' ObjectRefs, which Ray resolves before running the call, so
+        it starts when the generation ends, while the policy trains on this step."""
+        gen = self.prefetched.get(step)
+        if gen is None or gen.result is not None or gen.reference is not None or not gen.refs:
+            return
+        starts = [a for a, _ in self.rollout.shards(len(gen.texts))]
+        engines = sorted(gen.refs)
+        gen.reference = self.reference.async_run(
+            "logprobs_of_generation",
+            self.tokenizer.pad_token_id,
+            [starts[i] for i in engines],
+            *[gen.refs[i] for i in engines],
+        )[0]
+
+    def reference_from_ahead(self, batch: Batch) -> torch.Tensor | None:
+        """The reference log-probs (B, T) started during the previous step, if they are of exactly
+        this batch's tokens (not when dynamic sampling dropped or added groups, or an engine died
+        and its shard was generated again); None: compute them now."""
+        ref, self.reference_ahead = self.reference_ahead, None
+        if ref is None:
+            return None
+        try:
+            ahead = ray_get(self.timeout_s, reference=[ref])[0]
+        except ray.exceptions.RayError:  # e.g. an engine died under that generation: asked again now
+            return None
+        same = ahead["input_ids"].shape == batch["input_ids"].shape and torch.equal(
+            ahead["input_ids"], batch["input_ids"]
+        )
+        return ahead["ref_logprobs"] if same else None
+
+    def add_logprobs_and_values(self, batch: Batch, metrics: dict | None = None) -> None:
         """Add what the update needs besides the samples, asked of every role at once: the
         policy's old log-probs, the reference's log-probs and the critic's values (B, T)."""
         a = self.cfg.algorithm
+        ahead = self.reference_from_ahead(batch) if self.reference else None
+        if self.overlap_reference and metrics is not None:
+            metrics["reference/ahead"] = float(ahead is not None)  # 1: computed while the previous step trained
         # Trained on once, in one optimizer step: the policy's own training forward supplies the
         # old log-probs (actors/policy.py), i.e. the weights before this update. That holds for
         # stale (async) samples too: PPO's ratio is taken against these weights, and the rollout
@@ -234,13 +295,13 @@ class RLCoordinator:
         if need_old:
             parts, order = batch.shard(self.policy.world_size, self.balance)  # batch[order] == cat(parts)
         old_refs = self.policy.async_scatter("compute_logprobs", parts) if need_old else []
-        ref_refs = self.reference.async_run("compute_logprobs", batch)[:1] if self.reference else []
+        ref_refs = self.reference.async_run("compute_logprobs", batch)[:1] if self.reference and ahead is None else []
         value_refs = self.critic.async_run("compute_values", batch)[:1] if self.critic else []
         if need_old:
             batch["old_logprobs"] = torch.empty_like(batch["response_mask"])
             batch["old_logprobs"][order] = torch.cat(ray_get(self.timeout_s, policy=old_refs))
         if self.reference:
-            batch["ref_logprobs"] = ray_get(self.timeout_s, reference=ref_refs)[0]
+            batch["ref_logprobs"] = ahead if ahead is not None else ray_get(self.timeout_s, reference=ref_refs)[0]
         if self.critic:
             batch["old_values"] = ray_get(self.timeout_s, critic=value_refs)[0]
 
@@ -260,6 +321,8 @@ class RLCoordinator:
             with timer("generate"):
                 # async: the first round was started during the previous step; refills run now
                 gen = self.prefetched.pop(step, None) if round_ == 0 else None
+                if round_ == 0:
+                    self.reference_ahead = gen.reference if gen is not None else None
                 # a full round each time: when few groups are informative, asking for just the
                 # missing count would rarely fill the step
                 gen = gen or self.launch(next_prompts(cfg.rollout.prompts_per_step), step, round_)
@@ -294,7 +357,7 @@ class RLCoordinator:
         if a.dynamic_sampling:
             metrics["dynamic_sampling/kept_fraction"] = len(samples) / total
             metrics["dynamic_sampling/prompts_drawn"] = float(drawn)
-        if cfg.rollout.async_rollouts:
+        if self.async_rollouts:
             metrics["async/generate_s"] = engine_s  # the engines' seconds, hidden or waited for
             metrics["async/overlap_s"] = hidden_s
             metrics["async/overlap_fraction"] = hidden_s / max(engine_s, 1e-9)
@@ -315,7 +378,7 @@ class RLCoordinator:
                 )
                 ray_get(self.timeout_s, rollout=self.rollout.async_wake_up())
         with timer("sync"):
-            self.sync_weights(wait=not self.cfg.rollout.async_rollouts)
+            self.sync_weights(wait=not self.async_rollouts)
 
     @staticmethod
     def sampled_kl(experience: Experience, train_metrics: dict[str, float]) -> float:
@@ -338,7 +401,7 @@ class RLCoordinator:
             "response_length/mean": float(lengths.float().mean()),
             "samples": float(len(scores)),
         }
-        if self.cfg.rollout.async_rollouts:
+        if self.async_rollouts:
             staleness = experience.staleness
             out["async/staleness"] = sum(staleness) / len(staleness)
             out["async/staleness_max"] = float(max(staleness))
@@ -466,6 +529,7 @@ class RLCoordinator:
             out[f"eval/{prefix}response_length"] = sum(s.num_policy_tokens for s in samples) / len(samples)
             out |= self.judging.score(prefix, prompts, generated, values, scores.tolist())  # eval/judge/<name>, ...
         out |= self.judging.finish(self.version)  # samples/eval-<version>.jsonl; the alarm (stop: raises)
+        self.log_peak_memory()
         if self.judging.new_best and self.cfg.eval.alarm_action == "keep_best":  # export the best policy by judge
             best = str((self.judging.run_dir / "best-by-judge").resolve())
             ray_get(self.timeout_s, policy=self.policy.async_run("save_pretrained", best))
@@ -486,6 +550,22 @@ class RLCoordinator:
         else:
             ray.wait(blobs, num_returns=len(blobs), fetch_local=False, timeout=self.timeout_s)  # the trainers' part
             self.pending_loads = (loads, blobs[1:])
+
+    def log_peak_memory(self) -> None:
+        """The run log gets each role's peak resident memory so far: every process of the role,
+        summed over ranks (rollout: each engine actor with its engine processes), and the driver.
+        Asked after a held-out evaluation, when nothing queued on the engines is left to wait for."""
+        groups = {"policy": self.policy, "critic": self.critic, "reward": self.reward_model}
+        groups |= {"reference": self.reference} if isinstance(self.reference, ActorGroup) else {}
+        refs = {role: g.async_run("peak_rss_mib") for role, g in groups.items() if g is not None}
+        refs["rollout"] = self.rollout.async_peak_rss_mib()
+        peaks = {role: sum(ray_get(self.timeout_s, **{role: r})) for role, r in refs.items()}
+        peaks["driver"] = peak_rss_mib()
+        log.info(
+            "peak memory (RSS, MiB) per role: %s; all %.0f",
+            ", ".join(f"{role} {mib:.0f}" for role, mib in peaks.items()),
+            sum(peaks.values()),
+        )
 
     def log_if_no_memory_freed(self, freed: list[bool]) -> None:
         if not any(freed) and not self.said_sleep_is_a_no_op:

@@ -14,12 +14,14 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf.config import ResourcesConfig, RoleResources
+from rlhf.memory import vm_hwm_kib
 from rlhf.resources import check_fit, placement_sets, set_node_kind
 
 # Starting an actor or engine (model load, vLLM start-up) is not a step: its own, longer deadline.
@@ -48,6 +50,22 @@ def use_cpu_threads_from_env() -> None:
 
     if os.environ.get("RAYLHF_CPU_THREADS") and not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ["RAYLHF_CPU_THREADS"]))
+
+
+def peak_rss_mib(children: bool = False) -> float:
+    """Peak resident memory (VmHWM, which the kernel keeps, so no spike is missed) of this
+    process, MiB; with `children`, plus its child processes' (summed: an upper bound on what they
+    held at once), e.g. a vLLM engine's worker processes."""
+    import psutil
+
+    me = psutil.Process()
+    total_kib = 0
+    for p in [me, *(me.children(recursive=True) if children else [])]:
+        try:
+            total_kib += vm_hwm_kib(Path(f"/proc/{p.pid}/status").read_text()) or 0
+        except OSError:  # it ended meanwhile, or this is not Linux
+            continue
+    return total_kib / 1024
 
 
 @dataclass

@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from actors.trainer import CausalLMRole
+from rlhf.batch import Batch
+from rlhf.experience import collate, samples_from_generation
 
 if TYPE_CHECKING:
     import ray
@@ -21,6 +23,21 @@ if TYPE_CHECKING:
 
 class ReferenceActor(CausalLMRole):
     trainable = False
+
+    def logprobs_of_generation(self, pad_id: int, starts: list[int], *shards: tuple[list[dict], float]) -> Batch:
+        """Reference log-probs of a generation's samples, for rollout.overlap_reference: called
+        with the engines' ObjectRefs (one per shard, starting at prompt `starts[i]`), which Ray
+        resolves first, so this runs as soon as the generation is done, while the policy trains.
+        Returns the batch's input_ids (B, T) (the driver uses the answer only if its own batch has
+        the same) and ref_logprobs (B, T), collated exactly as the driver collates the samples."""
+        generated = [
+            s | {"prompt_index": s["prompt_index"] + start}
+            for start, (samples, _) in zip(starts, shards)
+            for s in samples
+        ]
+        rows: list[dict] = [{}] * (max((g["prompt_index"] for g in generated), default=-1) + 1)
+        batch = collate(samples_from_generation(generated, rows, first_group=0, policy_version=0), pad_id)
+        return Batch({"input_ids": batch["input_ids"], "ref_logprobs": self.compute_logprobs(batch)})
 
 
 def reference_is_policy_without_adapters(models: ModelsConfig) -> bool:

@@ -9,21 +9,54 @@ switch on when no GPU is present.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
-from actors.group import START_TIMEOUT_S, StepTimeoutError, dead_ranks, ray_get, use_cpu_threads_from_env
+from actors.group import (
+    START_TIMEOUT_S,
+    StepTimeoutError,
+    dead_ranks,
+    peak_rss_mib,
+    ray_get,
+    use_cpu_threads_from_env,
+)
 from rlhf.config import DEFAULT_STEP_TIMEOUT_S
 from rlhf.experience import SAMPLING_KEYS, prompt_seed
+from rlhf.memory import (
+    KV_FLOOR_BYTES,
+    KV_MARGIN,
+    MAX_NUM_SEQS,
+    MIB,
+    kv_bytes_per_token,
+    kv_cache_bytes,
+    sequences_per_engine,
+)
 from rlhf.models import preferred_dtype
 
 log = logging.getLogger(__name__)
 WEIGHT_SYNC_EXTENSION = "actors.weight_sync.WeightSyncExtension"
+
+
+def cpu_kv_cache(model_path: str, dtype: str, gib: float | str, sequences: int, max_len: int) -> dict:
+    """The KV cache of a CPU engine: {"bytes", "how"}. `gib` "auto": sized from the workload
+    (rlhf/memory.py), else that many GiB."""
+    if gib != "auto":
+        return {"bytes": int(float(gib) * 2**30), "how": f"rollout.kv_cache_gib={gib}"}
+    config_file = Path(model_path) / "config.json"
+    per_token = kv_bytes_per_token(json.loads(config_file.read_text()), dtype, source=str(config_file))
+    size = kv_cache_bytes(sequences, max_len, per_token)
+    how = (
+        f"auto: {sequences} sequences x {max_len} tokens (whole blocks) x {per_token} B/token ({dtype}) "
+        f"x {KV_MARGIN}, at least {KV_FLOOR_BYTES // MIB} MiB"
+    )
+    return {"bytes": size, "how": how}
 
 
 @ray.remote
@@ -46,13 +79,15 @@ class RolloutWorker:
         max_model_len: int = 1024,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.5,
-        kv_cache_gib: float = 1,
+        kv_cache_gib: float | str = "auto",
+        kv_cache_sequences: int = MAX_NUM_SEQS,
         enforce_eager: bool | None = None,
         sleep_mode: bool = False,
         **engine_kwargs: Any,
     ):
         on_gpu = torch.cuda.is_available()
         self.asleep = False
+        self.kv_cache: dict = {"bytes": None, "how": "GPU: a share of the device's memory (gpu_memory_utilization)"}
         # vLLM 0.32 supports sleep on CUDA/ROCm/XPU only: enable_sleep_mode raises "Sleep mode is not
         # supported on current platform" elsewhere, and its CPU worker's sleep() only logs a warning.
         self.frees_memory = sleep_mode and on_gpu
@@ -65,8 +100,12 @@ class RolloutWorker:
             )
         if not on_gpu:
             use_cpu_threads_from_env()
-            # Read by vLLM-CPU when the engine starts, so it must be set in this process first.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+            self.kv_cache = cpu_kv_cache(
+                model_path, dtype or preferred_dtype(), kv_cache_gib, kv_cache_sequences, max_model_len
+            )
+            engine_kwargs.setdefault("kv_cache_memory_bytes", self.kv_cache["bytes"])
+            # vLLM-CPU lets this (whole-GiB) variable override kv_cache_memory_bytes: the config decides here
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
             # vLLM-CPU 0.32 kills the engine when a request with its own `seed` is prefilled in
             # chunks ("RuntimeError: CPU Generator does not use offset": it rewinds a CUDA-only
             # Philox offset). Whole-prompt prefill avoids that path; a step then needs room for
@@ -161,6 +200,14 @@ class RolloutWorker:
 
         return isinstance(getattr(self.llm.llm_engine, "model_executor", None), UniProcExecutor)
 
+    def kv_cache_plan(self) -> dict:
+        """{"bytes": the engine's KV cache (None on GPU), "how": how it was chosen}."""
+        return self.kv_cache
+
+    def peak_rss_mib(self) -> float:
+        """Peak resident memory of this actor's process and its children (engine processes), MiB."""
+        return peak_rss_mib(children=True)
+
     def engine_dtype(self) -> str:
         """The dtype the engine computes in (e.g. "bfloat16"): what a sync may cast to up front."""
         return str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
@@ -226,6 +273,9 @@ class RolloutGroup:
                 tensor_parallel_size=rollout.tensor_parallel_size,
                 gpu_memory_utilization=rollout.gpu_memory_utilization,
                 kv_cache_gib=rollout.kv_cache_gib,
+                kv_cache_sequences=sequences_per_engine(
+                    rollout.prompts_per_step, rollout.samples_per_prompt, res.num_actors
+                ),
                 sleep_mode=rollout.sleep_during_training,
             )
 
@@ -233,6 +283,15 @@ class RolloutGroup:
         self.workers = [start(i) for i in range(res.num_actors)]
         # Asked now, so the answer is queued before any generate and never waits behind one.
         self._engine_dtypes = [w.engine_dtype.remote() for w in self.workers]
+        self._kv_cache_plans = [w.kv_cache_plan.remote() for w in self.workers]
+
+    def kv_cache_plans(self) -> list[dict]:
+        """Each engine's KV cache ({"bytes", "how"}: RolloutWorker.kv_cache_plan), once they started."""
+        return ray_get(START_TIMEOUT_S, rollout=self._kv_cache_plans)
+
+    def async_peak_rss_mib(self) -> list[ray.ObjectRef]:
+        """Each engine actor's peak resident memory (with its engine processes), MiB."""
+        return [w.peak_rss_mib.remote() for w in self.workers]
 
     def shards(self, n: int) -> list[tuple[int, int]]:
         bounds = [round(i * n / len(self.workers)) for i in range(len(self.workers) + 1)]

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from actors.group import use_cpu_threads_from_env
+from actors.group import peak_rss_mib, use_cpu_threads_from_env
 from rlhf.algos import compute_token_logprobs
 from rlhf.batch import Batch, split_micro_batches, token_budget_micro_batches
 from rlhf.config import LoraConfig, ModelSpec, TrainerConfig
@@ -382,6 +382,10 @@ class DeepSpeedRole:
         import ray
 
         return self.rank, ray.get_runtime_context().get_placement_group_id()
+
+    def peak_rss_mib(self) -> float:
+        """Peak resident memory of this rank's process, MiB."""
+        return peak_rss_mib()
 
     def release_cached_memory(self) -> None:
         """Return the CUDA caching allocator's free blocks to the device, so that a vLLM engine on

@@ -52,7 +52,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     init_ray(num_cpus=2)  # the test suite's 2-core cluster
     sft = train_sft(out)
-    modes = {"sync": {}, "async": {"async_rollouts": True}}
+    modes = {"sync": {"async_rollouts": False}, "async": {"async_rollouts": True}}
     results = {}
     for name, rollout in modes.items():
         cfg = grpo_config(out, f"grpo-{name}", sft["final_path"], steps=args.steps, **rollout)

@@ -122,6 +122,7 @@ def workload_config(path: str, args, run_dir: str, async_rollouts: bool = False)
                 "max_new_tokens": w.max_new_tokens,
                 "eval_samples": 0,
                 "async_rollouts": async_rollouts,
+                "overlap_reference": bool(getattr(args, "overlap_reference", False)),
             },
             "rewards": [{"kind": "reasoning_gym"}],
             "trainer": trainer,
@@ -183,6 +184,12 @@ def main() -> None:
     add_workload_args(parser)
     add_forward_args(parser)
     parser.add_argument("--async-rollouts", action="store_true")
+    parser.add_argument(
+        "--overlap-reference",
+        action="store_true",
+        help="with --async-rollouts: rollout.overlap_reference=true (the next step's reference log-probs "
+        "while the policy trains)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     use_threads(args.threads)  # the actors inherit RAYLHF_CPU_THREADS from this process

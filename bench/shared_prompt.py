@@ -2,7 +2,7 @@
 
     python -m bench.shared_prompt [--shape smollm2-135m|qwen2-1.5b|tiny] [--device cpu|cuda]
         [--dtype fp32|bf16] [--prompts 8] [--samples 4] [--prompt-len 96] [--response-len 32]
-        [--repeats 3] [--attn sdpa|eager] [--ragged] [--json FILE]
+        [--repeats 3] [--attn sdpa|eager] [--ragged] [--paths full,response,shared] [--json FILE]
 
 * full:     model(...).logits at every position, then compute_token_logprobs (today's path)
 * response: the decoder body once, vocabulary projection only where a response token is
@@ -238,7 +238,15 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-tokens", type=int, default=1024)
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument(
+        "--paths",
+        default=",".join(PATHS),
+        help=f"comma-separated subset of {','.join(PATHS)}; the first is the reference",
+    )
     args = parser.parse_args(argv)
+    paths = tuple(args.paths.split(","))
+    if not paths or set(paths) - set(PATHS):
+        parser.error(f"--paths: choose from {','.join(PATHS)}, got {args.paths!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible to torch")
 
@@ -246,7 +254,7 @@ def main(argv=None) -> None:
     batch, groups = make_batch(
         args.prompts, args.samples, args.prompt_len, args.response_len, model.config.vocab_size, args.ragged
     )
-    rows = compare_paths(model, batch, groups, args.repeats, args.chunk_tokens)
+    rows = compare_paths(model, batch, groups, args.repeats, args.chunk_tokens, paths)
     print(
         f"{args.shape} {args.dtype} on {args.device} ({args.attn}, {torch.get_num_threads()} threads): "
         f"{args.prompts} prompts x {args.samples} samples, {args.prompt_len} + {args.response_len} tokens, "

@@ -206,7 +206,13 @@ class RolloutConfig(Section):
     eval_samples: int = Field(
         4, ge=0, description="held-out: also score this many samples per prompt at `temperature` (0: greedy only)"
     )
-    kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: Literal["auto"] | Annotated[float, Field(gt=0)] = Field(
+        "auto",
+        description="CPU only: each vLLM engine's KV cache, in GiB. auto: sized from the workload (the engine's share "
+        "of prompts_per_step x samples_per_prompt sequences x (data.max_prompt_len + max_new_tokens) tokens in "
+        "whole blocks x the model's KV bytes per token, x 1.25, at least 64 MiB; rlhf/memory.py), logged at "
+        "start. Held-out prompts beyond that run in turn",
+    )
     gpu_memory_utilization: float = Field(
         0.5,
         gt=0.0,
@@ -214,10 +220,20 @@ class RolloutConfig(Section):
         description="GPU only: share of the GPU's memory an engine takes for weights and KV "
         "cache; leave room for trainers colocated with it",
     )
-    async_rollouts: bool = Field(
-        False,
+    async_rollouts: bool | Literal["auto"] = Field(
+        "auto",
         description="generate the next step's samples while this step trains (one-step off-policy; "
-        "algorithm.importance_sampling corrects for the older weights that sampled)",
+        "algorithm.importance_sampling corrects for the older weights that sampled). auto: on when the engines "
+        "have compute of their own (whole GPUs not colocated with a trainer, or nodes of a node_kind no trainer "
+        "uses), off where they share CPU cores with the trainers (measured slower there: docs/benchmarks.md); "
+        "the choice and its reason are logged at start (rlhf/overlap.py)",
+    )
+    overlap_reference: bool | Literal["auto"] = Field(
+        "auto",
+        description="with async rollouts: the reference computes the next step's log-probs as soon as its samples "
+        "are generated, while the policy trains (used when the step trains exactly those samples, else computed "
+        "again). auto: on whenever async rollouts are (measured faster even on 2 shared CPU cores: "
+        "docs/benchmarks.md); no effect without a reference process (rlhf/overlap.py)",
     )
     max_staleness: int = Field(
         1,
@@ -724,7 +740,7 @@ class RunConfig(Section):
                 "rollout.sleep_during_training frees the engines' memory for the roles that share their devices, "
                 "but rollout shares them with none: add a group such as [policy, rollout] to resources.colocate"
             )
-        if ro.sleep_during_training and ro.async_rollouts:
+        if ro.sleep_during_training and ro.async_rollouts is True:  # auto: sync with sleep (rlhf/overlap.py)
             raise ValueError(
                 "rollout.async_rollouts generates while the trainers train, and rollout.sleep_during_training puts "
                 "the engines to sleep then: choose one"

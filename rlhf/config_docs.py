@@ -16,7 +16,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import annotated_types
 from pydantic import BaseModel
@@ -120,6 +120,8 @@ def undescribed_fields(root: type[BaseModel] = RunConfig) -> list[str]:
 # ------------------------------------------------------------------------------------ rendering
 def _type_name(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:  # a constrained member of a union (e.g. `Literal["auto"] | Annotated[float, ...]`)
+        return _type_name(args[0])
     if origin is Literal:
         return " or ".join(sorted({type(a).__name__ for a in args}))
     if origin in (Union, types.UnionType):
@@ -166,10 +168,25 @@ def _constraints(field: FieldInfo) -> str:
         for kind, attr, symbol in BOUNDS:
             if isinstance(item, kind):
                 out.append(f"{symbol} {getattr(item, attr):g}")
+    for member in typing.get_args(field.annotation):  # bounds of a union's constrained member
+        if typing.get_origin(member) is Annotated:
+            for item in typing.get_args(member)[1:]:
+                for meta in getattr(item, "metadata", [item]):
+                    for kind, attr, symbol in BOUNDS:
+                        if isinstance(meta, kind):
+                            out.append(f"a number {symbol} {getattr(meta, attr):g}")
     choices, in_list = _literal_choices(field.annotation)
     choices += [name for item in field.metadata if isinstance(item, RegisteredName) for name in item.registry]
+    others = [
+        _type_name(a)
+        for a in typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) in (Union, types.UnionType)
+        and typing.get_origin(a) not in (Literal, Annotated)
+        and a is not type(None)
+    ]
     if choices:
         out.append(("items: " if in_list else "one of: ") + ", ".join(f"`{c}`" for c in choices))
+        out[-1] += "".join(f", or a {name}" for name in others)
     return "; ".join(out)
 
 

@@ -37,20 +37,37 @@ CHATML_TEMPLATE = (
 )
 
 
+# CPU flags (/proc/cpuinfo) of native bf16 matmul, both used by oneDNN for torch's bf16 kernels:
+# AMX tiles (Intel Sapphire Rapids+) and AVX512-BF16 dot products (Intel Cooper Lake+, AMD Zen 4+).
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# Those `dtype: auto` turns bf16 on for. AVX512-BF16 is native and measured 2x faster for SmolLM2's
+# training forward + backward (docs/benchmarks.md, "Precision"), but the main job has not been
+# re-run in bf16 to check its held-out accuracy, so auto stays fp32 there: opt in with
+# `models.<role>.dtype: bfloat16`.
+AUTO_BF16_FLAGS = ("amx_bf16",)
+
+
+def cpu_bf16_flags(cpuinfo: str) -> set[str]:
+    """The native bf16 flags (NATIVE_BF16_FLAGS) that /proc/cpuinfo's text lists."""
+    flags = {word for line in cpuinfo.splitlines() if line.startswith("flags") for word in line.split()}
+    return flags & set(NATIVE_BF16_FLAGS)
+
+
 def preferred_dtype() -> str:
     """The fastest dtype that is still accurate enough to train and sample in, on this machine.
 
-    bf16 where the hardware does bf16 matmuls natively (CUDA GPUs with bf16 support, CPUs with
-    AMX); float32 elsewhere. On an AVX2-only CPU (AMD EPYC without AVX512-BF16) bf16 runs ~8x
-    slower than fp32: torch emulates it (10 vs 86 GFLOP/s measured on one core).
+    bf16 on CUDA GPUs with bf16 support and on CPUs with AMX (AUTO_BF16_FLAGS); float32
+    elsewhere, including CPUs with AVX512-BF16 but no AMX (see AUTO_BF16_FLAGS). On an
+    AVX2-only CPU bf16 runs ~8x slower than fp32: torch emulates it (10 vs 86 GFLOP/s measured
+    on one core).
     """
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     try:
-        cpu_flags = Path("/proc/cpuinfo").read_text()
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no cheap way to tell, and fp32 is never the slow path
         return "float32"
-    return "bfloat16" if "amx_bf16" in cpu_flags else "float32"
+    return "bfloat16" if cpu_bf16_flags(cpuinfo) & set(AUTO_BF16_FLAGS) else "float32"
 
 
 def cache_root() -> Path:

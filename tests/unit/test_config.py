@@ -135,7 +135,7 @@ def test_sleep_during_training_with_colocated_rollout(tmp_path):
     cfg = load_config(
         write(tmp_path, MINIMAL), ["rollout.sleep_during_training=true", "resources.colocate=[[policy, rollout]]"]
     )
-    assert cfg.rollout.sleep_during_training and not cfg.rollout.async_rollouts
+    assert cfg.rollout.sleep_during_training and cfg.rollout.async_rollouts == "auto"  # auto: sync with sleep
     assert (
         load_config(
             write(tmp_path, MINIMAL), ["rollout.async_rollouts=true", "rollout.max_staleness=2"]

@@ -61,3 +61,21 @@ def test_smollm2_converts_once_into_a_plain_checkpoint(tmp_path):
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
     assert model.config.eos_token_id == tokenizer.eos_token_id
     assert "<|im_start|>assistant" in apply_chat_template(tokenizer, "hi")
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch):
+    import rlhf.models as models
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\nbugs\t\t: sysret_ss_attrs\n"
+    sapphire_rapids = "flags\t\t: avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    avx2_only = "flags\t\t: fpu sse avx2 fma\n"
+    assert models.cpu_bf16_flags(zen4) == {"avx512_bf16"}
+    assert models.cpu_bf16_flags(sapphire_rapids) == {"avx512_bf16", "amx_bf16"}
+    assert models.cpu_bf16_flags(avx2_only) == set()
+    # whole flags only, and only on the flags line
+    assert models.cpu_bf16_flags("flags\t\t: avx512_bf16x\nmodel name\t: avx512_bf16\n") == set()
+    # auto: bf16 with AMX only (AVX512-BF16 alone: fp32 until the main job is checked in bf16)
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+    for cpuinfo, expected in ((sapphire_rapids, "bfloat16"), (zen4, "float32"), (avx2_only, "float32")):
+        monkeypatch.setattr(models.Path, "read_text", lambda self, text=cpuinfo: text)
+        assert models.preferred_dtype() == expected
