@@ -162,6 +162,10 @@ class Calculator:
         instructions = TOOL_INSTRUCTIONS if self.tool_call_format else PLAIN_INSTRUCTIONS
         return [{"role": "user", "content": f"{row['question']}\n\n{instructions}"}]
 
+    def episode_metrics(self) -> dict[str, float]:
+        """Per-episode figures the rollout reports (episodes/env/<name>): the tool-call rate's parts."""
+        return {"tool_calls": float(self.calls), "used_tool": float(self.calls > 0)}
+
     def step(self, policy_text: str) -> Observation:
         expression = find_call(policy_text)
         if expression is None:  # no call: the final answer
