@@ -113,3 +113,20 @@ def test_episode_metrics_count_errors_timeouts_and_average_the_rest() -> None:
     assert m["episodes/finish/max_turns"] == pytest.approx(1 / 3)
     assert m["episodes/env/tool_calls"] == pytest.approx(1.0)  # over the episodes that report it
     assert episode_metrics([]) == {}
+
+
+def test_gae_over_an_episode_skips_environment_tokens() -> None:
+    """PPO: GAE over an episode equals GAE over its policy tokens alone; environment tokens get 0."""
+    from rlhf.algos import compute_advantages
+
+    batch = collate(samples_from_episodes([record(0, 1.0)], [{}], 0, 0, isolated_group_start=100), pad_id=0)
+    mask = batch["response_mask"]  # (1, T)
+    torch.manual_seed(0)
+    values = torch.randn(mask.shape)
+    adv, _ = compute_advantages("gae", torch.tensor([1.0]), mask, values=values, gamma=1.0, lam=0.9)
+    policy = mask[0].bool()
+    compact, _ = compute_advantages(
+        "gae", torch.tensor([1.0]), torch.ones(1, int(policy.sum())), values=values[:, policy], gamma=1.0, lam=0.9
+    )
+    assert torch.all(adv[0, ~policy] == 0)
+    assert torch.allclose(adv[0, policy], compact[0])
