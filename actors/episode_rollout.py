@@ -60,6 +60,8 @@ def run_episodes(
     records: dict[int, dict[str, Any]] = {}
     waiting: dict[Future, tuple[int, str, float]] = {}  # env call -> (episode, "reset" | "step", deadline)
     in_engine: dict[str, int] = {}  # request id -> episode
+    started = time.monotonic()
+    turn_ends: dict[int, list[float]] = {i: [] for i in range(len(slots))}  # seconds into the call, per turn
 
     def queue_turn(i: int) -> None:
         ep = episodes[i]
@@ -78,6 +80,7 @@ def run_episodes(
 
     def finish(i: int, timed_out: bool = False) -> None:
         records[i] = episode_record(episodes[i], *slots[i], timed_out=timed_out)
+        records[i]["turn_end_s"] = turn_ends[i]  # when each policy turn came out of the engine
 
     def settle(i: int, kind: str, result: Any, timed_out: bool = False) -> None:
         """An environment call came back (or ran out of time): move episode i on."""
@@ -123,6 +126,7 @@ def run_episodes(
                     sampled = output.outputs[0]
                     ids = list(sampled.token_ids)
                     logprobs = [step[t].logprob for step, t in zip(sampled.logprobs or [], ids)]
+                    turn_ends[i].append(round(time.monotonic() - started, 4))
                     text = episodes[i].take_policy_turn(ids, logprobs)
                     if text is None:  # cut by the token budget
                         finish(i)

@@ -22,7 +22,8 @@ from rlhf.experience import collate
 pytestmark = pytest.mark.integration
 LOGPROB_ATOL = 1e-4  # the single-turn path's (tests/integration/test_rollout.py, test_cycle.py)
 STEP_TIMEOUT_S = 2.0
-ENV = {"name": "test_behaviours", "module": "tests.episode_environments", "settings": {"slow_s": 0.5}}
+SLOW_S = 1.5  # a slow environment step, within the deadline
+ENV = {"name": "test_behaviours", "module": "tests.episode_environments", "settings": {"slow_s": SLOW_S}}
 SAMPLING = {"n": 2, "temperature": 1.0, "max_tokens": 8, "seed": 3}
 
 
@@ -61,6 +62,11 @@ def test_broken_environments_cost_their_own_episodes_only(worker):
     for r in by["ok"] + by["slow"]:  # healthy: never done, so K = 3 turns, 0.25 per turn
         assert (r["finish_reason"], r["turns"], r["error"], r["env_reward"]) == ("max_turns", 3, None, 0.75)
         assert r["env_metrics"] == {"steps": 3.0}
+    # continuous batching, not lockstep: the healthy episodes took all 3 turns while the slow
+    # environment was still answering the first turn of its episodes
+    assert max(r["turn_end_s"][-1] for r in by["ok"]) < min(r["turn_end_s"][1] for r in by["slow"])
+    for r in by["slow"]:
+        assert r["turn_end_s"][1] - r["turn_end_s"][0] >= SLOW_S
     for r in by["raise"]:
         assert r["finish_reason"] == "env_error" and "step raised RuntimeError" in r["error"] and r["turns"] == 1
     for r in by["garbage"]:
