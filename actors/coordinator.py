@@ -48,6 +48,7 @@ from rlhf.algos import (
 )
 from rlhf.batch import Batch
 from rlhf.config import RunConfig
+from rlhf.episodes import EPISODE_COUNTS, episode_metrics, samples_from_episodes
 from rlhf.evaluation.loop import HeldOutJudging
 from rlhf.experience import (
     Experience,
@@ -66,7 +67,9 @@ from rlhf.run_log import PhaseTimer
 from rlhf.schedule import steps_to_prefetch
 
 log = logging.getLogger(__name__)
-COUNTS = ("reward_errors/", "reward_timeouts/")  # per-step sample counts: summed over refill rounds, not averaged
+# per-step counts: summed over refill rounds, not averaged
+COUNTS = ("reward_errors/", "reward_timeouts/", *EPISODE_COUNTS)
+ISOLATED_GROUPS = 1 << 30  # group ids of broken episodes start here (a group of one each: advantage 0)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class Generation:
     prefetched: bool = False  # started during an earlier step (async rollouts)
     reference: ray.ObjectRef | None = None  # rollout.overlap_reference: its reference log-probs, started early
     result: tuple[list[dict], float] | None = None  # (samples, slowest engine's seconds), once collected
+    environment: dict | None = None  # episodes against it (texts are then the data rows, samples episode records)
 
 
 class RLCoordinator:
@@ -139,7 +143,11 @@ class RLCoordinator:
             if models.reward
             else None
         )
-        max_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+        # episodes: the engines' context is the episode's whole token budget
+        self.environment = cfg.environment.model_dump() if cfg.environment else None
+        max_len = (
+            cfg.environment.max_tokens if cfg.environment else cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+        )
         dtype = None if models.policy.dtype == "auto" else models.policy.dtype  # None: the worker's node decides
         self.timeout_s = cfg.trainer.step_timeout_s
         self.rollout = RolloutGroup(
@@ -329,14 +337,12 @@ class RLCoordinator:
                 waited = time.perf_counter()
                 generated, seconds = self.collect(gen)  # a worker that dies is restarted, its prompts retried
                 waited = time.perf_counter() - waited
-            batch_samples = samples_from_generation(
-                generated, gen.prompts, first_group=drawn, policy_version=gen.version
-            )
+            batch_samples = self.samples_of(generated, gen, first_group=drawn)
             drawn += len(gen.prompts)
             engine_s += seconds
             hidden_s += max(0.0, seconds - waited) if gen.prefetched else 0.0  # ran while the driver did other work
             with timer("score"):
-                batch_scores, reward_metrics, per_function = self.score(batch_samples)
+                batch_scores, reward_metrics, per_function = self.score(batch_samples, generated)
             self.watch_for_constant_rewards(per_function)
             for k, v in reward_metrics.items():  # means weighted by samples so refills average correctly
                 metrics[k] = metrics.get(k, 0.0) + (v if k.startswith(COUNTS) else v * len(batch_samples))
@@ -415,9 +421,16 @@ class RLCoordinator:
         """Start generating `prompts` for round `round_` of step `step` on the engines. Each engine
         runs its calls in order, so this round uses the last weights sent before it."""
         sampling = sampling_settings(self.cfg.rollout, "train", step, round_)
-        texts = self.prompt_texts(prompts)
-        return Generation(
-            prompts, texts, sampling, self.rollout.start_generation(texts, sampling), self.version, prefetched
+        texts = prompts if self.environment else self.prompt_texts(prompts)  # episodes start from the rows
+        refs = self.rollout.start_generation(texts, sampling, self.environment)
+        return Generation(prompts, texts, sampling, refs, self.version, prefetched, environment=self.environment)
+
+    def samples_of(self, generated: list[dict], gen: Generation, first_group: int) -> list[Sample]:
+        """The engines' output as Samples: single responses, or episodes (broken ones not trained on)."""
+        if gen.environment is None:
+            return samples_from_generation(generated, gen.prompts, first_group, policy_version=gen.version)
+        return samples_from_episodes(
+            generated, gen.prompts, first_group, gen.version, isolated_group_start=ISOLATED_GROUPS + first_group * 1024
         )
 
     def collect(self, gen: Generation) -> tuple[list[dict], float]:
@@ -425,14 +438,19 @@ class RLCoordinator:
         current weights and its prompts retried with the same seeds (in async mode those weights
         may be newer than gen.version: only that shard's samples are then fresher)."""
         if gen.result is None:
-            gen.result = self.rollout.collect(gen.texts, gen.sampling, gen.refs, weights_from=self.policy)
+            gen.result = self.rollout.collect(
+                gen.texts, gen.sampling, gen.refs, weights_from=self.policy, environment=gen.environment
+            )
         return gen.result
 
     def train(self, batch: Batch) -> dict[str, float]:
         """epochs_per_rollout passes over the batch in global-batch optimizer steps."""
         cfg, a = self.cfg, self.cfg.algorithm
         order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(cfg.trainer.seed + len(batch)))
-        constant = cfg.rollout.max_new_tokens * cfg.trainer.global_batch_size  # Dr.GRPO's fixed normaliser
+        per_sample = (
+            cfg.environment.max_tokens if cfg.environment else cfg.rollout.max_new_tokens
+        )  # policy tokens at most
+        constant = per_sample * cfg.trainer.global_batch_size  # Dr.GRPO's fixed normaliser
         sums: dict[str, list[float]] = {}
         for _ in range(cfg.trainer.epochs_per_rollout):
             for mini in batch.select(order).split(cfg.trainer.global_batch_size):
@@ -480,9 +498,23 @@ class RLCoordinator:
             log.warning(constant_reward_message(constant, CONSTANT_REWARD_BATCHES))
             self.constant_reward = 1.0
 
-    def score(self, samples: list[Sample]) -> tuple[torch.Tensor, dict[str, float], dict[str, list[float]]]:
+    def score(
+        self, samples: list[Sample], generated: list[dict] | None = None
+    ) -> tuple[torch.Tensor, dict[str, float], dict[str, list[float]]]:
         """Weighted sum of every reward function (and the reward model) per sample: (B,), the
-        reward metrics, and each function's per-sample values."""
+        reward metrics, and each function's per-sample values.
+
+        Episodes (`generated` holds their records): with environment.reward = "environment" an
+        episode's return is the sum of the rewards its environment gave; with "rewards" the
+        functions score its last policy turn. Either way the episode metrics are added."""
+        if self.environment is not None and generated is not None:
+            episodes = episode_metrics(generated)
+            if self.environment["reward"] == "environment":
+                returns = [float(r["env_reward"]) for r in generated]
+                metrics = {"reward/environment": sum(returns) / max(len(returns), 1)} | episodes
+                return torch.tensor(returns, dtype=torch.float32), metrics, {"environment": returns}
+            scores, metrics, per_function = self.score(samples)
+            return scores, metrics | episodes, per_function
         completions = [s.text for s in samples]
         rows = [s.row for s in samples]
         model_ref = None
@@ -514,17 +546,20 @@ class RLCoordinator:
         distribution, the one RL trains), all scored by the run's rewards."""
         # No wait for an async prefetch: the engines run these requests after it and after the weight
         # load queued behind it, so held-out answers come from the current weights.
-        texts = self.prompt_texts(prompts)
+        texts = prompts if self.environment else self.prompt_texts(prompts)
         modes = {"": sampling_settings(self.cfg.rollout, "greedy")}
         if self.cfg.rollout.eval_samples:
             modes["sampled/"] = sampling_settings(self.cfg.rollout, "eval_sampled")
         out = {}
         for prefix, sampling in modes.items():
-            generated = self.rollout.generate(texts, sampling, weights_from=self.policy)
-            samples = samples_from_generation(generated, prompts, first_group=0, policy_version=self.version)
-            scores, per_fn, values = self.score(samples)
+            generated = self.rollout.generate(texts, sampling, weights_from=self.policy, environment=self.environment)
+            gen = Generation(prompts, texts, sampling, {}, self.version, environment=self.environment)
+            samples = self.samples_of(generated, gen, first_group=0)
+            scores, per_fn, values = self.score(samples, generated)
+            # episodes: errors, timeouts, turns, finish reasons, the environment's own figures (tool calls)
+            out |= {f"eval/{prefix}{k}": v for k, v in per_fn.items() if k.startswith("episodes/")}
             # each reward's mean and, next to it, the samples it failed on (given its fallback) and timed out on
-            out |= {f"eval/{prefix}{name}": v for name, v in per_fn.items() if name.startswith(("reward/",) + COUNTS)}
+            out |= {f"eval/{prefix}{name}": v for name, v in per_fn.items() if name.startswith(("reward/", "reward_"))}
             out[f"eval/{prefix}reward_mean"] = float(scores.mean())
             out[f"eval/{prefix}response_length"] = sum(s.num_policy_tokens for s in samples) / len(samples)
             out |= self.judging.score(prefix, prompts, generated, values, scores.tolist())  # eval/judge/<name>, ...
@@ -628,7 +663,14 @@ class RLCoordinator:
         self.version = driver_state.get("policy_version", driver_state["step"])
         self.prefetched = {
             step: Generation(
-                g["prompts"], g["texts"], g["sampling"], {}, g["version"], prefetched=True, result=g["result"]
+                g["prompts"],
+                g["texts"],
+                g["sampling"],
+                {},
+                g["version"],
+                prefetched=True,
+                result=g["result"],
+                environment=self.environment,
             )
             for step, g in driver_state.get("prefetched", {}).items()
         }

@@ -32,7 +32,11 @@ class ModelScorer:
         self.plan = PlacementPlan.create(cfg.resources, roles)
         policy = cfg.models.policy
         dtype = None if policy is None or policy.dtype == "auto" else policy.dtype
-        max_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+        # episodes (cfg.environment): the engine's context is the episode's whole token budget
+        self.environment = cfg.environment.model_dump() if cfg.environment else None
+        max_len = (
+            cfg.environment.max_tokens if cfg.environment else cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+        )
         self.rollout = RolloutGroup(
             self.plan, model_path, dtype, cfg.rollout, max_model_len=max_len, timeout_s=self.timeout_s
         )
@@ -52,11 +56,17 @@ class ModelScorer:
         task = source.removeprefix("reasoning_gym:") if source.startswith("reasoning_gym:") else None
         self.rewards = [r for r in build_reward_functions(cfg.rewards, task) if not r.remote]
 
-    def generate(self, texts: list[str], sampling: dict) -> list[dict]:
-        return self.rollout.generate(texts, sampling)  # deadline: trainer.step_timeout_s (or DEFAULT_TIMEOUT_S)
+    def generate(self, texts: list, sampling: dict) -> list[dict]:
+        """Samples for prompt texts, or (with an environment) episode records for data rows."""
+        # deadline: trainer.step_timeout_s (or DEFAULT_TIMEOUT_S)
+        return self.rollout.generate(texts, sampling, environment=self.environment)
 
     def score(self, prompts: list[dict], samples: list[dict]) -> tuple[dict[str, list[float]], list[float], dict]:
-        """({reward name: per-sample values}, the combined training reward per sample, {name: errors})."""
+        """({reward name: per-sample values}, the combined training reward per sample, {name: errors}).
+        Episodes with environment.reward = "environment": the return is what the environment gave."""
+        if self.environment is not None and self.environment["reward"] == "environment":
+            returns = [float(s["env_reward"]) for s in samples]
+            return {"environment": returns}, returns, {}
         completions = [s["text"] for s in samples]
         rows = [prompts[s["prompt_index"]] for s in samples]
         model_ref = (

@@ -177,6 +177,29 @@ class RolloutWorker:
         samples = self.generate(prompts, sampling)
         return samples, time.perf_counter() - start
 
+    def generate_episodes(self, rows: list[dict], sampling: dict, environment: dict) -> list[dict]:
+        """`sampling["n"]` multi-turn episodes per data row against `environment` (EnvironmentConfig
+        as a dict), continuously batched on this engine (actors/episode_rollout.py). Returns one
+        plain record per episode, prompt-major (rlhf.episodes.episode_record), with the policy's
+        tokens exactly as sampled and their log-probs."""
+        from actors.episode_rollout import run_episodes
+
+        self._check_awake("generate_episodes")
+        unknown = set(sampling) - set(SAMPLING_KEYS)
+        if unknown:
+            raise ValueError(f"unknown sampling keys {sorted(unknown)}; allowed: {SAMPLING_KEYS}")
+        if getattr(self, "tokenizer", None) is None:  # the Hugging Face tokenizer the engine was started with
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.llm.llm_engine.model_config.tokenizer)
+        return run_episodes(self.llm.llm_engine, self.tokenizer, rows, environment, sampling)
+
+    def timed_generate_episodes(self, rows: list[dict], sampling: dict, environment: dict) -> tuple[list[dict], float]:
+        """`generate_episodes`, and the seconds it took on this engine."""
+        start = time.perf_counter()
+        records = self.generate_episodes(rows, sampling, environment)
+        return records, time.perf_counter() - start
+
     def load_weights(self, blob) -> None:
         """Replace the engine's weights with a full state_dict: `FlatWeights` (what the trainer's
         `weights_blob` returns), its `to_bytes()`, or an older `state_dict_to_bytes` blob.
@@ -317,26 +340,39 @@ class RolloutGroup:
         starts = [a for a, b in self.shards(num_prompts) if b > a]
         return [s | {"prompt_index": s["prompt_index"] + start} for start, shard in zip(starts, results) for s in shard]
 
-    def async_generate_shard(self, i: int, prompts: list, sampling: dict) -> ray.ObjectRef:
+    def async_generate_shard(self, i: int, prompts: list, sampling: dict, environment: dict | None = None):
         """Worker i's share of `generate(prompts, sampling)`: its shard, with the shard's seed;
-        the ref resolves to (samples, the engine's seconds)."""
+        the ref resolves to (samples, the engine's seconds). With `environment` the prompts are
+        data rows and the samples episode records (RolloutWorker.generate_episodes)."""
         a, b = self.shards(len(prompts))[i]
+        if environment is not None:
+            return self.workers[i].timed_generate_episodes.remote(
+                prompts[a:b], self.shard_sampling(sampling, a), environment
+            )
         return self.workers[i].timed_generate.remote(prompts[a:b], self.shard_sampling(sampling, a))
 
-    def start_generation(self, prompts: list, sampling: dict) -> dict[int, ray.ObjectRef]:
+    def start_generation(
+        self, prompts: list, sampling: dict, environment: dict | None = None
+    ) -> dict[int, ray.ObjectRef]:
         """Every worker starts on its shard; `collect` waits for them. {worker index: ref}."""
         return {
-            i: self.async_generate_shard(i, prompts, sampling)
+            i: self.async_generate_shard(i, prompts, sampling, environment)
             for i, (a, b) in enumerate(self.shards(len(prompts)))
             if b > a
         }
 
-    def generate(self, prompts: list, sampling: dict, weights_from=None) -> list[dict]:
-        """Samples for `prompts` in prompt order, waiting for every worker (see `collect`)."""
-        return self.collect(prompts, sampling, self.start_generation(prompts, sampling), weights_from)[0]
+    def generate(self, prompts: list, sampling: dict, weights_from=None, environment: dict | None = None) -> list[dict]:
+        """Samples (or episode records) for `prompts` in prompt order, waiting for every worker (see `collect`)."""
+        refs = self.start_generation(prompts, sampling, environment)
+        return self.collect(prompts, sampling, refs, weights_from, environment)[0]
 
     def collect(
-        self, prompts: list, sampling: dict, refs: dict[int, ray.ObjectRef], weights_from=None
+        self,
+        prompts: list,
+        sampling: dict,
+        refs: dict[int, ray.ObjectRef],
+        weights_from=None,
+        environment: dict | None = None,
     ) -> tuple[list[dict], float]:
         """(samples in prompt order, the slowest engine's seconds) of a `start_generation(prompts, sampling)`.
 
@@ -374,7 +410,7 @@ class RolloutGroup:
                     shards[i][1] - shards[i][0],
                 )
                 self.restart([i], weights_from)
-                pending[self.async_generate_shard(i, prompts, sampling)] = (
+                pending[self.async_generate_shard(i, prompts, sampling, environment)] = (
                     i  # same seed: the samples it would have given
                 )
                 deadline = time.monotonic() + self.timeout_s  # engine start excluded

@@ -34,6 +34,7 @@ from transformers import AutoTokenizer
 
 from rlhf.config import ConfigError, RunConfig, load_config
 from rlhf.data.sources import DataError, load_prompts
+from rlhf.episodes import episode_metrics
 from rlhf.evaluation.judges import JUDGES, build_judges
 from rlhf.evaluation.scoring import ScoredPass, judge_pass, pass_metrics, sample_records, samples_markdown, write_jsonl
 from rlhf.evaluation.stats import paired_difference
@@ -103,6 +104,8 @@ def evaluate_model(
     r = cfg.rollout
     tokenizer = AutoTokenizer.from_pretrained(cfg.models.policy.tokenizer or model_path)
     texts = [format_prompt(tokenizer, p["prompt"], cfg.data.chat_template) for p in prompts]
+    if cfg.environment is not None:  # episodes start from the data rows (the environment's reset)
+        texts = prompts
     modes = {"greedy": sampling_settings(r, "greedy")}
     if samples_k:
         modes["sampled"] = sampling_settings(r, "eval_sampled", n=samples_k)
@@ -129,6 +132,8 @@ def evaluate_model(
             metrics[f"{prefix}finished_by_length"] = float(sum(s.get("finish_reason") == "length" for s in samples))
             metrics[f"{prefix}seconds"] = seconds  # the first pass includes the engine's warm-up
             metrics |= pass_metrics(scored, len(prompts), prefix)
+            if cfg.environment is not None:  # turns, errors, timeouts, the environment's figures (tool calls)
+                metrics |= episode_metrics(samples, prefix + "episodes/")
             passes.append(scored)
     finally:
         scorer.shutdown()

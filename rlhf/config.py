@@ -35,6 +35,7 @@ from pydantic_core import ErrorDetails, core_schema
 from rlhf.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageEstimator
 from rlhf.algos.kl import KL_ESTIMATORS
 from rlhf.algos.losses import POLICY_LOSSES
+from rlhf.environments import ENVIRONMENTS, import_environment_module
 from rlhf.names import did_you_mean
 from rlhf.registry import Registry
 from rlhf.rewards.registry import REWARD_KINDS
@@ -252,6 +253,60 @@ class RolloutConfig(Section):
         description="an engine actor that dies mid-generation is restarted in its bundle, given the policy's "
         "weights and its prompts again, at most this many times per generation call (0: fail)",
     )
+
+
+# ---------------------------------------------------------------------------------- environment
+class EnvironmentConfig(Section):
+    """Multi-turn episodes: each rollout sample is an episode against an environment (rlhf/environments)."""
+
+    name: Annotated[str, RegisteredName(ENVIRONMENTS)] = Field(
+        description="which environment (listed under Registered names, or registered by `module`); a fresh "
+        "one per episode"
+    )
+    module: str | None = Field(
+        None,
+        description="dotted name of a Python module to import first (driver and rollout workers), whose "
+        "@environment classes register themselves, e.g. 'my_project.envs'. It runs in-process: trusted code only",
+    )
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the environment, e.g. {hints: false}"
+    )
+    max_turns: int = Field(4, ge=1, description="policy turns per episode at most (K)")
+    max_tokens: int = Field(
+        512,
+        ge=2,
+        description="token budget per episode: prompt + policy turns + observations; the engines' context "
+        "length. A turn is also capped by rollout.max_new_tokens",
+    )
+    step_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="seconds one environment step (or reset) may take; a slower one ends its episode as an "
+        "error (counted in episodes/timeouts) while the other episodes go on",
+    )
+    reward: Literal["environment", "rewards"] = Field(
+        "environment",
+        description="an episode's return: 'environment' = the sum of the rewards the environment gave over "
+        "its turns (none given: 0); 'rewards' = the `rewards` functions on the last policy turn (for "
+        "environments that give no reward)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_module(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and isinstance(raw.get("module"), str):
+            import_environment_module(raw["module"])
+        return raw
+
+    @model_validator(mode="after")
+    def _settings_accepted(self) -> EnvironmentConfig:
+        if bad := nonfinite_paths(self.settings):
+            raise ValueError(f"environment.settings: not a finite number: {', '.join(bad)}")
+        try:  # the environment's own constructor says which settings it takes
+            ENVIRONMENTS[self.name].make(**self.settings)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"environment.settings {self.settings} rejected by {self.name!r}: {e}") from None
+        return self
 
 
 # ------------------------------------------------------------------------------------ algorithm
@@ -667,6 +722,10 @@ class RunConfig(Section):
         default_factory=list,
         description="RL reward functions: a sample's reward is their weighted sum (+ models.reward)",
     )
+    environment: EnvironmentConfig | None = Field(
+        None,
+        description="RL only: train on multi-turn episodes against this environment instead of single responses",
+    )
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="optimization under DeepSpeed")
     resources: ResourcesConfig = Field(
         default_factory=ResourcesConfig, description="Ray actors per role and what each reserves"
@@ -715,7 +774,14 @@ class RunConfig(Section):
                 )
             if algo.advantage_estimator.needs_critic and self.models.critic is None:
                 raise ValueError(f"algorithm.advantage={algo.advantage!r} needs a value model: set models.critic.path")
-            if not self.rewards and self.models.reward is None:
+            env = self.environment
+            if env is not None and env.reward == "environment":
+                if self.rewards or self.models.reward is not None:
+                    raise ValueError(
+                        "environment.reward='environment': the environment's rewards are the return, so `rewards` "
+                        "and models.reward would be ignored; remove them or set environment.reward='rewards'"
+                    )
+            elif not self.rewards and self.models.reward is None:
                 raise ValueError("an RL run needs a reward: add an entry to `rewards` or set models.reward")
             if res.rollout.num_actors > ro.prompts_per_step:
                 # each engine gets whole prompts (all n samples of a prompt on one engine)
@@ -724,6 +790,13 @@ class RunConfig(Section):
                     f"{ro.prompts_per_step} prompts a step, so some would never generate; lower "
                     f"resources.rollout.num_actors or raise rollout.prompts_per_step"
                 )
+        if self.environment is not None and not self.is_rl:
+            raise ValueError(f"environment: episodes are RL samples, but algorithm.name={algo.name!r}")
+        if self.environment is not None and self.environment.max_tokens < ro.max_new_tokens:
+            raise ValueError(
+                f"environment.max_tokens={self.environment.max_tokens} (the whole episode) is below "
+                f"rollout.max_new_tokens={ro.max_new_tokens} (one turn)"
+            )
         for role in ("reference", "reward", "critic"):
             spec = getattr(self.models, role)
             if spec is not None and spec.lora is not None:

@@ -27,7 +27,7 @@ segments (rlhf.experience.Sample.from_segments):
   cut to what is left; an observation that does not fit ends the episode without it), or when
   the environment fails (safe_step: `errors`, `error`).
 
-The rollout worker's loop (not wired yet):
+The rollout worker (actors/episode_rollout.py) drives many episodes at once; one episode alone:
 
     ep = Episode(tokenizer, make_environment("calculator"), row, group_id, max_turns=4, max_tokens=1024)
     while not ep.done:
@@ -40,10 +40,11 @@ Pure: no Ray, vLLM or DeepSpeed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
-from rlhf.environments.base import Environment, Message, safe_reset, safe_step
+from rlhf.environments.base import Environment, Message, Observation, safe_reset, safe_step
 from rlhf.experience import Sample
 
 FALLBACK_FORMAT = '<observation role="{role}">{content}</observation>\n'
@@ -62,6 +63,7 @@ class Episode:
         *,
         max_turns: int,
         max_tokens: int,
+        reset: tuple[list[Message], str | None] | None = None,
     ) -> None:
         if max_turns < 1 or max_tokens < 1:
             raise ValueError(f"max_turns and max_tokens must be positive, got {max_turns}, {max_tokens}")
@@ -78,7 +80,9 @@ class Episode:
         self.delta_fallbacks = 0  # observations appended in FALLBACK_FORMAT
         self.done = False
         self.finish_reason: str | None = None  # env_done, max_turns, token_budget, env_error
-        messages, error = safe_reset(env, row)
+        self._awaiting: tuple[list[int], str] | None = None  # the policy turn the environment answers next
+        # `reset`: safe_reset(env, row) already run by the caller (the rollout runs it under a deadline)
+        messages, error = safe_reset(env, row) if reset is None else reset
         self.messages: list[Message] = messages
         self._rendered: str | None = None  # template text the tokens stand for; None after a fallback
         self.prompt_ids: list[int] = []
@@ -120,21 +124,41 @@ class Episode:
     # ------------------------------------------------------------------------------- a turn
     def add_policy_turn(self, token_ids: Sequence[int], logprobs: Sequence[float]) -> None:
         """Append the policy's turn exactly as sampled, let the environment answer, append its delta."""
+        text = self.take_policy_turn(token_ids, logprobs)
+        if text is not None:
+            self.answer(safe_step(self.env, text))
+
+    def take_policy_turn(self, token_ids: Sequence[int], logprobs: Sequence[float]) -> str | None:
+        """First half of `add_policy_turn`: append the policy's tokens as sampled. Returns the
+        turn's text for the environment (`safe_step(env, text)`, then `answer`), or None when the
+        episode ended here (the turn was cut by the token budget). The rollout worker runs the
+        environment step elsewhere, under a deadline, and decodes other episodes meanwhile."""
         if self.done:
             raise RuntimeError(f"the episode is over ({self.finish_reason}): no further turns")
+        if self._awaiting is not None:
+            raise RuntimeError("the previous policy turn has not been answered (call answer first)")
         if len(token_ids) != len(logprobs):
             raise ValueError(f"{len(token_ids)} sampled tokens but {len(logprobs)} log-probs")
         ids, lps = list(token_ids)[: self.remaining_tokens], [float(x) for x in logprobs][: self.remaining_tokens]
         cut = len(ids) < len(token_ids)
         self._append(ids, lps)
         self.turns += 1
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
         self.policy_texts.append(text)
         if cut:  # the turn was cut mid-way: the environment is not asked about half a turn
             self.turn_rewards.append(None)
             self._finish("token_budget")
-            return
-        observation = safe_step(self.env, text)
+            return None
+        self._awaiting = (ids, text)
+        return text
+
+    def answer(self, observation: Observation) -> None:
+        """Second half of `add_policy_turn`: the environment's (checked) answer to the last turn;
+        appends its template delta unless the episode ends. An Observation with `error` set (a
+        failed or timed-out step) ends the episode as an environment error."""
+        if self._awaiting is None:
+            raise RuntimeError("no policy turn is waiting for an answer")
+        (ids, text), self._awaiting = self._awaiting, None
         self.turn_rewards.append(observation.reward)
         if observation.error is not None:
             self._fail(observation.error)
@@ -145,7 +169,11 @@ class Episode:
         if self.turns >= self.max_turns:
             self._finish("max_turns")
             return
-        delta = self._delta_ids(ids, text, observation.messages())
+        try:
+            delta = self._delta_ids(ids, text, observation.messages())
+        except Exception as e:  # e.g. a template that refuses the observation's role: this episode only
+            self._fail(f"the chat template could not render the observation: {type(e).__name__}: {e}"[:1000])
+            return
         if len(delta) >= self.remaining_tokens:  # no room for the observation and a policy token
             self._finish("token_budget")
             return
@@ -188,3 +216,107 @@ class Episode:
         self.errors += 1
         self.error = error
         self._finish("env_error")
+
+
+# ----------------------------------------------------------------------------------- records
+# What a rollout worker sends back per episode: plain data (lists, numbers, strings).
+EPISODE_COUNTS = ("episodes/count", "episodes/errors", "episodes/timeouts", "episodes/delta_fallbacks")  # summed
+EPISODE_METRICS_LIMIT = 16  # an environment's own per-episode metrics: at most this many keys
+
+
+def episode_record(ep: Episode, prompt_index: int, sample_index: int, timed_out: bool = False) -> dict[str, Any]:
+    """One finished episode as plain data: its segments (token ids, log-probs or None), the
+    figures the metrics read, and the environment's own `episode_metrics()` when it has one."""
+    return {
+        "prompt_index": prompt_index,
+        "sample_index": sample_index,
+        "segments": [(list(ids), None if lps is None else list(lps)) for ids, lps in ep.segments],
+        "text": ep.policy_texts[-1] if ep.policy_texts else "",
+        "policy_texts": list(ep.policy_texts),
+        "finish_reason": ep.finish_reason,
+        "turns": ep.turns,
+        "turn_rewards": list(ep.turn_rewards),
+        "env_reward": ep.reward,
+        "error": ep.error,
+        "timed_out": timed_out,
+        "delta_fallbacks": ep.delta_fallbacks,
+        "env_metrics": {} if timed_out else environment_metrics(ep.env),
+    }
+
+
+def environment_metrics(env: Environment | None) -> dict[str, float]:
+    """`env.episode_metrics()` (optional: e.g. the calculator's tool calls), finite numbers only;
+    {} when the environment has none or it fails."""
+    get = getattr(env, "episode_metrics", None)
+    if get is None:
+        return {}
+    try:
+        values = get()
+        return {
+            str(k): float(v)
+            for k, v in list(values.items())[:EPISODE_METRICS_LIMIT]
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
+    except Exception:  # a user's environment: its metrics are optional, the episode stands
+        return {}
+
+
+def failed(record: dict[str, Any]) -> bool:
+    """The environment failed or timed out in this episode (reset or a step)."""
+    return record["error"] is not None
+
+
+def samples_from_episodes(
+    records: Sequence[dict[str, Any]],
+    rows: Sequence[dict[str, Any]],
+    first_group: int,
+    policy_version: int,
+    isolated_group_start: int,
+) -> list[Sample]:
+    """Episode records (prompt-major) as Samples. Episodes of prompt i form group first_group + i.
+
+    An episode the environment broke (error or timeout) is kept in place, so batch shapes hold,
+    but not trained on: its loss mask is zeroed (the policy is not blamed for the environment),
+    and it gets a group of its own (isolated_group_start + its position), so its return is no
+    baseline for the others (a group of one has advantage 0). A reset that failed leaves no
+    tokens: such an episode is one padding-like token (the first prompt's end), mask 0."""
+    samples = []
+    for position, r in enumerate(records):
+        segments = r["segments"] or [([0], None)]
+        broken = failed(r)
+        if broken:
+            segments = [(ids, None) for ids, _ in segments]
+        samples.append(
+            Sample.from_segments(
+                segments,
+                group_id=isolated_group_start + position if broken else first_group + r["prompt_index"],
+                text=r["text"],
+                row=rows[r["prompt_index"]],
+                policy_version=policy_version,
+                finish_reason=r["finish_reason"],
+            )
+        )
+    return samples
+
+
+def episode_metrics(records: Sequence[dict[str, Any]], prefix: str = "episodes/") -> dict[str, float]:
+    """Per-step figures: errors and timeouts (counts), mean turns, the share of each finish
+    reason, template-delta fallbacks (count), and the mean of each environment metric."""
+    if not records:
+        return {}
+    n = len(records)
+    out = {
+        f"{prefix}count": float(n),
+        f"{prefix}errors": float(sum(failed(r) for r in records)),
+        f"{prefix}timeouts": float(sum(r["timed_out"] for r in records)),
+        f"{prefix}turns_mean": sum(r["turns"] for r in records) / n,
+        f"{prefix}delta_fallbacks": float(sum(r["delta_fallbacks"] for r in records)),
+        f"{prefix}env_reward_mean": sum(r["env_reward"] for r in records) / n,
+    }
+    for reason in ("env_done", "max_turns", "token_budget", "env_error"):
+        out[f"{prefix}finish/{reason}"] = sum(r["finish_reason"] == reason for r in records) / n
+    keys = sorted({k for r in records for k in r["env_metrics"]})
+    for k in keys:
+        values = [r["env_metrics"][k] for r in records if k in r["env_metrics"]]
+        out[f"{prefix}env/{k}"] = sum(values) / len(values)
+    return out

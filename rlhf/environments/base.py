@@ -14,6 +14,7 @@ Pure: no Ray, vLLM or DeepSpeed.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,6 +84,15 @@ def environment(name: str) -> Callable[[EnvironmentFactory], EnvironmentFactory]
 def make_environment(name: str, **settings: Any) -> Environment:
     """A fresh environment `name` (ValueError with did-you-mean for an unknown name)."""
     return ENVIRONMENTS[name].make(**settings)
+
+
+def import_environment_module(module: str) -> None:
+    """Import `module` (dotted name) so its @environment classes register; ValueError naming it if
+    it cannot be imported (trusted code: it runs in this process)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"environment.module {module!r} cannot be imported: {e}") from None
 
 
 # ------------------------------------------------------------------------------ safe calling

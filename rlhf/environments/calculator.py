@@ -150,8 +150,9 @@ def template_has_tools(tokenizer: Any) -> bool:
 class Calculator:
     """A calculator tool (<calc>2+3*4</calc>); the final answer is scored by reasoning-gym."""
 
-    def __init__(self, tool_call_format: bool = False, task: str | None = None) -> None:
+    def __init__(self, tool_call_format: bool = False, task: str | None = None, few_shot: bool = False) -> None:
         self.tool_call_format = tool_call_format  # teach <tool_call> JSON instead of <calc> tags
+        self.few_shot = few_shot  # open with one worked exchange (a call, its result, the answer)
         self.task = task  # reasoning-gym task; None: the row's metadata["source_dataset"]
         self.tools = [CALCULATOR_TOOL] if tool_call_format else None  # rendered by the chat template
         self.row: dict[str, Any] = {}
@@ -160,7 +161,26 @@ class Calculator:
     def reset(self, row: dict[str, Any]) -> list[Message]:
         self.row, self.calls = row, 0
         instructions = TOOL_INSTRUCTIONS if self.tool_call_format else PLAIN_INSTRUCTIONS
-        return [{"role": "user", "content": f"{row['question']}\n\n{instructions}"}]
+        question = [{"role": "user", "content": f"{row['question']}\n\n{instructions}"}]
+        return self.example(instructions) + question if self.few_shot else question
+
+    def example(self, instructions: str) -> list[Message]:
+        """A worked exchange shown before the question: small models rarely call a tool unprompted."""
+        call = (
+            '<tool_call>{"name": "calculator", "arguments": {"expression": "48 + 37"}}</tool_call>'
+            if self.tool_call_format
+            else "<calc>48 + 37</calc>"
+        )
+        return [
+            {"role": "user", "content": f"What is 48 + 37?\n\n{instructions}"},
+            {"role": "assistant", "content": call},
+            {"role": "tool", "content": format_number(evaluate("48 + 37"))},
+            {"role": "assistant", "content": "85"},
+        ]
+
+    def episode_metrics(self) -> dict[str, float]:
+        """Per-episode figures the rollout reports (episodes/env/<name>): the tool-call rate's parts."""
+        return {"tool_calls": float(self.calls), "used_tool": float(self.calls > 0)}
 
     def step(self, policy_text: str) -> Observation:
         expression = find_call(policy_text)

@@ -37,6 +37,10 @@ class GuessFeedback:
             question = f"{row['question']}\n\nReply with just the final number."
         return [{"role": "user", "content": question}]
 
+    def episode_metrics(self) -> dict[str, float]:
+        """Per-episode figures the rollout reports (episodes/env/<name>)."""
+        return {"guesses": float(self.guesses)}
+
     def step(self, policy_text: str) -> Observation:
         self.guesses += 1
         found = last_number(policy_text)

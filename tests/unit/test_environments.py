@@ -144,3 +144,13 @@ def test_safe_reset_reports_failures() -> None:
     assert safe_reset(Broken(exc=KeyError("question")), ROW) == ([], "reset raised KeyError: 'question'")
     assert safe_reset(Broken(result=[]), ROW)[1] == "reset: reset returned no messages"
     assert safe_reset(Broken(result="hi"), ROW)[1] == "reset: messages are a str, not a list"
+
+
+def test_calculator_few_shot_opens_with_a_worked_exchange() -> None:
+    env = make_environment("calculator", few_shot=True)
+    messages = env.reset({"question": "What is 3 + 4?"})
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant", "user"]
+    assert find_call(messages[1]["content"]) == "48 + 37" and messages[2]["content"] == "85" == messages[3]["content"]
+    assert messages[-1]["content"].startswith("What is 3 + 4?")
+    tool = make_environment("calculator", few_shot=True, tool_call_format=True).reset({"question": "q"})
+    assert find_call(tool[1]["content"]) == "48 + 37" and "<tool_call>" in tool[1]["content"]
