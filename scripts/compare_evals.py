@@ -3,6 +3,7 @@ and every judge, per mode (greedy, sampled), with the paired difference over the
 
     python scripts/compare_evals.py runs/<run>                    # the run's first vs last samples/eval-*.jsonl
     python scripts/compare_evals.py BEFORE.jsonl AFTER.jsonl      # any two samples files (run or recipes.evaluate)
+    python scripts/compare_evals.py docs/samples/<run>            # the recorded runs' samples (eval-*.jsonl.gz)
 
 Prints one line per mode and score: before -> after, after - before ± its standard error, t,
 and how many prompts went up / down.
@@ -20,9 +21,10 @@ from rlhf.evaluation.compare import compare_records, means, read_records
 def sample_files(args: list[str]) -> tuple[Path, Path]:
     if len(args) == 1:
         run = Path(args[0])
-        evals = sorted((run / "samples").glob("eval-*.jsonl"))
+        folder = run / "samples" if (run / "samples").is_dir() else run  # a run, or a folder of eval files
+        evals = sorted(folder.glob("eval-*.jsonl*"))  # .jsonl, or .jsonl.gz in docs/samples
         if len(evals) < 2:
-            raise ValueError(f"{run}/samples: need at least two eval-*.jsonl files, found {len(evals)}")
+            raise ValueError(f"{folder}: need at least two eval-*.jsonl files, found {len(evals)}")
         return evals[0], evals[-1]
     if len(args) == 2:
         return Path(args[0]), Path(args[1])

@@ -9,6 +9,7 @@ per-prompt means are less noisy than one greedy answer, so its standard error is
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from collections import defaultdict
@@ -22,9 +23,11 @@ Record = dict[str, Any]
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """The records of a samples JSONL file; a line that is not a JSON object names the file and line."""
+    """The records of a samples JSONL file (.jsonl.gz: gzip-compressed, as docs/samples keeps them);
+    a line that is not a JSON object names the file and line."""
     records = []
-    with Path(path).open(encoding="utf-8") as f:
+    path = Path(path)
+    with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue

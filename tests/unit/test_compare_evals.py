@@ -95,3 +95,12 @@ def test_pairs_script_writes_jsonl_and_refuses_samples_without_preferences(tmp_p
     flat = write(tmp_path / "flat.jsonl", [record(0, "sampled", 1.0), record(0, "sampled", 1.0)])
     assert sampled_pairs.main([str(flat), str(tmp_path / "none.jsonl")]) == 2
     assert "no prompt has two sampled answers" in capsys.readouterr().err
+
+
+def test_gzipped_sample_files_read_like_plain_ones(tmp_path):
+    import gzip
+
+    records = [record(0, "greedy", 1.0, 0.5)]
+    with gzip.open(tmp_path / "eval-00000.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps(records[0]) + "\n")
+    assert read_records(tmp_path / "eval-00000.jsonl.gz") == records
