@@ -1,7 +1,7 @@
 """Preference pairs (JSONL: prompt, chosen, rejected) from a model's sampled answers, ranked by the
 training reward (rlhf/data/sampled_pairs.py): the input of DPO on IMDB prefixes.
 
-    python -m recipes.evaluate --config recipes/configs/grpo.yaml --split train --num-prompts 512 \\
+    python -m recipes.evaluate --config recipes/configs/grpo.yaml --split train --num-prompts 384 \\
         --samples 4 --judges none --out runs/imdb-sampled-pairs
     python scripts/sampled_pairs.py runs/imdb-sampled-pairs/samples-start.jsonl runs/imdb-sampled-pairs/pairs.jsonl
 """
