@@ -50,7 +50,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", action="append", help="start | a HF folder | a run folder | a checkpoint folder")
     parser.add_argument("--samples", type=int, default=None, help="sampled answers per prompt (0: greedy only)")
     parser.add_argument("--num-prompts", type=int, default=None, help="evaluate the first N held-out prompts")
-    parser.add_argument("--judges", default=None, help=f"comma-separated, from {', '.join(JUDGES)}")
+    parser.add_argument(
+        "--judges", default=None, help=f"comma-separated, from {', '.join(JUDGES)}; 'none' for no judge"
+    )
+    parser.add_argument(
+        "--split",
+        choices=("eval", "train"),
+        default="eval",
+        help="held-out prompts (the default), or the train prompts (e.g. to sample preference pairs from)",
+    )
     parser.add_argument("--out", default=None, help="output folder (default runs/eval/<run_name>)")
     parser.add_argument("--show", type=int, default=3, help="examples to print per model")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.eval_size=50")
@@ -144,15 +152,17 @@ def format_summary(metrics: dict[str, float]) -> str:
     return "\n".join(f"  {k:40s} {v:.4g}" for k, v in metrics.items())
 
 
-def comparisons(first: ScoredPass, other: ScoredPass, n: int) -> dict[str, str]:
-    """Per-prompt paired differences (other - first) of the greedy training reward and each judge."""
+def comparisons(first: ScoredPass, other: ScoredPass, n: int, prefix: str = "") -> dict[str, str]:
+    """Per-prompt paired differences (other - first) of the training reward and each judge, over one
+    mode's passes (sampled: each prompt's mean over its k answers)."""
     out = {}
     if first.rewards:  # else there is no training reward to compare
-        out["reward"] = paired_difference(first.per_prompt(first.total, n), other.per_prompt(other.total, n)).text()
-    for name in first.judges.keys() & other.judges.keys():
+        before, after = first.per_prompt(first.total, n), other.per_prompt(other.total, n)
+        out[f"{prefix}reward"] = paired_difference(before, after).text()
+    for name in sorted(first.judges.keys() & other.judges.keys()):
         before, after = first.per_prompt(first.judges[name], n), other.per_prompt(other.judges[name], n)
         if not any(math.isnan(x) for x in before + after):
-            out[f"judge/{name}"] = paired_difference(before, after).text()
+            out[f"{prefix}judge/{name}"] = paired_difference(before, after).text()
     return out
 
 
@@ -164,11 +174,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if cfg.models.policy is None:
             raise ConfigError(f"{args.config} trains no policy (algorithm {cfg.algorithm.name!r}): nothing generates")
         check_model_paths(cfg.models)  # before Ray: a bad path names itself (models.reward is used for scoring)
-        prompts = load_prompts(cfg.data, "eval", cfg.rewards)
+        prompts = load_prompts(cfg.data, args.split, cfg.rewards)
         if not prompts:
             raise ConfigError("no held-out prompts: set data.eval_size > 0 or data.eval_source")
         prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
-        names = args.judges.split(",") if args.judges else default_judges(cfg, prompts)
+        if args.judges == "none":
+            names = []
+        else:
+            names = args.judges.split(",") if args.judges else default_judges(cfg, prompts)
         judges = build_judges([n for n in names if n], cfg.eval.on_topic_field)
     except (ConfigError, DataError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -181,29 +194,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     init_ray()  # joins RAY_ADDRESS's cluster, or starts a private local one
     writer = _tensorboard(out_dir)
-    summary: dict[str, Any] = {"config": args.config, "prompts": len(prompts), "judges": list(judges), "models": {}}
-    greedy_passes: dict[str, ScoredPass] = {}
+    summary: dict[str, Any] = {
+        "config": args.config,
+        "split": args.split,
+        "prompts": len(prompts),
+        "judges": list(judges),
+        "models": {},
+    }
+    passes_of: dict[str, dict[str, ScoredPass]] = {}  # label -> mode -> pass
     for model in args.model or ["start"]:
         label, path = resolve_model(cfg, model)
-        log.info("evaluating %s (%s) on %d held-out prompts of %s", label, path, len(prompts), cfg.data.source)
+        log.info("evaluating %s (%s) on %d %s prompts of %s", label, path, len(prompts), args.split, cfg.data.source)
         passes, metrics = evaluate_model(cfg, path, prompts, samples_k, judges)
         records = [r for p in passes for r in sample_records(p, label)]
         write_jsonl(out_dir / f"samples-{label}.jsonl", records)
         if writer is not None:
             writer.add_text(f"samples/{label}", samples_markdown(records), 0)
-        greedy_passes[label] = passes[0]
+        passes_of[label] = {p.mode: p for p in passes}
         for r in records[: args.show]:
             gold = f"answer {r['answer']}, " if "answer" in r else ""
             judged = ", ".join(f"{k} {v:.3g}" for k, v in r["judges"].items() if v is not None)
             print(f"Q: {r['prompt']!r}\nA: {r['completion'].strip()!r}  ({gold}reward {r['reward']:.3g}; {judged})\n")
         print(f"{label}: {path}\n{format_summary(metrics)}", flush=True)
         summary["models"][label] = {"path": path, "metrics": metrics}
-    labels = list(greedy_passes)
+    labels = list(passes_of)
     for label in labels[1:]:
-        diff = comparisons(greedy_passes[labels[0]], greedy_passes[label], len(prompts))
+        first, other = passes_of[labels[0]], passes_of[label]
+        diff: dict[str, str] = {}
+        for mode in [m for m in first if m in other]:  # greedy, then sampled (per-prompt means over k answers)
+            diff |= comparisons(first[mode], other[mode], len(prompts), "" if mode == "greedy" else f"{mode}/")
         summary.setdefault("paired", {})[f"{label} - {labels[0]}"] = diff
-        print(f"paired over {len(prompts)} prompts, greedy, {label} - {labels[0]}:")
-        print("\n".join(f"  {k:24s} {v}" for k, v in diff.items()))
+        print(f"paired over {len(prompts)} prompts, {label} - {labels[0]}:")
+        print("\n".join(f"  {k:32s} {v}" for k, v in diff.items()))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"samples and summary: {out_dir}")
     if writer is not None:

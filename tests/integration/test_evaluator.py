@@ -51,6 +51,8 @@ def test_command_line_evaluates_start_and_a_folder(ray_cluster, tiny_model, tmp_
     # the same weights twice: greedy answers, hence every paired difference, are exactly 0
     (diff,) = summary["paired"].values()
     assert diff["reward"].startswith("+0 ± 0") and diff["judge/exact_match"].startswith("+0 ± 0")
+    # and the sampled pass (fixed seed), paired on each prompt's mean over its 2 answers
+    assert diff["sampled/reward"].startswith("+0 ± 0") and "n=4" in diff["sampled/judge/exact_match"]
 
 
 def test_run_evaluation_reports_judges_writes_samples_and_keeps_the_best(ray_cluster, tiny_model, tmp_path):

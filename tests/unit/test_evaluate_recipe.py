@@ -34,3 +34,24 @@ def test_comparisons_are_paired_per_prompt():
     diff = comparisons(scored([0.0, 0.0, 1.0], [0.0, 1.0, 1.0]), scored([1.0, 1.0, 1.0], [0.0, 1.0, 1.0]), 3)
     assert diff["reward"].startswith("+0.6667") and "2 up / 0 down" in diff["reward"]
     assert diff["judge/exact_match"].startswith("+0 ± 0")
+
+
+def test_sampled_comparisons_pair_each_prompts_mean_over_its_answers():
+    def sampled(total):  # 2 prompts x 2 answers
+        samples = [{"prompt_index": i // 2, "text": ""} for i in range(4)]
+        return ScoredPass("sampled", samples, [{}] * 4, {"fn": total}, total, {"exact_match": total})
+
+    diff = comparisons(sampled([0.0, 1.0, 0.0, 0.0]), sampled([1.0, 1.0, 0.0, 1.0]), 2, "sampled/")
+    # prompt 0: 0.5 -> 1.0, prompt 1: 0.0 -> 0.5; n is 2 prompts, not 4 answers
+    assert diff["sampled/reward"].startswith("+0.5 ± 0 ") and "n=2" in diff["sampled/reward"]
+    assert set(diff) == {"sampled/reward", "sampled/judge/exact_match"}
+
+
+def test_judges_none_and_the_train_split_parse():
+    from recipes.evaluate import parse_args
+
+    args = parse_args(["--judges", "none", "--split", "train"])
+    assert args.judges == "none" and args.split == "train"
+    assert parse_args([]).split == "eval"
+    with pytest.raises(SystemExit):
+        parse_args(["--split", "test"])
