@@ -74,8 +74,8 @@ def test_rollout_worker_killed_mid_generation_and_bad_rewards(ray_cluster, tiny_
     submit, collect = RolloutGroup.async_generate_shard, RolloutGroup.collect
     shard_1_calls, killed, same_as_undisturbed = [], [], []
 
-    def kill_worker_1_in_step_2(self, i, prompts, sampling):
-        ref = submit(self, i, prompts, sampling)
+    def kill_worker_1_in_step_2(self, i, prompts, sampling, environment=None):
+        ref = submit(self, i, prompts, sampling, environment)
         if i == 1:
             shard_1_calls.append(i)
             if len(shard_1_calls) == 2:  # step 2's generation, just submitted to worker 1
@@ -83,8 +83,8 @@ def test_rollout_worker_killed_mid_generation_and_bad_rewards(ray_cluster, tiny_
                 killed.append(i)
         return ref
 
-    def collect_again_after_the_kill(self, prompts, sampling, refs, weights_from=None):
-        samples, seconds = collect(self, prompts, sampling, refs, weights_from)
+    def collect_again_after_the_kill(self, prompts, sampling, refs, weights_from=None, environment=None):
+        samples, seconds = collect(self, prompts, sampling, refs, weights_from, environment)
         if killed and not same_as_undisturbed:  # the same call once more, undisturbed (no update in between)
             again, _ = collect(self, prompts, sampling, self.start_generation(prompts, sampling), weights_from)
             same_as_undisturbed.append(

@@ -98,7 +98,7 @@ def test_losing_the_rollout_node_mid_generation(multinode_cluster, tiny_model, t
     submit, collect, restart = RolloutGroup.async_generate_shard, RolloutGroup.collect, RolloutGroup.restart
     calls, killed, collected, new_nodes = [], {}, [], []
 
-    def kill_the_engines_node_in_step_2(self, i, prompts, sampling):
+    def kill_the_engines_node_in_step_2(self, i, prompts, sampling, environment=None):
         # Step 2's prompts go to an engine whose node has just died (killed right before they are
         # sent: the tiny model generates them in a few ms, so killing after would race them).
         if len(calls) == 1:
@@ -106,10 +106,10 @@ def test_losing_the_rollout_node_mid_generation(multinode_cluster, tiny_model, t
             killed.update(kind=kind_of(cluster, node), node=node, pids=kill_node(cluster, node_with_id(cluster, node)))
             killed["at"] = time.monotonic()
         calls.append(i)
-        return submit(self, i, prompts, sampling)
+        return submit(self, i, prompts, sampling, environment)
 
-    def counted_collect(self, prompts, sampling, refs, weights_from=None):
-        samples, seconds = collect(self, prompts, sampling, refs, weights_from)
+    def counted_collect(self, prompts, sampling, refs, weights_from=None, environment=None):
+        samples, seconds = collect(self, prompts, sampling, refs, weights_from, environment)
         collected.append((time.monotonic(), Counter(s["prompt_index"] for s in samples)))
         return samples, seconds
 
