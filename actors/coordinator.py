@@ -578,13 +578,13 @@ class RLCoordinator:
         submitted), so that generation keeps the weights it started with and every later one
         gets these. The loads are waited for at the next sync or checkpoint."""
         self.rollout.wait_loads(*self.pending_loads)  # the previous async sync's, done by now
-        loads, blobs = self.rollout.async_sync_from(self.policy)
+        self.pending_loads = ([], [])
         if wait:
-            self.rollout.wait_loads(loads, blobs[1:])
-            self.pending_loads = ([], [])
-        else:
-            ray.wait(blobs, num_returns=len(blobs), fetch_local=False, timeout=self.timeout_s)  # the trainers' part
-            self.pending_loads = (loads, blobs[1:])
+            self.rollout.sync_from(self.policy)  # object store or broadcast (rollout.weight_sync)
+            return
+        loads, blobs = self.rollout.async_sync_from(self.policy)
+        ray.wait(blobs, num_returns=len(blobs), fetch_local=False, timeout=self.timeout_s)  # the trainers' part
+        self.pending_loads = (loads, blobs[1:])
 
     def log_peak_memory(self) -> None:
         """The run log gets each role's peak resident memory so far: every process of the role,

@@ -42,6 +42,10 @@ from rlhf.models import preferred_dtype
 
 log = logging.getLogger(__name__)
 WEIGHT_SYNC_EXTENSION = "actors.weight_sync.WeightSyncExtension"
+# A weight broadcast's members wait this long for each other (gloo's timeout): long enough for any
+# member to reach the call in a synchronous sync, short enough that a member lost with its node
+# (whose connection may never close) does not hold policy rank 0 for a whole step timeout.
+BROADCAST_TIMEOUT_S = 120.0
 
 
 def cpu_kv_cache(model_path: str, dtype: str, gib: float | str, sequences: int, max_len: int) -> dict:
@@ -216,6 +220,18 @@ class RolloutWorker:
         # Cached KV blocks were computed by the old weights; a prefix hit would reuse them.
         self.llm.reset_prefix_cache()
 
+    def join_weight_broadcast(self, host: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+        """Join the policy's weight-broadcast group as `rank` (actors/weight_broadcast.py)."""
+        from actors.weight_broadcast import WeightBroadcast
+
+        self._weight_broadcast = WeightBroadcast(host, port, rank, world, timeout_s)
+
+    def receive_weights(self) -> int:
+        """Receive the weights policy rank 0 broadcasts and load them (as `load_weights`); returns the bytes."""
+        weights = self._weight_broadcast.receive()
+        self.load_weights(weights)
+        return weights.nbytes
+
     def _engine_in_this_process(self) -> bool:
         """Whether vLLM runs its one worker inside this actor (no engine-core or worker process),
         so `collective_rpc` arguments are passed by reference, not serialised."""
@@ -304,6 +320,8 @@ class RolloutGroup:
 
         self.start = start
         self.workers = [start(i) for i in range(res.num_actors)]
+        self.weight_sync = rollout.weight_sync
+        self._broadcast_group_at: int | None = None  # `restarts` when the broadcast group formed
         # Asked now, so the answer is queued before any generate and never waits behind one.
         self._engine_dtypes = [w.engine_dtype.remote() for w in self.workers]
         self._kv_cache_plans = [w.kv_cache_plan.remote() for w in self.workers]
@@ -505,9 +523,52 @@ class RolloutGroup:
                 log.warning("rollout worker %d is dead at the weight sync; its next generation restarts it", rank)
 
     def sync_from(self, policy) -> None:
-        """Every engine takes the policy group's current weights, waited for."""
+        """Every engine takes the policy group's current weights, waited for: broadcast from policy
+        rank 0 over a gloo group where `rollout.weight_sync` says so, else through the object
+        store, which is also the fallback when a broadcast fails (an engine died, a member timed
+        out): the group then forms again at the next sync."""
+        if self.broadcasts_weights():
+            try:
+                self.broadcast_from(policy)
+                return
+            except (StepTimeoutError, ray.exceptions.RayError) as e:
+                self._broadcast_group_at = None
+                log.warning("weight broadcast failed, syncing through the object store instead: %s", e)
         loads, blobs = self.async_sync_from(policy)
         self.wait_loads(loads, blobs[1:])
+
+    def broadcasts_weights(self) -> bool:
+        """`rollout.weight_sync`; auto: broadcast when an engine runs on another node than policy rank 0."""
+        if self.weight_sync != "auto":
+            return self.weight_sync == "broadcast"
+        try:
+            trainer_node = self.plan.node_ids("policy")[0]
+            return any(node != trainer_node for node in self.plan.node_ids("rollout"))
+        except (KeyError, IndexError):  # no policy placement group here (e.g. a colocated plan)
+            return False
+
+    def broadcast_from(self, policy) -> None:
+        """Policy rank 0 broadcasts its packed weights; every engine receives and loads them."""
+        if self._broadcast_group_at != self.restarts:  # first use, or an engine was replaced since
+            self.form_broadcast_group(policy)
+        sends = policy.async_run("broadcast_weights", dtype=self.sync_dtype())
+        receives = [w.receive_weights.remote() for w in self.workers]
+        ray_get(self.timeout_s, policy=sends, rollout=receives)
+
+    def form_broadcast_group(self, policy) -> None:
+        """A gloo group of policy rank 0 (rank 0, serving its store) and every engine (ranks 1..n).
+        Refused while an engine is dead: rank 0 would wait for it until the timeout."""
+        if dead := self.dead_ranks():
+            raise StepTimeoutError(f"rollout worker(s) {dead} dead: no broadcast group until they are restarted")
+        world, timeout_s = 1 + len(self.workers), min(self.timeout_s, BROADCAST_TIMEOUT_S)
+        host, port = ray_get(self.timeout_s, policy=policy.async_run("open_weight_broadcast", timeout_s))[0]
+        joins = [
+            w.join_weight_broadcast.remote(host, port, rank, world, timeout_s)
+            for rank, w in enumerate(self.workers, start=1)
+        ]
+        ray_get(self.timeout_s, policy=policy.async_run("join_weight_broadcast", world, timeout_s), rollout=joins)
+        self._broadcast_group_at = self.restarts
+        log.info("weight broadcast group formed: policy rank 0 at %s:%d and %d engine(s)", host, port, world - 1)
 
     def dead_ranks(self) -> list[int]:
         return dead_ranks(self.workers)

@@ -97,8 +97,9 @@ def loopback_interface() -> str:
 def keep_collectives_on_loopback() -> None:
     """Make gloo and NCCL bind their connection sockets to loopback in this process. Gloo would
     otherwise bind to the address the hostname resolves to, NCCL's bootstrap to the first
-    non-loopback interface. Only for groups whose ranks all run on this host; this actor process
-    joins no other group (weight sync goes through Ray's object store)."""
+    non-loopback interface. Only for groups whose ranks all run on this host. The weight-broadcast
+    group that policy rank 0 may also join names its own address (actors/weight_broadcast.py), so
+    these variables do not bind it."""
     interface = loopback_interface()
     os.environ.update(GLOO_SOCKET_IFNAME=interface, NCCL_SOCKET_IFNAME=interface)
 
@@ -465,6 +466,30 @@ class DeepSpeedRole:
         for name, buf in buffers:
             packer.write(name, buf)
         return packer.finish()
+
+    def open_weight_broadcast(self, timeout_s: float) -> tuple[str, int] | None:
+        """Rank 0: serve the rendezvous store of a new weight-broadcast group (actors/weight_broadcast.py)
+        on this node's address; returns (address, port). Other ranks: None."""
+        if self.rank != 0:
+            return None
+        from actors.weight_broadcast import WeightStore, node_address
+
+        self._weight_broadcast, self._weight_store = None, WeightStore(node_address(), timeout_s)
+        return self._weight_store.host, self._weight_store.port
+
+    def join_weight_broadcast(self, world: int, timeout_s: float) -> None:
+        """Rank 0 joins the group it serves as its rank 0 (returns once all `world` members have)."""
+        if self.rank == 0:
+            from actors.weight_broadcast import WeightBroadcast
+
+            store = self._weight_store
+            self._weight_broadcast = WeightBroadcast(store.host, store.port, 0, world, timeout_s, store=store.store)
+
+    def broadcast_weights(self, dtype: str | None = None) -> int | None:
+        """`weights_blob(dtype)` (every rank: ZeRO-3 gathers), which rank 0 then broadcasts to the
+        engines of its weight-broadcast group; returns the bytes sent (None on other ranks)."""
+        weights = self.weights_blob(dtype)
+        return None if weights is None else self._weight_broadcast.send(weights)
 
     def save_pretrained(self, directory: str) -> str | None:
         """Write the full weights as a Hugging Face folder (model + tokenizer) that any role, vLLM

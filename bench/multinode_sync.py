@@ -6,7 +6,8 @@ Starts two `ray start` nodes on this machine (actors/multinode.py: a head of kin
 of kind rollout), places the policy (DeepSpeed) on the trainer node and the engine on the rollout
 node by `resources.<role>.node_kind`, and times the sync the runs use: rank 0 gathers its weights
 into a blob in its node's object store, the engine's load_weights takes the ObjectRef, so Ray
-copies the blob across the nodes, and vLLM loads it. Also times a raw transfer of the same number
+copies the blob across the nodes, and vLLM loads it; then the same sync by gloo broadcast
+(rollout.weight_sync=broadcast, actors/weight_broadcast.py) and vLLM's load alone. Also times a raw transfer of the same number
 of bytes between the two nodes' object stores. Prints medians of --repeats after one warm-up.
 """
 
@@ -79,9 +80,14 @@ def main() -> None:
             (blob,) = policy.async_run("weights_blob")
             ray.get(rollout.async_load_weights(blob), timeout=TIMEOUT_S)
 
-        nbytes = len(ray.get(gather(), timeout=TIMEOUT_S))
+        nbytes = ray.get(gather(), timeout=TIMEOUT_S).nbytes
         gather_s = median_s(gather, args.repeats)
         sync_s = median_s(sync, args.repeats)
+        local = gather()
+        ray.get(rollout.async_load_weights(local), timeout=TIMEOUT_S)  # now also in the rollout node's store
+        load_s = median_s(lambda: ray.get(rollout.async_load_weights(local), timeout=TIMEOUT_S), args.repeats)
+        assert rollout.broadcasts_weights()  # rollout.weight_sync=auto: the engine is on another node
+        broadcast_s = median_s(lambda: rollout.sync_from(policy), args.repeats)  # the first call forms the group
 
         @ray.remote(num_cpus=0)
         def make(n: int) -> np.ndarray:
@@ -108,7 +114,10 @@ def main() -> None:
             f"(median of {args.repeats}): whole sync {sync_s:.2f} s = {gb / sync_s:.3f} GB/s "
             f"(rank-0 gather into its object store {gather_s:.2f} s; the rest, transfer + vLLM load, "
             f"{sync_s - gather_s:.2f} s); raw object-store transfer of as many bytes between the nodes "
-            f"{raw_s:.2f} s = {gb / raw_s:.2f} GB/s",
+            f"{raw_s:.2f} s = {gb / raw_s:.2f} GB/s; vLLM's load alone (weights already on its node) {load_s:.2f} s; "
+            f"whole sync by gloo broadcast (rollout.weight_sync=broadcast: pack on rank 0, broadcast, vLLM load) "
+            f"{broadcast_s:.2f} s = {gb / broadcast_s:.3f} GB/s, of which broadcast + pack "
+            f"{broadcast_s - load_s:.2f} s",
             flush=True,
         )
         policy.kill()

@@ -247,6 +247,14 @@ class RolloutConfig(Section):
         description="engines colocated with trainers (resources.colocate) free their device memory "
         "(vLLM sleep level 1) from the end of generation until the weight sync; a no-op on CPU",
     )
+    weight_sync: Literal["auto", "object_store", "broadcast"] = Field(
+        "auto",
+        description="how a synchronous weight sync reaches the engines. object_store: policy rank 0 puts its packed "
+        "weights in its node's object store and each engine reads them (zero-copy on that node; Ray copies them to "
+        "other nodes). broadcast: rank 0 sends them over a gloo group of itself and the engines "
+        "(actors/weight_broadcast.py), the object store as the fallback if the group fails. auto: broadcast when an "
+        "engine is on another node than policy rank 0, else object_store. Async syncs use the object store",
+    )
     max_worker_restarts: int = Field(
         2,
         ge=0,

@@ -7,6 +7,7 @@ Tiny fp32 models, as in test_cycle.py: engine and trainer log-probs agree to ~1e
 weights; one lr=1e-2 Adam step moves them by >1e-2, so 1e-4 tells "synced" from "stale".
 """
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -97,38 +98,43 @@ def test_each_role_runs_on_a_node_of_its_kind(runtime):
         assert runtime["plan"].node_ids(role) == [node], role
 
 
+def engine_vs_trainer(runtime, prompts, tokenizer):
+    """Sample on the engine; (samples, batch, the trainer's log-probs, their largest difference)."""
+    refs = runtime["rollout"].async_generate(prompts, {"n": 2, "temperature": 1.0, "max_tokens": 8, "seed": 0})
+    samples = runtime["rollout"].merge_samples(ray.get(refs, timeout=TIMEOUT_S), len(prompts))
+    batch, trainer = trainer_logprobs(runtime, samples, tokenizer)
+    m = batch["response_mask"].bool()
+    return samples, batch, trainer, (trainer - batch["rollout_logprobs"])[m].abs().max().item()
+
+
+def update_the_policy(runtime, prompts, tokenizer) -> None:
+    """One GRPO update on the trainer's node (rewards differ within each prompt's pair); after it
+    the engine, not yet synced, runs stale weights."""
+    samples, batch, old_logprobs, diff = engine_vs_trainer(runtime, prompts, tokenizer)
+    assert diff < ATOL  # engine and trainer hold the same weights before the update
+    scores = torch.tensor([float(i % 2) for i in range(len(samples))])
+    mask = batch["response_mask"]
+    batch.update(old_logprobs=old_logprobs, advantages=(scores - 0.5)[:, None] * mask)
+    norm = float(compute_loss_normalizer(mask, "token_mean"))
+    parts = runtime["policy"].async_scatter("train_step", [batch], normalizer=norm)
+    (metrics,) = ray.get(parts, timeout=TIMEOUT_S)
+    assert np.isfinite(metrics["policy_loss"])
+    *_, stale = engine_vs_trainer(runtime, prompts, tokenizer)
+    assert stale > 100 * ATOL  # the engine on the rollout node still runs the old weights
+
+
 def test_weights_synced_across_nodes_make_vllm_match_the_trainer(runtime, tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = [apply_chat_template(tokenizer, q) for q in QUESTIONS]
     policy, rollout = runtime["policy"], runtime["rollout"]
-
-    def greedy():
-        refs = rollout.async_generate(prompts, {"n": 2, "temperature": 1.0, "max_tokens": 8, "seed": 0})
-        samples = rollout.merge_samples(ray.get(refs, timeout=TIMEOUT_S), len(prompts))
-        batch, trainer = trainer_logprobs(runtime, samples, tokenizer)
-        m = batch["response_mask"].bool()
-        return samples, batch, trainer, (trainer - batch["rollout_logprobs"])[m].abs().max().item()
-
-    samples, batch, old_logprobs, diff = greedy()
-    assert diff < ATOL  # same start weights on both nodes
-
-    # one GRPO update on the trainer's node: rewards differ within each prompt's pair
-    scores = torch.tensor([float(i % 2) for i in range(len(samples))])
-    mask = batch["response_mask"]
-    advantages = (scores - 0.5)[:, None] * mask
-    batch.update(old_logprobs=old_logprobs, advantages=advantages)
-    norm = float(compute_loss_normalizer(mask, "token_mean"))
-    (metrics,) = ray.get(policy.async_scatter("train_step", [batch], normalizer=norm), timeout=TIMEOUT_S)
-    assert np.isfinite(metrics["policy_loss"])
-    *_, stale = greedy()
-    assert stale > 100 * ATOL  # the engine on the rollout node still runs the old weights
+    update_the_policy(runtime, prompts, tokenizer)
 
     # the sync: rank 0's blob goes from the trainer node's object store to the rollout node's
     start = time.perf_counter()
     blobs = policy.async_run("weights_blob")
     ray.get(rollout.async_load_weights(blobs[0]) + blobs[1:], timeout=TIMEOUT_S)
     sync_s = time.perf_counter() - start
-    *_, fresh = greedy()
+    *_, fresh = engine_vs_trainer(runtime, prompts, tokenizer)
     assert fresh < ATOL, f"trainer vs vLLM log-probs differ by {fresh} after the cross-node sync"
 
     blob_bytes = ray.get(blobs[0], timeout=TIMEOUT_S).nbytes
@@ -137,6 +143,48 @@ def test_weights_synced_across_nodes_make_vllm_match_the_trainer(runtime, tiny_m
         f"\ncross-node weight sync: {blob_bytes / 2**20:.1f} MiB in {sync_s:.2f} s (gather, transfer, vLLM load) "
         f"= {blob_bytes / sync_s / 1e9:.3f} GB/s; raw object-store transfer between the nodes: "
         f"{PROBE_MB} MiB in {probe_s:.2f} s = {PROBE_MB * 2**20 / probe_s / 1e9:.2f} GB/s"
+    )
+
+
+def test_weights_broadcast_across_nodes_and_the_object_store_fallback(runtime, tiny_model, caplog):
+    """rollout.weight_sync auto = broadcast here (the engine is on another node than policy rank 0):
+    rank 0 sends over a gloo group to the engine. An engine lost makes that sync fall back to the
+    object store; once the engine is restarted the group forms again with the new process."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = [apply_chat_template(tokenizer, q) for q in QUESTIONS]
+    policy, rollout = runtime["policy"], runtime["rollout"]
+    assert rollout.weight_sync == "auto" and rollout.broadcasts_weights()
+
+    seconds = []
+    with caplog.at_level(logging.INFO, logger="actors.rollout"):
+        for _ in range(2):  # the group forms at the first sync and is reused at the second
+            update_the_policy(runtime, prompts, tokenizer)
+            start = time.perf_counter()
+            rollout.sync_from(policy)
+            seconds.append(time.perf_counter() - start)
+            *_, fresh = engine_vs_trainer(runtime, prompts, tokenizer)
+            assert fresh < ATOL, f"trainer vs vLLM log-probs differ by {fresh} after the broadcast"
+        assert caplog.text.count("weight broadcast group formed") == 1
+        assert "weight broadcast failed" not in caplog.text
+
+        ray.kill(rollout.workers[0])  # an engine lost: this sync cannot broadcast to it
+        rollout.sync_from(policy)  # falls back; the dead engine is left for the next generation
+        assert "weight broadcast failed, syncing through the object store instead" in caplog.text
+        samples = rollout.generate(prompts, {"n": 2, "temperature": 1.0, "max_tokens": 8, "seed": 0}, policy)
+        assert rollout.restarts == 1 and len(samples) == 2 * len(prompts)
+        *_, fresh = engine_vs_trainer(runtime, prompts, tokenizer)
+        assert fresh < ATOL  # restarted with the current weights
+
+        update_the_policy(runtime, prompts, tokenizer)
+        rollout.sync_from(policy)  # the restarted engine is a new member: the group forms again
+        *_, fresh = engine_vs_trainer(runtime, prompts, tokenizer)
+        assert fresh < ATOL
+        assert caplog.text.count("weight broadcast group formed") == 2
+
+    nbytes = ray.get(policy.async_run("weights_blob")[0], timeout=TIMEOUT_S).nbytes
+    print(
+        f"\ncross-node weight broadcast: {nbytes / 2**20:.1f} MiB; first sync (group formed) {seconds[0]:.2f} s, "
+        f"second {seconds[1]:.2f} s (gather, broadcast, vLLM load)"
     )
 
 
