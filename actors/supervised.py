@@ -28,6 +28,7 @@ from actors.policy import PolicyActor
 from actors.rollout import RolloutGroup
 from rlhf.batch import Batch, collate_samples
 from rlhf.config import RunConfig
+from rlhf.data.chat import apply_chat_template_messages
 from rlhf.data.sources import load_sft_pairs
 from rlhf.experience import format_prompt, sampling_settings
 from rlhf.models import resolve_model_path
@@ -93,6 +94,8 @@ class SFTLoop:
             )
 
     def format_prompt(self, row: dict) -> str:
+        if row.get("messages"):  # a transcript's turn: its whole context (data.sft_target=calculator_transcript)
+            return apply_chat_template_messages(self.tokenizer, row["messages"])
         return format_prompt(self.tokenizer, row["prompt"], self.cfg.data.chat_template)
 
     def encode(self, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:

@@ -166,6 +166,30 @@ class DataConfig(Section):
     on_bad_row: Literal["strict", "skip"] = Field(
         "strict", description="'strict': stop before training; 'skip': drop and count bad rows"
     )
+    sft_target: Literal["answer", "calculator_transcript"] = Field(
+        "answer",
+        description="sft on reasoning_gym:<task>: what to learn. 'answer': the gold answer; "
+        "'calculator_transcript': a calculator episode's two turns, the call on the problem's expression "
+        "(<calc>47 + 38</calc>) after the environment's first message and the result as the answer after "
+        "the tool's reply, the warm start of an agent run (held-out exact match is then of those turns)",
+    )
+
+    @model_validator(mode="after")
+    def _sft_target_needs_its_prompt(self) -> DataConfig:
+        # the call transcripts are the environment's own first turn: nothing may change that prompt
+        if self.sft_target == "calculator_transcript":
+            if not self.source.startswith("reasoning_gym:") or (
+                self.eval_source is not None and not self.eval_source.startswith("reasoning_gym:")
+            ):
+                raise ValueError(
+                    "data.sft_target='calculator_transcript' builds its pairs from reasoning_gym:<task> rows"
+                )
+            if self.prompt_suffix or self.chat_template != "tokenizer":
+                raise ValueError(
+                    "data.sft_target='calculator_transcript' trains on the calculator episode's own prompt: "
+                    "leave data.prompt_suffix empty and data.chat_template='tokenizer'"
+                )
+        return self
 
     @field_validator("task_kwargs")
     @classmethod
@@ -798,6 +822,10 @@ class RunConfig(Section):
                     f"{ro.prompts_per_step} prompts a step, so some would never generate; lower "
                     f"resources.rollout.num_actors or raise rollout.prompts_per_step"
                 )
+        if self.data.sft_target != "answer" and algo.name != "sft":
+            raise ValueError(
+                f"data.sft_target={self.data.sft_target!r} makes sft pairs, but algorithm.name={algo.name!r}"
+            )
         if self.environment is not None and not self.is_rl:
             raise ValueError(f"environment: episodes are RL samples, but algorithm.name={algo.name!r}")
         if self.environment is not None and self.environment.max_tokens < ro.max_new_tokens:

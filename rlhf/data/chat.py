@@ -17,3 +17,9 @@ def apply_chat_template(tokenizer: Any, prompt_text: str, system: str | None = N
     if system is not None:
         messages.insert(0, {"role": "system", "content": system})
     return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def apply_chat_template_messages(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """A whole conversation (user, assistant, tool turns) in the chat template, ending where the
+    assistant speaks next: the context an episode's policy turn is sampled in (SFT on transcripts)."""
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))

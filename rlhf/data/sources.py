@@ -8,7 +8,9 @@ Sources (`DataConfig.source`):
 
 Every returned row has normalised keys: prompts -> `prompt` (+ `answer` and every other field
 kept as metadata); preference -> `prompt`, `chosen`, `rejected`; SFT -> `prompt`, `response`
-(for `reasoning_gym:<task>` the response is the gold answer).
+(for `reasoning_gym:<task>` the response is the gold answer; with `data.sft_target:
+calculator_transcript`, two pairs per problem with a `messages` context: the calculator call, and
+the answer after the tool's result).
 `data.prompt_suffix` is appended to every prompt.
 
 Rows from files are untrusted and validated before anything trains: a bad row (bytes that are
@@ -307,8 +309,33 @@ def _builtin_rows(kind: Kind, source: str, cfg: DataConfig, split: str, verified
         on_bad_row=cfg.on_bad_row,
         more_checks=lambda r: gold_answer_problems(r, task, verified),
     )
+    if kind == "sft" and cfg.sft_target == "calculator_transcript":
+        return _calculator_transcript_rows(rows, source, split)
     # SFT on a task: the gold answer is the target response (the `answer` stays for scoring).
     return [row | {"response": row["answer"]} for row in rows] if kind == "sft" else rows
+
+
+def _calculator_transcript_rows(rows: list[dict[str, Any]], source: str, split: str) -> list[dict[str, Any]]:
+    """SFT pairs of a calculator episode, two per problem (the agent demo's warm start): the call
+    after the question, and the result as the answer after the tool's reply. Each has `messages`
+    (the context the SFT loop renders with the chat template). `answer` becomes the response, so
+    the SFT loop's held-out exact match is of these turns; the gold answer stays as `gold_answer`."""
+    from rlhf.environments.calculator import CalculatorError, call_demonstration
+
+    out, problems = [], []
+    for n, row in enumerate(rows, start=1):
+        try:
+            pairs = call_demonstration(row)
+        except (ValueError, CalculatorError) as e:  # the question has no expression the calculator computes
+            problems.append(f"{source} ({split}): row {n}: {e}")
+            continue
+        out += [row | pair | {"answer": pair["response"], "gold_answer": row["answer"]} for pair in pairs]
+    if problems:
+        raise DataError(
+            "data.sft_target='calculator_transcript': no calculator call gives the gold answer of "
+            f"{len(problems)} rows:\n  " + "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
+        )
+    return out
 
 
 # Normalised key -> the configured field it comes from, per kind (all are required strings).

@@ -8,6 +8,10 @@ A turn with a call is answered with a "tool" message holding the result (or the 
 "error: names are not allowed"); a turn without one is the final answer, scored by the
 reasoning-gym verifier of the row's task, and ends the episode.
 
+`call_demonstration(row)` is a tool-using transcript for supervised warm starts: the call on the
+problem's expression after the environment's first message, then the result as the final answer
+after the tool's reply (`data.sft_target: calculator_transcript`).
+
 Arithmetic is evaluated from the ast, never with eval: numbers, + - * / // % ** and
 parentheses only; no names, calls or attributes; powers and results are bounded so a call
 like 9**9**9 is refused instead of eating the CPU.
@@ -193,3 +197,43 @@ class Calculator:
         except CalculatorError as e:
             result = f"error: {e}"
         return Observation([{"role": "tool", "content": result}])
+
+
+def problem_expression(row: dict[str, Any]) -> str:
+    """The arithmetic expression of a reasoning-gym row: metadata["expression"] (chain_sum,
+    basic_arithmetic), else the question's text between its last ":" and the final "=".
+    ValueError when neither is there."""
+    expression = (row.get("metadata") or {}).get("expression")
+    if isinstance(expression, str) and expression.strip():
+        return expression.strip()
+    match = re.search(r":\s*([^:=]+?)\s*=\s*\??\s*$", str(row.get("question", "")))
+    if match is None:
+        raise ValueError(f"no arithmetic expression in the row: {str(row.get('question'))[:80]!r}")
+    return match.group(1)
+
+
+def call_demonstration(row: dict[str, Any], tool_call_format: bool = False) -> list[dict[str, Any]]:
+    """A tool-using transcript of the row's problem as supervised pairs, one per policy turn:
+    1. `messages` = the user message Calculator.reset(row) opens with (no worked example),
+       `response` = the call on the row's expression, in the format that environment teaches;
+    2. `messages` = that, the call and the tool's result (what step() answers), `response` = the
+       result as the final answer.
+    Each pair also has `prompt`, the user message's text. Rendered with the chat template and a
+    generation prompt, `messages` is the episode's own context at that turn. ValueError when the
+    call's value is not the row's gold answer (a transcript that would teach a wrong answer)."""
+    env = Calculator(tool_call_format=tool_call_format)
+    first = env.reset(row)  # few_shot=False: the question alone, one user message
+    expression = problem_expression(row)
+    if tool_call_format:
+        call = f"<tool_call>{json.dumps({'name': 'calculator', 'arguments': {'expression': expression}})}</tool_call>"
+    else:
+        call = f"<calc>{expression}</calc>"
+    result = env.step(call).messages()
+    value = str(result[0]["content"])
+    if str(row.get("answer", "")).strip() != value:
+        raise ValueError(f"{expression!r} = {value}, but the row's answer is {row.get('answer')!r}")
+    prompt = str(first[0]["content"])
+    return [
+        {"prompt": prompt, "messages": first, "response": call},
+        {"prompt": prompt, "messages": [*first, {"role": "assistant", "content": call}, *result], "response": value},
+    ]

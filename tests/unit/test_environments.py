@@ -8,8 +8,17 @@ from typing import Any
 
 import pytest
 
+from rlhf.data.reasoning_gym import reasoning_gym_prompts
 from rlhf.environments import ENVIRONMENTS, Observation, make_environment, safe_reset, safe_step
-from rlhf.environments.calculator import Calculator, CalculatorError, evaluate, find_call, format_number
+from rlhf.environments.calculator import (
+    Calculator,
+    CalculatorError,
+    call_demonstration,
+    evaluate,
+    find_call,
+    format_number,
+    problem_expression,
+)
 
 ROW = {"question": "What is 2+3*4?", "answer": "14", "metadata": {"source_dataset": "basic_arithmetic"}}
 
@@ -75,6 +84,43 @@ def test_calculator_teaches_the_tool_call_format_when_asked() -> None:
     env = Calculator(tool_call_format=True)
     assert env.tools and env.tools[0]["function"]["name"] == "calculator"
     assert "<calc>" not in env.reset(ROW)[0]["content"]
+
+
+@pytest.mark.parametrize("tool_call_format", [False, True])
+@pytest.mark.parametrize(
+    "task_kwargs",
+    [{"min_terms": 3, "max_terms": 3, "min_digits": 3, "max_digits": 3}, {"min_terms": 2, "max_terms": 5}],
+)
+def test_call_demonstrations_are_episodes_the_environment_scores_right(
+    tool_call_format: bool, task_kwargs: dict[str, Any]
+) -> None:
+    """The warm start's transcripts, replayed against a fresh environment: the first context is its
+    first message, the call is answered with the gold answer (the environment's own evaluator), the
+    second context is exactly the conversation so far, and the answer ends the episode at reward 1."""
+    for row in reasoning_gym_prompts("chain_sum", 200, seed=5, task_kwargs=task_kwargs, suffix=""):
+        call, answer = call_demonstration(row, tool_call_format=tool_call_format)
+        env = Calculator(tool_call_format=tool_call_format)
+        assert call["messages"] == env.reset(row) and call["prompt"] == call["messages"][0]["content"]
+        assert call["response"].startswith("<tool_call>" if tool_call_format else "<calc>")
+        assert find_call(call["response"]) == row["metadata"]["expression"]
+        reply = env.step(call["response"])
+        assert reply == Observation([{"role": "tool", "content": row["answer"]}]) and env.calls == 1
+        assert answer["messages"] == [
+            *call["messages"],
+            {"role": "assistant", "content": call["response"]},
+            *reply.messages(),
+        ]
+        assert answer["response"] == row["answer"]
+        assert env.step(answer["response"]) == Observation("", reward=1.0, done=True)
+
+
+def test_call_demonstrations_refuse_rows_they_cannot_answer() -> None:
+    assert problem_expression({"question": "Work out: 12 + 30 =", "metadata": {}}) == "12 + 30"
+    wrong = {"question": "Compute: 2 + 2 =", "answer": "5", "metadata": {"expression": "2 + 2"}}
+    with pytest.raises(ValueError, match="answer is '5'"):
+        call_demonstration(wrong)
+    with pytest.raises(ValueError, match="no arithmetic expression"):
+        call_demonstration({"question": "Name a colour.", "answer": "red", "metadata": {}})
 
 
 def test_guess_feedback_hints_until_right_or_out_of_guesses() -> None:

@@ -211,3 +211,22 @@ def test_the_calculator_tool_call_format_goes_through_a_template_with_tools(toke
     )
     ep.add_policy_turn(*sampled(tokenizer, "42"))
     assert (ep.finish_reason, ep.reward, ep.delta_fallbacks) == ("env_done", 1.0, 0)
+
+
+def test_the_warm_starts_transcripts_are_the_episodes_own_turns(tokenizer: Any) -> None:
+    """data.sft_target=calculator_transcript: each pair's context, templated as the SFT loop does, is
+    the episode's text at that turn (the first one token for token), and its response is the turn."""
+    from rlhf.data.chat import apply_chat_template_messages
+    from rlhf.data.reasoning_gym import reasoning_gym_prompts
+    from rlhf.environments.calculator import call_demonstration
+
+    for row in reasoning_gym_prompts("chain_sum", 5, seed=1, task_kwargs={"min_digits": 3, "max_digits": 3}):
+        call, answer = call_demonstration(row)
+        ep = Episode(tokenizer, make_environment("calculator"), row, 0, max_turns=3, max_tokens=1024)
+        context = apply_chat_template_messages(tokenizer, call["messages"])
+        assert tokenizer(context, add_special_tokens=False)["input_ids"] == ep.prompt_ids
+        ep.add_policy_turn(*sampled(tokenizer, call["response"], eos=False))  # cut at the stop string </calc>
+        assert not ep.done and ep.env.calls == 1
+        assert tokenizer.decode(ep.token_ids) == apply_chat_template_messages(tokenizer, answer["messages"])
+        ep.add_policy_turn(*sampled(tokenizer, answer["response"]))
+        assert (ep.finish_reason, ep.reward) == ("env_done", 1.0)

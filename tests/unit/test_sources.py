@@ -204,3 +204,48 @@ def test_json_array_file_goes_through_datasets(tmp_path):
     path.write_text(json.dumps([GOOD, {"prompt": ""}]))
     with pytest.raises(DataError, match="prompts.json: row 2: field 'prompt': empty string"):
         load_prompts(cfg(path))
+
+
+def test_calculator_transcript_pairs_are_the_agent_runs_train_problems_never_its_held_out_ones() -> None:
+    """The shipped warm start (sft_calculator.yaml) trains on calls for the agent config's train
+    problems: every call computes the gold answer, and no held-out question of the agent run is in it."""
+    from rlhf.config import load_config
+    from rlhf.environments.calculator import evaluate, find_call, format_number
+
+    sft = load_config("recipes/configs/sft_calculator.yaml")
+    agent = load_config("recipes/configs/agent_calculator.yaml")
+    assert sft.data.task_kwargs == agent.data.task_kwargs and sft.data.seed == agent.data.seed
+    assert sft.data.sft_target == "calculator_transcript"
+    train = load_sft_pairs(sft.data, "train")
+    assert len(train) == 2 * sft.data.train_size  # the call, then the answer after the tool's reply
+    for call, answer in zip(train[::2], train[1::2], strict=True):
+        expression = find_call(call["response"])
+        assert expression is not None and format_number(evaluate(expression)) == call["gold_answer"]
+        assert answer["response"] == call["gold_answer"] and answer["messages"][-1]["content"] == call["gold_answer"]
+        assert call["answer"] == call["response"]  # the SFT loop's held-out exact match is of the turns
+        assert call["messages"][0]["content"] == call["prompt"]
+        assert call["prompt"].startswith(call["question"] + "\n\n")
+    held_out = {row["question"] for row in load_prompts(agent.data, "eval")}
+    assert len(held_out) == agent.data.eval_size
+    assert held_out.isdisjoint(row["question"] for row in train)
+    assert {row["question"] for row in load_sft_pairs(sft.data, "eval")} == held_out  # scored on the same problems
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"source": "imdb"}, "reasoning_gym:<task>"),
+        ({"prompt_suffix": " Give only the final number."}, "leave data.prompt_suffix empty"),
+        ({"chat_template": "none"}, "leave data.prompt_suffix empty"),
+    ],
+)
+def test_calculator_transcript_pairs_refuse_what_would_change_the_episode_prompt(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**({"source": "reasoning_gym:chain_sum", "sft_target": "calculator_transcript"} | change))
+
+
+def test_calculator_transcript_pairs_are_for_sft_only() -> None:
+    from rlhf.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="makes sft pairs"):
+        load_config("recipes/configs/agent_calculator.yaml", ["data.sft_target=calculator_transcript"])
