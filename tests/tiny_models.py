@@ -15,12 +15,14 @@ import torch
 from rlhf.models import CHAT_END, CHATML_TEMPLATE
 
 
-def _train_tokenizer(texts: list[str], vocab_size: int):
+def _train_tokenizer(texts: list[str], vocab_size: int, split_digits: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:  # one token per digit, as Llama and Qwen do: every number shares the same ten tokens
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), bpe.pre_tokenizer])
     bpe.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", CHAT_END]
     trainer = trainers.BpeTrainer(
@@ -49,17 +51,20 @@ def build_tiny_causal_lm(
     seed: int = 0,
     max_position_embeddings: int = 512,
     initializer_range: float = 0.2,
+    split_digits: bool = False,
 ) -> str:
     """Write a random tiny Qwen2 causal LM and a BPE tokenizer trained on `texts` to `out_dir`.
 
     Both transformers and vLLM load the result. Different `seed`s give the same architecture
     and tokenizer with different weights (useful for weight-sync tests). The default
     `initializer_range` (0.2) makes a random model's greedy choices clear-cut; a model meant to be
-    trained learns much faster from the usual 0.02. Returns `out_dir`.
+    trained learns much faster from the usual 0.02. `split_digits` gives every digit its own token
+    (a number seen only at evaluation is then made of the same tokens as the trained ones, not of
+    fragments the trained numbers never used). Returns `out_dir`.
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = _train_tokenizer(texts, vocab_size)
+    tokenizer = _train_tokenizer(texts, vocab_size, split_digits)
     head_dim = 32  # a head size vLLM's CPU attention kernels support
     config = Qwen2Config(
         vocab_size=len(tokenizer),
