@@ -10,7 +10,8 @@ prompts (rlhf.evaluation.stats): the alarm fires when
   with an honest reward; one that does not move while the reward does says the policy found
   something the reward pays for and the task does not; or
 - text health collapsed: distinct-2 fell under health_floor x its baseline while the texts kept
-  at least half their length, or the share of repeated 3-grams rose by more than max_repeat_rise.
+  at least half their length and two words on average (one-word answers have no word pairs),
+  or the share of repeated 3-grams rose by more than max_repeat_rise.
 
 What the run does then is `eval.alarm_action`: warn (log, metric), stop, or keep_best (the
 policy with the best judge score so far is exported to best-by-judge/).
@@ -82,20 +83,9 @@ class HackingAlarm:
                         f"{name!r} {how}: {moved.text()}"
                     )
         base = self.baseline_health or {}
-        d2, rep = health.get("distinct_2"), health.get("repeated_3gram")
-        # Shorter texts have fewer distinct pairs without being degenerate (an RLVR policy that learns
-        # to answer just the number): distinct-2 counts only while the texts keep half their length.
-        kept_length = health.get("length", 0.0) >= 0.5 * base.get("length", 0.0)
-        if (
-            base.get("distinct_2", 0.0) > 0
-            and d2 is not None
-            and kept_length
-            and d2 < self.health_floor * base["distinct_2"]
-        ):
-            reasons.append(
-                f"text health collapsed: distinct-2 {base['distinct_2']:.3f} -> {d2:.3f} "
-                f"(under {self.health_floor:g} x the first evaluation's)"
-            )
+        rep = health.get("repeated_3gram")
+        if collapsed := self._diversity_collapse(base, health):
+            reasons.append(collapsed)
         if "repeated_3gram" in base and rep is not None and rep - base["repeated_3gram"] > self.max_repeat_rise:
             reasons.append(
                 f"text health collapsed: repeated 3-grams {base['repeated_3gram']:.3f} -> {rep:.3f} "
@@ -103,6 +93,21 @@ class HackingAlarm:
             )
         verdict.fired = bool(reasons)
         return verdict
+
+    def _diversity_collapse(self, base: dict[str, float], health: dict[str, float]) -> str | None:
+        """distinct-2 under health_floor x the baseline's, while the texts have word pairs to count."""
+        now, before = health.get("distinct_2"), base.get("distinct_2", 0.0)
+        # Shorter texts have fewer distinct pairs without being degenerate (an RLVR policy that learns
+        # to answer just the number): distinct-2 counts only while the texts keep half their length,
+        # and not at all once they average under two words (one-word answers have no pairs, so a
+        # distinct-2 of 0; whether one word is right is for the judges to say).
+        length, base_length = health.get("length", 0.0), base.get("length", 0.0)
+        if before <= 0 or now is None or length < max(2.0, 0.5 * base_length) or now >= self.health_floor * before:
+            return None
+        return (
+            f"text health collapsed: distinct-2 {before:.3f} -> {now:.3f} "
+            f"(under {self.health_floor:g} x the first evaluation's)"
+        )
 
     def state_dict(self) -> dict[str, object]:
         return {"baseline": self.baseline, "baseline_health": self.baseline_health}

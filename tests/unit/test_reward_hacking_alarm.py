@@ -105,6 +105,20 @@ def test_shorter_answers_are_not_a_collapse():
     assert not alarm.check([0.0] * 40, {}, text_health([row["answer"] for row in PROMPTS])).fired
 
 
+def test_one_word_answers_have_no_pairs_to_collapse():
+    """A calculator agent's last turn becomes one number: its distinct-2 is 0 (no word pairs), which
+    is not a collapse; whether the numbers are right is for the judges to say."""
+    rng = random.Random(0)
+    short_answers = ["14"] * 70 + [f"{rng.randint(100, 999)} is it" for _ in range(30)]  # 1.6 words on average
+    numbers = [str(rng.randint(-2000, 2000)) for _ in range(100)]
+    alarm = HackingAlarm()
+    alarm.check([0.0] * 100, {}, text_health(short_answers))
+    assert text_health(numbers)["distinct_2"] == 0.0
+    assert not alarm.check([0.0] * 100, {}, text_health(numbers)).fired
+    # two-word texts still count: the same pair for every prompt is a collapse
+    assert alarm.check([0.0] * 100, {}, text_health(["answer 14"] * 100)).fired
+
+
 def test_a_falling_judge_is_named():
     alarm = HackingAlarm()
     health = {"distinct_2": 0.5, "repeated_3gram": 0.0}
