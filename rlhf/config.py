@@ -725,7 +725,8 @@ class EvalConfig(Section):
         0.5,
         gt=0.0,
         le=1.0,
-        description="alarm: text health collapsed when distinct-2 falls under this x the first eval's",
+        description="alarm: text health collapsed when distinct-2 falls under this x the first eval's (texts of "
+        "two words or more on average, at least half as long as at the first eval)",
     )
     max_repeat_rise: float = Field(
         0.25, gt=0.0, le=1.0, description="alarm: text health collapsed when the repeated-3-gram share rises by more"
