@@ -26,6 +26,7 @@ from rlhf.algos import compute_sequence_logprobs
 from rlhf.batch import Batch, collate_samples
 from rlhf.config import ConfigError, DataConfig, RunConfig
 from rlhf.data.sources import load_preference_pairs
+from rlhf.evaluation.loop import HeldOutJudging
 from rlhf.experience import format_prompt, sampling_settings
 from rlhf.models import resolve_model_path
 
@@ -117,6 +118,7 @@ class DPOLoop:
         self.timeout_s = cfg.trainer.step_timeout_s
         self.plan, self.groups = None, []
         self.policy = self.samples = None
+        self.done = 0  # optimizer steps behind the policy's weights: names the eval's samples file
 
     def setup(self) -> None:
         from actors.reference import AdaptersOffReference, ReferenceActor, reference_is_policy_without_adapters
@@ -173,7 +175,7 @@ class DPOLoop:
         return self.policy
 
     def step(self, step: int) -> dict[str, float]:
-        pairs = self.steps[step - 1]
+        pairs, self.done = self.steps[step - 1], step
         rows = [r for i in pairs for r in (2 * i, 2 * i + 1)]  # keep each pair's two rows together
         balance = self.cfg.trainer.micro_batch_tokens is not None  # token-balanced ranks when packing by tokens
         parts, _ = self.train.select(rows).shard(self.policy.world_size, balance, rows_per_sample=2)
@@ -183,7 +185,7 @@ class DPOLoop:
     def evaluate(self) -> dict[str, float]:
         dpo = self.cfg.algorithm.dpo
         out = preference_eval(self.policy, self.heldout, dpo.beta, dpo.logprob_reduction, self.timeout_s)
-        return out | (self.samples() if self.samples else {})
+        return out | (self.samples(self.done) if self.samples else {})
 
     def save_state(self, folder: Path) -> dict[str, Any]:
         ray_get(self.timeout_s, policy=self.policy.async_run("save_checkpoint", str(folder / "policy")))
@@ -191,6 +193,7 @@ class DPOLoop:
 
     def load_state(self, folder: Path, state: dict[str, Any]) -> None:
         ray_get(self.timeout_s, policy=self.policy.async_run("load_checkpoint", str(folder / "policy")))
+        self.done = int(state["step"])  # the driver's state: the step this checkpoint ends
 
     def export(self, path: Path) -> str:
         return ray_get(self.timeout_s, policy=self.policy.async_run("save_pretrained", str(path)))[0]
@@ -227,7 +230,11 @@ class SampleEval:
     """What a DPO policy writes, not just how it ranks given texts: fresh samples for the held-out
     prompts (rollout.samples_per_prompt each, the distinct prompts of the held-out pairs), their
     mean reward-model score, and their KL to the reference, sum over tokens of
-    log pi(y_t) - log ref(y_t) with y ~ pi (the k1 estimate, in nats per sample and per token)."""
+    log pi(y_t) - log ref(y_t) with y ~ pi (the k1 estimate, in nats per sample and per token).
+    The samples are also scored by the judges in eval.judges (eval/sampled/judge/<name>), with
+    their text health, and written to <run>/samples/eval-<steps>.jsonl as RL's evaluations are.
+    The judges' rows are the prompts alone (the pairs' prompts are instructions, not review text:
+    on_topic would compare with them)."""
 
     def __init__(
         self,
@@ -262,8 +269,9 @@ class SampleEval:
             seed=cfg.trainer.seed,
         )
         self.groups = [self.rollout, self.reward]
+        self.judging = HeldOutJudging(cfg.eval, Path(cfg.logging.dir) / cfg.logging.run_name)
 
-    def __call__(self) -> dict[str, float]:
+    def __call__(self, updates: int) -> dict[str, float]:
         r, d = self.cfg.rollout, self.cfg.data
         self.rollout.sync_from(self.policy)  # the engines sample from the current policy
         texts = [format_prompt(self.tokenizer, p, d.chat_template) for p in self.prompts]
@@ -283,7 +291,10 @@ class SampleEval:
         ref = ray_get(self.timeout_s, reference=self.reference.async_run("compute_logprobs", batch))[0]
         mask = batch["response_mask"]
         kl = ((batch["rollout_logprobs"] - ref) * mask).sum(-1)  # (B,)
-        return {
+        rows = [{"prompt": p} for p in self.prompts]
+        judged = self.judging.score("sampled/", rows, samples, {"model": scores.tolist()}, scores.tolist())
+        self.judging.finish(updates)  # the samples file; the alarm reads greedy passes only
+        return judged | {
             "eval/sample_reward": float(scores.mean()),
             "eval/sample_kl": float(kl.mean()),
             "eval/sample_kl_per_token": float(kl.sum() / mask.sum()),

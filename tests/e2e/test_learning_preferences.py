@@ -114,6 +114,37 @@ def test_dpo_learns_preference_that_generalises(ray_cluster, imdb_tiny_lm, tmp_p
     assert result["after"]["eval/reward_margin"] > 0
 
 
+def test_dpo_samples_are_scored_by_the_judges(ray_cluster, reward_model_result, imdb_tiny_lm, tmp_path):
+    """With a reward model, DPO's evaluation samples the policy; eval.judges score those samples too
+    (not only the reward model), and every evaluation's samples are written with their scores."""
+    from actors.launch import run
+
+    cfg = config(
+        tmp_path,
+        "dpo-judged",
+        {
+            "policy": {"path": imdb_tiny_lm, "dtype": "float32"},
+            "reward": {"path": reward_model_result["final_path"], "dtype": "float32"},
+        },
+        {"name": "dpo", "dpo": {"beta": 0.1}},
+        {"lr": 3e-3, "global_batch_size": 8, "micro_batch_size": 8, "total_steps": 2},
+        {"train_size": 64, "eval_size": 16, "max_prompt_len": 32, "max_response_len": 32},
+        {r: 0.25 for r in ("policy", "reference", "reward", "rollout")},
+        rollout={"samples_per_prompt": 4, "max_new_tokens": 16},
+        eval={"judges": ["lexicon_sentiment"]},
+    )
+    result = run(cfg)
+    for when in ("before", "after"):
+        vader = result[when]["eval/sampled/judge/lexicon_sentiment"]
+        assert -1.0 <= vader <= 1.0 and result[when]["eval/sampled/judge_errors/lexicon_sentiment"] == 0
+    for updates in (0, 2):
+        lines = (tmp_path / "dpo-judged" / "samples" / f"eval-{updates:05d}.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        prompts = {r["prompt"] for r in records}
+        assert len(records) == 4 * len(prompts) and all(r["mode"] == "sampled" for r in records)
+        assert all("lexicon_sentiment" in r["judges"] and "model" in r["rewards"] for r in records)
+
+
 def test_ppo_with_critic_raises_reward_model_score(ray_cluster, reward_model_result, imdb_tiny_lm, tmp_path):
     from actors.launch import run
 
