@@ -6,7 +6,8 @@ and every judge, per mode (greedy, sampled), with the paired difference over the
     python scripts/compare_evals.py docs/samples/<run>            # the recorded runs' samples (eval-*.jsonl.gz)
 
 Prints one line per mode and score: before -> after, after - before ± its standard error, t,
-and how many prompts went up / down.
+and how many prompts went up / down. --per-sample pairs sample j of each prompt before and after
+(fixed-seed sampling) instead of per-prompt means: for a few prompts with many samples each.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ def sample_files(args: list[str]) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="a run folder, or BEFORE.jsonl AFTER.jsonl")
+    parser.add_argument("--per-sample", action="store_true", help="pair sample j of each prompt, not prompt means")
     args = parser.parse_args(argv)
     try:
         before_file, after_file = sample_files(args.paths)
         before, after = read_records(before_file), read_records(after_file)
-        diffs = compare_records(before, after)
+        diffs = compare_records(before, after, args.per_sample)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,15 @@ def test_sampled_scores_are_averaged_per_prompt_before_pairing():
     assert means(before)["sampled"]["reward"] == pytest.approx(0.25)
 
 
+def test_per_sample_pairs_the_jth_sample_of_each_prompt():
+    before = [record(0, "sampled", r) for r in (0.0, 1.0, 0.0)] + [record(1, "sampled", 0.5)]
+    after = [record(0, "sampled", r) for r in (1.0, 1.0, 1.0)] + [record(1, "sampled", 0.5)]
+    diff = compare_records(before, after, per_sample=True)["sampled"]["reward"]
+    # pairs (0,0): +1, (0,1): 0, (0,2): +1, (1,0): 0 -> n counts samples
+    assert diff.n == 4 and diff.mean == pytest.approx(0.5) and (diff.better, diff.worse) == (2, 0)
+    assert compare_records(before, after)["sampled"]["reward"].n == 2
+
+
 def test_modes_are_compared_separately_and_missing_judge_scores_are_skipped():
     before = [record(0, "greedy", 0.0, None), record(1, "greedy", 0.0, 0.2), record(0, "sampled", 5.0)]
     after = [record(0, "greedy", 1.0, 0.9), record(1, "greedy", 0.0, 0.4)]
