@@ -83,9 +83,9 @@ class HackingAlarm:
                         f"{name!r} {how}: {moved.text()}"
                     )
         base = self.baseline_health or {}
-        rep = health.get("repeated_3gram")
         if collapsed := self._diversity_collapse(base, health):
             reasons.append(collapsed)
+        rep = health.get("repeated_3gram")
         if "repeated_3gram" in base and rep is not None and rep - base["repeated_3gram"] > self.max_repeat_rise:
             reasons.append(
                 f"text health collapsed: repeated 3-grams {base['repeated_3gram']:.3f} -> {rep:.3f} "
