@@ -5,6 +5,7 @@
     .venv/bin/python -m bench --preset large           # 16 prompts x 8 samples x <= 128 new tokens
     .venv/bin/python -m bench --quick --prompts 6 --samples 6 --max-new-tokens 48 --parts rl-sync,trl
     .venv/bin/python -m bench --grad-checkpointing both   # every RL and TRL part with and without it
+    .venv/bin/python -m bench --dtype bf16 --lora --parts rl-sync,trl   # both sides in bf16, training LoRA adapters
     .venv/bin/python -m bench --shared-prompt --models smollm2 --steps 3   # training forwards only (~12 min)
 
 Each part runs in its own process (its own Ray, engines and memory), one after another:
@@ -97,17 +98,19 @@ def bench_model(model: str, args, w: Workload, logs: Path) -> dict:
     """Every selected part for one model: {"sync"|"async"|"trl": {gc: results}, "rollout", "packing"}."""
     py = sys.executable
     workload = ["--prompts", str(w.prompts), "--samples", str(w.samples), "--tokens", str(w.max_new_tokens)]
-    rl = workload + ["--steps", str(args.steps or STEPS[model]), "--threads", str(args.threads)]
+    rl = workload + ["--steps", str(args.steps or STEPS[model]), "--threads", str(args.threads), "--dtype", args.dtype]
+    rl += ["--lora"] if args.lora else []
+    variant = ("-bf16" if args.dtype == "bf16" else "") + ("-lora" if args.lora else "")  # --logs keeps each apart
     r: dict = {"sync": {}, "async": {}, "trl": {}, "rollout": NOT_RUN, "packing": NOT_RUN}
     for gc in grad_checkpointing_values(args.grad_checkpointing):
         both = rl + ["--grad-checkpointing", gc]
         if "rl-sync" in args.parts:
             r["sync"][gc] = run_part(
-                f"{model}-rl-sync-gc-{gc}", [py, "-m", "bench.rl_step", "--model", model] + both, logs
+                f"{model}-rl-sync-gc-{gc}{variant}", [py, "-m", "bench.rl_step", "--model", model] + both, logs
             )
         if "rl-async" in args.parts:
             r["async"][gc] = run_part(
-                f"{model}-rl-async-gc-{gc}",
+                f"{model}-rl-async-gc-{gc}{variant}",
                 [py, "-m", "bench.rl_step", "--model", model, "--async-rollouts"] + both,
                 logs,
             )
@@ -115,7 +118,7 @@ def bench_model(model: str, args, w: Workload, logs: Path) -> dict:
             from bench.rollout_and_sync import model_path
 
             r["trl"][gc] = run_part(
-                f"{model}-trl-gc-{gc}",
+                f"{model}-trl-gc-{gc}{variant}",
                 [str(TRL_PYTHON), "-m", "bench.trl_grpo", "--model-path", model_path(model)] + both,
                 logs,
             )
@@ -407,10 +410,10 @@ def _counts(trained: list[float]) -> str:
 
 
 SAMPLES_TARGET = {"tiny": 3.0, "smollm2": 2.5}  # issue 16: >= 2.5x TRL on SmolLM2, >= 3x on the tiny model
-MEMORY_TARGET, SYNC_GBPS_TARGET = 2.0, 2.0
+MEMORY_TARGET, LORA_MEMORY_TARGET, SYNC_GBPS_TARGET = 2.0, 1.5, 2.0  # issue 16: <= 2x TRL's memory, LoRA <= 1.5x
 
 
-def target_lines(model: str, r: dict) -> list[str]:
+def target_lines(model: str, r: dict, lora: bool = False) -> list[str]:
     """Issue 16's targets as met / not met lines: best setting of each side against best."""
 
     def best(kinds: tuple[str, ...]) -> float | None:
@@ -428,17 +431,18 @@ def target_lines(model: str, r: dict) -> list[str]:
             "samples/s, best of ours / best of TRL", ours / trl if ours and trl else None, SAMPLES_TARGET[model], True
         )
     ]
+    memory_target = LORA_MEMORY_TARGET if lora else MEMORY_TARGET
     for gc in ("off", "on"):  # TRL without checkpointing, or both sides with it
         ours_mib = [our_peak_mib(p) for k in ("sync", "async") if (p := r[k].get(gc)) and "samples_per_s" in p]
         trl_run = r["trl"].get(gc)
         if ours_mib and trl_run and "peak_rss_mib" in trl_run:
             ratio = max(ours_mib) / trl_run["peak_rss_mib"]
-            name = f"peak memory, all our processes / TRL (both with grad checkpointing {gc})"
-            lines.append(target_line(name, ratio, MEMORY_TARGET, False))
+            name = f"peak memory, all our processes / TRL (both with grad checkpointing {gc}{', LoRA' if lora else ''})"
+            lines.append(target_line(name, ratio, memory_target, False))
             break
     else:
         lines.append(
-            target_line("peak memory, all our processes / TRL (same checkpointing)", None, MEMORY_TARGET, False)
+            target_line("peak memory, all our processes / TRL (same checkpointing)", None, memory_target, False)
         )
     try:
         gbps = ran(r["rollout"])["sync_GB_per_s"]
@@ -448,21 +452,30 @@ def target_lines(model: str, r: dict) -> list[str]:
     return lines
 
 
-def settings_of(r: dict, w: Workload) -> list[tuple[str, str, str, bool]]:
+def settings_of(r: dict, w: Workload, dtype: str = "fp32", lora: bool = False) -> list[tuple[str, str, str, bool]]:
     """Every setting of the two sides, fixed and recorded, for the table's header."""
+    from bench.rl_step import LORA
+
     shared = {
         "workload": f"{w.describe()} per step ({w.batch} samples, one optimizer step)",
-        "precision": "fp32",
+        "trained weights": (
+            f"LoRA rank {LORA['rank']}, alpha {LORA['alpha']:g}, every attention and MLP projection; "
+            "reference = adapters off"
+            if lora
+            else "all (full fine-tuning)"
+        ),
         "sampling": "temperature 1, no top-p / top-k",
         "optimizer": f"AdamW, lr {LR:g} constant, grad clip 1.0",
     }
     ours = shared | {
-        "processes": "driver + policy, reference and rollout actors (Ray)",
+        "precision": "fp32" if dtype == "fp32" else "bf16 weights and compute, fp32 master weights (DeepSpeed bf16)",
+        "processes": f"driver + policy, {'' if lora else 'reference and '}rollout actors (Ray)",
         "generation": "vLLM (CPU) in the rollout actor",
         "loss": f"token-mean; KL k3 as a loss term, coef {KL_COEF:g}",
         "training engine": "DeepSpeed ZeRO-2, 1 rank",
     }
     trl = shared | {
+        "precision": "fp32" if dtype == "fp32" else "fp32 weights under bf16 autocast (Trainer bf16=True)",
         "processes": "one (policy, reference and generation)",
         "generation": "HF generate in the trainer's process",
         "loss": f"token-mean ('dapo'); KL k3 as a loss term, beta {KL_COEF:g}",
@@ -518,6 +531,15 @@ def main() -> None:
         help="folder for logs and per-part results; one of an earlier run: only the "
         "parts without results run again (e.g. after one failed)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="precision of every RL and TRL part: bf16 = bf16 compute with fp32 master weights on both sides",
+    )
+    parser.add_argument(
+        "--lora", action="store_true", help="every RL and TRL part trains rank-16 LoRA adapters (peft on both sides)"
+    )
     parser.add_argument("--skip-trl", action="store_true", help="no TRL comparison (no bench/.trl-venv)")
     parser.add_argument(
         "--shared-prompt",
@@ -569,8 +591,8 @@ def main() -> None:
     names = {"tiny": "tiny (4-layer Qwen2, 0.6M)", "smollm2": "SmolLM2-135M-Instruct"}
     micro = micro_batch_rows(w.batch)
     print(
-        f"\nmachine: {machine_description()}; fp32; {args.threads} thread(s) per process; "
-        f"suite wall time {(time.perf_counter() - started) / 60:.1f} min"
+        f"\nmachine: {machine_description()}; {args.dtype}{', LoRA' if args.lora else ''}; "
+        f"{args.threads} thread(s) per process; suite wall time {(time.perf_counter() - started) / 60:.1f} min"
     )
     print(
         f"RL workload: GRPO on reasoning-gym chain_sum, {w.describe()} per step ({w.batch} samples, one optimizer "
@@ -586,13 +608,13 @@ def main() -> None:
         + ".\n"
     )
     for m in models:
-        print(f"{names[m]}: " + settings_header(settings_of(results[m], w)) + "\n")
+        print(f"{names[m]}: " + settings_header(settings_of(results[m], w, args.dtype, args.lora)) + "\n")
     print("| metric | " + " | ".join(names[m] for m in models) + " |\n|---|" + "---|" * len(models))
     for label, cells in table(results, gcs):
         print(f"| {label} | " + " | ".join(cells) + " |")
     for m in models:
         print(f"\nTargets (issue 16), {names[m]}, {w.describe()}:")
-        print("\n".join(target_lines(m, results[m])))
+        print("\n".join(target_lines(m, results[m], args.lora)))
 
 
 if __name__ == "__main__":

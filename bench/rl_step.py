@@ -2,21 +2,23 @@
 it), its step time broken into phases, samples/s and peak memory per role.
 
     .venv/bin/python -m bench.rl_step [--model tiny|smollm2] [--prompts 8] [--samples 4] [--max-new-tokens 32]
-        [--steps 4] [--async-rollouts] [--grad-checkpointing off|on] [--threads N]
-        [--shared-prompt auto|on|off] [--full-logits] [--json out.json]
+        [--steps 4] [--async-rollouts] [--grad-checkpointing off|on] [--dtype fp32|bf16] [--lora]
+        [--threads N] [--shared-prompt auto|on|off] [--full-logits] [--json out.json]
 
 The workload (shared with bench.trl_grpo, so both sides run the same one): reasoning-gym
 chain_sum (2-3 one-digit terms) in the model's chat template, `--prompts` prompts x `--samples`
 samples x <= `--max-new-tokens` new tokens per step at temperature 1, scored by the task's
 verifier; GRPO advantages, KL to a frozen reference as a k3 loss term (coef 0.04), one optimizer
 step on all samples of a step in micro-batches of bench.workload.micro_batch_rows(batch) rows
-(the largest divisor of the batch <= 8), fp32, policy / reference / rollout actors on 0.5 CPU
+(the largest divisor of the batch <= 8), fp32 (`--dtype bf16`: bf16 weights and compute, DeepSpeed's
+fp32 master weights; the engines follow), full fine-tuning (`--lora`: rank-16 adapters on every
+projection, the reference = adapters off, so no reference process), policy / reference / rollout actors on 0.5 CPU
 each with `--threads` torch threads (RAYLHF_CPU_THREADS). Step wall time comes from the run's own
 metrics.jsonl (the run clock at each step's log line); "other" is that minus the timed phases.
 Medians over the steps after the first. Samples/s counts the samples each step trained (the
 metrics' `samples`: the rows of the batch the step trained on); a step that trained other than
 prompts x samples makes the run fail instead of being counted. `--grad-checkpointing on` is
-refused (exit 3) while trainer config has no gradient_checkpointing field to pass it through.
+trainer.gradient_checkpointing.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 TASK_KWARGS = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}
 PROMPT_SUFFIX = " Give only the final number."
 KL_COEF, LR = 0.04, 1e-6
+LORA = {"rank": 16, "alpha": 32.0}  # --lora on both sides; target modules: our config's default (every projection)
 
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +58,13 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
         default="off",
         help="recompute activations in the backward pass (less memory, more compute); TRL's default is on",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: bf16 weights and compute with fp32 master weights (ours: DeepSpeed bf16; TRL: bf16 autocast)",
+    )
+    parser.add_argument("--lora", action="store_true", help="train rank-16 LoRA adapters instead of all weights")
     add_threads_arg(parser)
 
 
@@ -98,9 +108,12 @@ def workload_config(path: str, args, run_dir: str, async_rollouts: bool = False)
         trainer["shared_prompt"] = args.shared_prompt
     if getattr(args, "full_logits", False):
         trainer["response_only_logits"] = False
+    policy = {"path": path, "dtype": {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]}  # the reference follows
+    if args.lora:
+        policy["lora"] = LORA
     return load_config(
         base={
-            "models": {"policy": {"path": path, "dtype": "float32"}},
+            "models": {"policy": policy},
             "data": {
                 "source": "reasoning_gym:chain_sum",
                 "task_kwargs": TASK_KWARGS,
@@ -166,6 +179,7 @@ def bench_rl(path: str, args, async_rollouts: bool = False) -> dict:
     )
     out["micro_batch_rows"] = float(micro_batch_rows(w.batch))
     out["grad_checkpointing"] = args.grad_checkpointing
+    out["dtype"], out["lora"] = args.dtype, "on" if args.lora else "off"
     out["threads"] = float(args.threads)
     out |= {f"peak_rss_mib/{role}": mib for role, mib in sorted(monitor.peak_mib.items())}
     out["others_cores"] = monitor.others_cores

@@ -17,8 +17,8 @@ echo "[setup_trl] creating $VENV (about 2 minutes)"
 log="$VENV/install.log"
 trap 'rc=$?; if [ $rc -ne 0 ]; then tail -40 "$log"; echo "[setup_trl] FAILED (exit $rc); full log: $log"; fi' EXIT
 "$VENV/bin/pip" install -q --upgrade pip >"$log" 2>&1
-# reasoning-gym: the same verifier as the raylhf side scores TRL's completions.
+# reasoning-gym: the same verifier as the raylhf side scores TRL's completions; peft for `--lora`.
 "$VENV/bin/pip" install -q -c requirements/cpu.txt "trl==$TRL_VERSION" torch transformers accelerate datasets \
-  reasoning-gym psutil >>"$log" 2>&1
+  peft reasoning-gym psutil >>"$log" 2>&1
 echo "$want" > "$VENV/.stamp"
 echo "[setup_trl] done"

@@ -2,12 +2,14 @@
 
     bash bench/setup_trl.sh      # once: TRL in its own venv, bench/.trl-venv
     bench/.trl-venv/bin/python -m bench.trl_grpo --model-path PATH [--prompts 8] [--samples 4] [--max-new-tokens 32]
-        [--steps 4] [--grad-checkpointing off|on] [--threads N] [--json out.json]
+        [--steps 4] [--grad-checkpointing off|on] [--dtype fp32|bf16] [--lora] [--threads N] [--json out.json]
 
 Runs in TRL's venv (no Ray, vLLM, DeepSpeed or pydantic there), so it imports only the light
 parts of this repository: the reasoning-gym prompts and the same verifier reward. Same model,
 prompts, samples per prompt, max new tokens, temperature 1, KL coef (TRL's `beta`) with a frozen
-reference, token-mean loss (TRL's "dapo"), lr, grad clip, fp32 on the CPU; micro-batches of
+reference, token-mean loss (TRL's "dapo"), lr, grad clip, fp32 on the CPU (`--dtype bf16`: fp32 weights under
+bf16 autocast, TRL's `bf16=True`, the mixed precision it offers on CPU; `--lora`: peft adapters of the same
+rank, alpha and target modules as ours, the reference = adapters off, as TRL does with a peft model); micro-batches of
 bench.workload.micro_batch_rows(batch) rows with gradient accumulation up to one optimizer step
 per generation batch (TRL's generation batch = rows x accumulation steps = the workload's batch,
 checked). Gradient checkpointing is set explicitly (TRL's default is on; ours has none unless the
@@ -30,6 +32,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# our config's default LoRA targets (rlhf.config.LoraConfig, not importable here: no pydantic in TRL's venv)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main() -> None:
@@ -116,7 +121,7 @@ def main() -> None:
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
         use_cpu=True,
-        bf16=False,
+        bf16=args.dtype == "bf16",  # autocast: fp32 master weights, as DeepSpeed's bf16 keeps on our side
         fp16=False,
         model_init_kwargs={"dtype": torch.float32},
         gradient_checkpointing=args.grad_checkpointing == "on",  # TRL's default is on: always explicit
@@ -146,6 +151,19 @@ def main() -> None:
     )
     if config.generation_batch_size != w.batch:  # TRL would generate (and train) a different number
         refuse(args, f"TRL's generation_batch_size is {config.generation_batch_size}, the workload's batch {w.batch}")
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+
+        from bench.rl_step import LORA
+
+        peft_config = LoraConfig(
+            r=LORA["rank"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        )
     clock = StepClock()
     trainer = CountingGRPOTrainer(
         model=args.model_path,
@@ -154,6 +172,7 @@ def main() -> None:
         train_dataset=data,
         processing_class=tok,
         callbacks=[clock],
+        peft_config=peft_config,
     )
     clock.trainer = trainer
     trainer.train()
@@ -176,6 +195,8 @@ def main() -> None:
         "gradient_accumulation_steps": float(config.gradient_accumulation_steps),
         "grad_checkpointing": "on" if trainer.model.is_gradient_checkpointing else "off",  # the model's own flag
         "threads": float(torch.get_num_threads()),
+        "dtype": args.dtype,
+        "lora": "on" if args.lora else "off",
     }
     print(json.dumps(out, indent=1))
     if args.json:

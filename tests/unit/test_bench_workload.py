@@ -119,8 +119,32 @@ def test_our_config_accepts_every_valid_size_with_derived_micro_batches(tmp_path
 
     from bench.rl_step import workload_config
 
-    args = SimpleNamespace(prompts=prompts, samples=samples, max_new_tokens=48, steps=4, grad_checkpointing="off")
+    args = SimpleNamespace(
+        prompts=prompts, samples=samples, max_new_tokens=48, steps=4, grad_checkpointing="off", dtype="fp32", lora=False
+    )
     cfg = workload_config(str(tmp_path), args, str(tmp_path / "run"))
     assert cfg.trainer.global_batch_size == prompts * samples
     assert cfg.trainer.micro_batch_size == micro_batch_rows(prompts * samples)
     assert cfg.rollout.max_new_tokens == cfg.data.max_response_len == 48
+    assert cfg.models.policy.dtype == "float32" and cfg.models.policy.lora is None
+
+
+def test_bf16_and_lora_reach_our_config(tmp_path):
+    from types import SimpleNamespace
+
+    from bench.rl_step import LORA, workload_config
+
+    args = SimpleNamespace(
+        prompts=8, samples=4, max_new_tokens=32, steps=4, grad_checkpointing="on", dtype="bf16", lora=True
+    )
+    cfg = workload_config(str(tmp_path), args, str(tmp_path / "run"))
+    assert cfg.models.policy.dtype == "bfloat16" and cfg.models.reference is None  # the reference follows the policy
+    assert (cfg.models.policy.lora.rank, cfg.models.policy.lora.alpha) == (LORA["rank"], LORA["alpha"])
+    assert cfg.trainer.gradient_checkpointing
+
+
+def test_trl_lora_targets_are_our_config_default():
+    from bench.trl_grpo import LORA_TARGETS
+    from rlhf.config import LoraConfig
+
+    assert LoraConfig().target_modules == LORA_TARGETS
