@@ -2,13 +2,16 @@
 
     bash bench/setup_trl.sh      # once: TRL in its own venv, bench/.trl-venv
     bench/.trl-venv/bin/python -m bench.trl_grpo --model-path PATH [--prompts 8] [--samples 4] [--max-new-tokens 32]
-        [--steps 4] [--grad-checkpointing off|on] [--dtype fp32|bf16] [--lora] [--threads N] [--json out.json]
+        [--steps 4] [--grad-checkpointing off|on] [--dtype fp32|bf16 [--bf16-weights]] [--lora] [--threads N]
+        [--json out.json]
 
 Runs in TRL's venv (no Ray, vLLM, DeepSpeed or pydantic there), so it imports only the light
 parts of this repository: the reasoning-gym prompts and the same verifier reward. Same model,
 prompts, samples per prompt, max new tokens, temperature 1, KL coef (TRL's `beta`) with a frozen
 reference, token-mean loss (TRL's "dapo"), lr, grad clip, fp32 on the CPU (`--dtype bf16`: fp32 weights under
-bf16 autocast, TRL's `bf16=True`, the mixed precision it offers on CPU; `--lora`: peft adapters of the same
+bf16 autocast, TRL's `bf16=True`, the mixed precision it offers on CPU; with `--bf16-weights` the weights
+themselves are bf16, as TRL loads a bf16 checkpoint like SmolLM2's by default: faster, but AdamW then updates
+bf16 weights, whose rounding can swallow small updates; `--lora`: peft adapters of the same
 rank, alpha and target modules as ours, the reference = adapters off, as TRL does with a peft model); micro-batches of
 bench.workload.micro_batch_rows(batch) rows with gradient accumulation up to one optimizer step
 per generation batch (TRL's generation batch = rows x accumulation steps = the workload's batch,
@@ -45,6 +48,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", required=True)
     add_workload_args(parser)
+    parser.add_argument(
+        "--bf16-weights", action="store_true", help="with --dtype bf16: load the weights in bf16 (no fp32 master copy)"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     threads = use_threads(args.threads)  # before torch loads: OpenMP reads it once
@@ -60,6 +66,8 @@ def main() -> None:
     from rlhf.rewards.verifiers import reasoning_gym_reward
 
     torch.set_num_threads(threads)
+    if args.bf16_weights and args.dtype != "bf16":
+        refuse(args, "--bf16-weights needs --dtype bf16")
     w = workload_of(args)
     try:
         validate(w, AutoConfig.from_pretrained(args.model_path).max_position_embeddings, args.steps)
@@ -123,7 +131,7 @@ def main() -> None:
         use_cpu=True,
         bf16=args.dtype == "bf16",  # autocast: fp32 master weights, as DeepSpeed's bf16 keeps on our side
         fp16=False,
-        model_init_kwargs={"dtype": torch.float32},
+        model_init_kwargs={"dtype": torch.bfloat16 if args.bf16_weights else torch.float32},
         gradient_checkpointing=args.grad_checkpointing == "on",  # TRL's default is on: always explicit
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=w.batch // micro,  # one update per generation batch
@@ -195,7 +203,7 @@ def main() -> None:
         "gradient_accumulation_steps": float(config.gradient_accumulation_steps),
         "grad_checkpointing": "on" if trainer.model.is_gradient_checkpointing else "off",  # the model's own flag
         "threads": float(torch.get_num_threads()),
-        "dtype": args.dtype,
+        "dtype": "bf16 weights" if args.bf16_weights else args.dtype,
         "lora": "on" if args.lora else "off",
     }
     print(json.dumps(out, indent=1))
