@@ -105,6 +105,9 @@ class RLCoordinator:
             cfg.rollout.async_rollouts, cfg.resources, roles, cfg.rollout.sleep_during_training
         )
         log.info("rollouts: %s (%s)", "asynchronous" if self.async_rollouts else "synchronous", why)
+        trained = [r for r in ("policy", "critic") if r in roles]
+        stages = [f"{r} {cfg.trainer.stage_for(getattr(cfg.resources, r).num_actors)}" for r in trained]
+        log.info("DeepSpeed ZeRO stage: %s (trainer.zero_stage=%s)", ", ".join(stages), cfg.trainer.zero_stage)
         threads = os.environ.get("RAYLHF_CPU_THREADS")
         own_compute = choose_async("auto", cfg.resources, roles)[0]
         if advice := cpu_split_advice(

@@ -61,8 +61,10 @@ AUTO_SHARE_MIN_SAVED = 0.1  # trainer.shared_prompt=auto packs a micro-batch whe
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def deepspeed_config(trainer: TrainerConfig, dtype: str, micro_batch: int, grad_accum: int, trainable: bool) -> dict:
-    stage = trainer.zero_stage if trainable else (3 if trainer.zero_stage == 3 else 0)
+def deepspeed_config(
+    trainer: TrainerConfig, dtype: str, micro_batch: int, grad_accum: int, trainable: bool, world_size: int = 1
+) -> dict:
+    stage = trainer.stage_for(world_size, trainable)
     zero: dict = {"stage": stage}
     if trainer.offload and trainable:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -158,7 +160,7 @@ class DeepSpeedRole:
             module = with_lora_adapters(module, self.lora)
         micro = self.cfg.micro_batch_size
         grad_accum = max(1, self.cfg.global_batch_size // (micro * world_size))
-        ds_cfg = deepspeed_config(self.cfg, self.dtype, micro, grad_accum, self.trainable)
+        ds_cfg = deepspeed_config(self.cfg, self.dtype, micro, grad_accum, self.trainable, world_size)
         if self.trainable:
             lr = lr if lr is not None else self.cfg.lr
             params = [p for p in module.parameters() if p.requires_grad]

@@ -472,7 +472,7 @@ def settings_of(r: dict, w: Workload, dtype: str = "fp32", lora: bool = False) -
         "processes": f"driver + policy, {'' if lora else 'reference and '}rollout actors (Ray)",
         "generation": "vLLM (CPU) in the rollout actor",
         "loss": f"token-mean; KL k3 as a loss term, coef {KL_COEF:g}",
-        "training engine": "DeepSpeed ZeRO-2, 1 rank",
+        "training engine": f"DeepSpeed ZeRO-{recorded_zero_stage(r)}, 1 rank",
     }
     trl = shared | {
         "precision": "fp32" if dtype == "fp32" else "fp32 weights under bf16 autocast (Trainer bf16=True)",
@@ -484,6 +484,12 @@ def settings_of(r: dict, w: Workload, dtype: str = "fp32", lora: bool = False) -
     return settings_rows(side_settings(ours, r["sync"]), side_settings(trl, r["trl"]))
 
 
+def recorded_zero_stage(r: dict) -> str:
+    """The ZeRO stage our sync runs recorded (trainer.zero_stage auto: 0 on one rank); '2' before they did."""
+    stages = {f"{p['zero_stage']:g}" for p in r["sync"].values() if p and "zero_stage" in p}
+    return "/".join(sorted(stages)) or "2"
+
+
 def workload_from(args) -> Workload:
     """The preset, with any of --prompts / --samples / --max-new-tokens overriding its field."""
     w = PRESETS[args.preset]
@@ -492,6 +498,16 @@ def workload_from(args) -> Workload:
         args.samples if args.samples is not None else w.samples,
         args.max_new_tokens if args.max_new_tokens is not None else w.max_new_tokens,
     )
+
+
+def resolve_dtype(dtype: str) -> str:
+    """The suite's --dtype: auto is what a run's `dtype: auto` picks here (rlhf.models.preferred_dtype),
+    so the default compares both sides in the precision the system itself would train in."""
+    if dtype != "auto":
+        return dtype
+    from rlhf.models import preferred_dtype
+
+    return "bf16" if preferred_dtype() == "bfloat16" else "fp32"
 
 
 def main() -> None:
@@ -533,9 +549,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=["fp32", "bf16"],
-        default="fp32",
-        help="precision of every RL and TRL part: bf16 = bf16 compute with fp32 master weights on both sides",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="precision of every RL and TRL part: bf16 = bf16 compute with fp32 master weights on both sides; "
+        "auto (default): what `models.policy.dtype: auto` picks on this machine (bf16 on AMX CPUs, else fp32)",
     )
     parser.add_argument(
         "--lora", action="store_true", help="every RL and TRL part trains rank-16 LoRA adapters (peft on both sides)"
@@ -554,6 +571,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown part(s) or model(s) {unknown}: parts are {PARTS}, models {tuple(STEPS)}")
     w = workload_from(args)
+    args.dtype = resolve_dtype(args.dtype)
     try:  # refuse a size either side cannot honour before anything starts
         from transformers import AutoConfig
 

@@ -90,13 +90,17 @@ def add_forward_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def zero_stage_arg(value: str) -> str | int:
+    return value if value == "auto" else int(value)
+
+
 def workload_config(path: str, args, run_dir: str, async_rollouts: bool = False):
     from bench.workload import MAX_PROMPT_TOKENS, TRAIN_PROMPTS, micro_batch_rows
     from rlhf.config import load_config
 
     w = workload_of(args)
     trainer = {
-        "zero_stage": 2,
+        "zero_stage": zero_stage_arg(getattr(args, "zero_stage", "auto")),
         "lr": LR,
         "global_batch_size": w.batch,
         "micro_batch_size": micro_batch_rows(w.batch),
@@ -180,6 +184,7 @@ def bench_rl(path: str, args, async_rollouts: bool = False) -> dict:
     out["micro_batch_rows"] = float(micro_batch_rows(w.batch))
     out["grad_checkpointing"] = args.grad_checkpointing
     out["dtype"], out["lora"] = args.dtype, "on" if args.lora else "off"
+    out["zero_stage"] = float(cfg.trainer.stage_for(1))  # the stage the one policy rank ran
     out["threads"] = float(args.threads)
     out |= {f"peak_rss_mib/{role}": mib for role, mib in sorted(monitor.peak_mib.items())}
     out["others_cores"] = monitor.others_cores
@@ -198,6 +203,12 @@ def main() -> None:
     add_workload_args(parser)
     add_forward_args(parser)
     parser.add_argument("--async-rollouts", action="store_true")
+    parser.add_argument(
+        "--zero-stage",
+        choices=["auto", "0", "1", "2", "3"],
+        default="auto",
+        help="trainer.zero_stage (default auto, as the main job: 0 on the one policy rank here)",
+    )
     parser.add_argument(
         "--overlap-reference",
         action="store_true",

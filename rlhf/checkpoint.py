@@ -70,7 +70,8 @@ def resume_fingerprint(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     layout = {
         "algorithm.name": c["algorithm"]["name"],
         "algorithm.advantage": c["algorithm"]["advantage"],
-        "trainer.zero_stage": c["trainer"]["zero_stage"],
+        # the stage the policy's ranks run (zero_stage 'auto' resolved): what the optimizer files look like
+        "trainer.zero_stage": cfg.trainer.stage_for(cfg.resources.policy.num_actors),
         "resources.policy.num_actors": c["resources"]["policy"]["num_actors"],
     }
     if cfg.models.policy is not None and cfg.models.policy.lora is not None:

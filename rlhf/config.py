@@ -505,8 +505,11 @@ class RewardSpec(Section):
 
 # -------------------------------------------------------------------------------------- trainer
 class TrainerConfig(Section):
-    zero_stage: Literal[0, 1, 2, 3] = Field(
-        2, description="DeepSpeed ZeRO stage of trained roles; frozen ones (reference, reward) shard only at 3"
+    zero_stage: Literal["auto", 0, 1, 2, 3] = Field(
+        "auto",
+        description="DeepSpeed ZeRO stage of trained roles; frozen ones (reference, reward) shard only at 3. "
+        "'auto': 0 for a role with one rank and no offload (ZeRO-1/2 would partition over one rank and keep a "
+        "flat copy of the weights and gradient buckets: 1.6 GiB more for SmolLM2, docs/benchmarks.md), else 2",
     )
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer (and params at stage 3)")
     lr: float = Field(
@@ -586,6 +589,12 @@ class TrainerConfig(Section):
         description="torch and Python RNGs of the driver and every rank (new heads' initial weights), "
         "and the shuffle of each RL step's samples",
     )
+
+    def stage_for(self, ranks: int, trainable: bool = True) -> int:
+        """The ZeRO stage a role with `ranks` ranks runs: zero_stage with 'auto' resolved (partitioning over
+        one rank saves nothing and costs DeepSpeed's flat copies); frozen roles shard only at stage 3."""
+        stage = (0 if ranks == 1 and not self.offload else 2) if self.zero_stage == "auto" else self.zero_stage
+        return stage if trainable else (3 if stage == 3 else 0)
 
 
 # ------------------------------------------------------------------------------------ resources

@@ -148,3 +148,14 @@ def test_trl_lora_targets_are_our_config_default():
     from rlhf.config import LoraConfig
 
     assert LoraConfig().target_modules == LORA_TARGETS
+
+
+def test_suite_dtype_auto_is_what_a_run_would_pick(monkeypatch):
+    import rlhf.models
+    from bench.__main__ import resolve_dtype
+
+    assert resolve_dtype("fp32") == "fp32" and resolve_dtype("bf16") == "bf16"
+    monkeypatch.setattr(rlhf.models, "preferred_dtype", lambda: "bfloat16")
+    assert resolve_dtype("auto") == "bf16"
+    monkeypatch.setattr(rlhf.models, "preferred_dtype", lambda: "float32")
+    assert resolve_dtype("auto") == "fp32"

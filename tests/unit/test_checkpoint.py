@@ -125,9 +125,12 @@ def test_resume_fingerprint_sorts_the_fields_a_resume_must_match():
     assert fp["layout"] == {
         "algorithm.name": "grpo",
         "algorithm.advantage": "grpo",
-        "trainer.zero_stage": 2,
+        "trainer.zero_stage": 0,  # 'auto' on one rank: the stage the optimizer files are written in
         "resources.policy.num_actors": 1,
     }
+    cfg.trainer.offload = True  # auto -> stage 2: other files, so a resume must refuse
+    assert resume_fingerprint(cfg)["layout"]["trainer.zero_stage"] == 2
+    cfg.trainer.offload = False
     assert fp["model"]["models.policy.path"] == "/models/p" and fp["model"]["models.critic"] is None
     assert fp["data"]["data.source"] == "imdb"
     cfg.trainer.lr = 1.0  # free to change on resume

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.config import ConfigError, RunConfig, dump_config, load_config
+from rlhf.config import ConfigError, RunConfig, TrainerConfig, dump_config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 
@@ -26,9 +26,26 @@ def write(tmp_path, raw) -> Path:
 def test_minimal_config_fills_defaults(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL))
     assert cfg.algorithm.kl.estimator == "k3"
-    assert cfg.trainer.zero_stage == 2
+    assert cfg.trainer.zero_stage == "auto"
     assert cfg.rollout.samples_per_prompt == 8
     assert cfg.is_rl
+
+
+@pytest.mark.parametrize(
+    "zero_stage, offload, ranks, trainable, runs",
+    [
+        ("auto", False, 1, True, 0),  # nothing to partition over one rank
+        ("auto", False, 2, True, 2),
+        ("auto", True, 1, True, 2),  # ZeRO-Offload needs a ZeRO optimizer
+        ("auto", False, 1, False, 0),
+        (2, False, 1, True, 2),  # an explicit stage is kept
+        (3, False, 1, False, 3),  # frozen roles shard only at 3
+        (1, False, 4, False, 0),
+    ],
+)
+def test_zero_stage_auto_resolves_from_ranks_and_offload(zero_stage, offload, ranks, trainable, runs):
+    trainer = TrainerConfig(zero_stage=zero_stage, offload=offload)
+    assert trainer.stage_for(ranks, trainable) == runs
 
 
 def test_round_trip_through_yaml(tmp_path):
