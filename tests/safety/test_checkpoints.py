@@ -216,7 +216,7 @@ def test_a_changed_model_or_layout_is_refused_and_resume_from_loads_a_changed_mo
             {"models.policy.path": "/elsewhere/model"},
             f"models.policy.path: checkpoint '{tiny_model}', this config '/elsewhere/model'",
         ),
-        ({"trainer.zero_stage": 3}, "trainer.zero_stage: checkpoint 2, this config 3"),
+        ({"trainer.zero_stage": 3}, "trainer.zero_stage: checkpoint 0, this config 3"),
         ({"data.seed": 7}, "data.seed: checkpoint 0, this config 7"),
     ]:
         cfg = config(tmp_path, tiny_model, "a", **{"checkpoint.resume": "true"}, **change)
@@ -236,7 +236,7 @@ def test_a_changed_model_or_layout_is_refused_and_resume_from_loads_a_changed_mo
         pytest.raises(
             CheckpointError,
             match="cannot load into this config "
-            r"\(trainer.zero_stage: checkpoint 2, this config 3\)",
+            r"\(trainer.zero_stage: checkpoint 0, this config 3\)",
         ),
     ):
         resume_point(resharded, c, restarted=False)
