@@ -74,13 +74,6 @@ def workload_of(args):
     return Workload(args.prompts, args.samples, args.max_new_tokens)
 
 
-def grad_checkpointing_supported() -> bool:
-    """Whether our trainer config has a field to turn gradient checkpointing on."""
-    from rlhf.config import TrainerConfig
-
-    return "gradient_checkpointing" in TrainerConfig.model_fields
-
-
 def add_forward_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shared-prompt", choices=["auto", "on", "off"], help="trainer.shared_prompt (default: the config's)"
@@ -90,24 +83,19 @@ def add_forward_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def zero_stage_arg(value: str) -> str | int:
-    return value if value == "auto" else int(value)
-
-
 def workload_config(path: str, args, run_dir: str, async_rollouts: bool = False):
     from bench.workload import MAX_PROMPT_TOKENS, TRAIN_PROMPTS, micro_batch_rows
     from rlhf.config import load_config
 
     w = workload_of(args)
     trainer = {
-        "zero_stage": zero_stage_arg(getattr(args, "zero_stage", "auto")),
+        "zero_stage": getattr(args, "zero_stage", "auto"),
         "lr": LR,
         "global_batch_size": w.batch,
         "micro_batch_size": micro_batch_rows(w.batch),
         "total_steps": args.steps,
+        "gradient_checkpointing": args.grad_checkpointing == "on",
     }
-    if grad_checkpointing_supported():
-        trainer["gradient_checkpointing"] = args.grad_checkpointing == "on"
     if getattr(args, "shared_prompt", None):  # the --shared-prompt comparison's forwards
         trainer["shared_prompt"] = args.shared_prompt
     if getattr(args, "full_logits", False):
@@ -205,7 +193,8 @@ def main() -> None:
     parser.add_argument("--async-rollouts", action="store_true")
     parser.add_argument(
         "--zero-stage",
-        choices=["auto", "0", "1", "2", "3"],
+        type=lambda v: v if v == "auto" else int(v),
+        choices=["auto", 0, 1, 2, 3],
         default="auto",
         help="trainer.zero_stage (default auto, as the main job: 0 on the one policy rank here)",
     )
@@ -227,11 +216,6 @@ def main() -> None:
     path = model_path(args.model)
     try:
         validate(workload_of(args), AutoConfig.from_pretrained(path).max_position_embeddings, args.steps)
-        if args.grad_checkpointing == "on" and not grad_checkpointing_supported():
-            raise WorkloadError(
-                "--grad-checkpointing on: our trainer config (rlhf/config.py TrainerConfig) has no "
-                "gradient_checkpointing field, so our side cannot run with it"
-            )
         if args.async_rollouts and not async_implemented():
             out = {"not_implemented": 1.0}
         else:
